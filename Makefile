@@ -1,0 +1,38 @@
+# Two commands for a fresh machine: `make demo` (the main job end to end) and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+# The CPU wheel on these machines; on a GPU box use e.g. TORCH_SPEC="torch" to get a CUDA build.
+TORCH_SPEC ?= torch==2.13.0
+PHOTOS ?= ../shared/data/photos
+DEMO ?= runs/demo
+
+BIN := $(VENV)/bin
+
+.PHONY: install test lint demo clean
+
+$(BIN)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q "$(TORCH_SPEC)"
+	$(BIN)/pip install -q -e ".[dev]"
+	touch $@
+
+install: $(BIN)/.installed
+
+lint: install
+	$(BIN)/ruff check .
+
+test: lint
+	$(BIN)/python -m pytest
+
+# Builds a small real/fake folder from the photos, then trains PPL and the baseline on it with the
+# tiny CPU config and prints each run's validation accuracy.
+demo: install
+	rm -rf $(DEMO)
+	$(BIN)/python -m ppl_model.data.toy --photos $(PHOTOS) --out $(DEMO)/data
+	$(BIN)/ppl train --config configs/tiny.toml --data $(DEMO)/data --out $(DEMO)/ppl
+	$(BIN)/ppl train --config configs/tiny.toml --data $(DEMO)/data --out $(DEMO)/baseline --baseline
+	@echo "model directories: $(DEMO)/ppl $(DEMO)/baseline (metrics in metrics.jsonl)"
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache .ruff_cache *.egg-info

@@ -1,0 +1,1 @@
+"""PPL: Panoptic Patch Learning detector of AI-generated images (model side)."""
