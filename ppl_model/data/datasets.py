@@ -1,0 +1,263 @@
+"""Training and validation data: three folder layouts, one dataset class.
+
+Layouts (``data.layout``; ``auto`` tells them apart):
+
+* ``genimage``: ``ROOT/<generator>/{train,val}/{ai,nature}/...``
+* ``paired``: ``ROOT/real/...`` plus reconstruction folders ``ROOT/<name>/...`` whose files have the same
+  relative paths as the real ones (extension may differ); the pairs feed RPR's reconstruction variant.
+* ``folders``: ``ROOT/real/...`` and ``ROOT/fake/...``.
+
+For paired and folders, ``ROOT/train/...`` and ``ROOT/val/...`` are used when present; otherwise a
+fixed fraction is held out by hashing each (real) file's relative path, so a pair never straddles splits.
+
+Augmentation is drawn from a generator seeded by (seed, epoch, index): runs are reproducible whatever
+the number of loader workers. An unreadable file yields a :class:`Skipped` marker that ``collate``
+drops and counts, never an exception.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+from ppl_model.config import AugmentConfig, DataConfig, RPRConfig
+from ppl_model.data.transforms import (
+    UnreadableImage,
+    augment_quality,
+    centre_offset,
+    crop_at,
+    fill_colour,
+    load_rgb,
+    random_offset,
+    to_tensor,
+)
+from ppl_model.rpr import make_rpr_sample
+
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"})
+REAL, FAKE = 0, 1
+
+
+class DataLayoutError(ValueError):
+    """A data folder that matches no supported layout, or has nothing to train on."""
+
+
+@dataclass(frozen=True)
+class Sample:
+    path: Path
+    label: int  # 0 real, 1 fake
+    subset: str = ""  # generator name, where the layout has one
+    partner: Path | None = None  # for a fake: the real image it reconstructs (pixel-aligned)
+
+
+@dataclass
+class DataSplits:
+    layout: str
+    train: list[Sample]
+    val: list[Sample]
+
+
+class Skipped(NamedTuple):
+    path: str
+    reason: str
+
+
+def list_images(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*")
+                  if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file() and not p.name.startswith("."))
+
+
+def _in_val(key: str, fraction: float) -> bool:
+    bucket = int.from_bytes(hashlib.sha1(key.encode()).digest()[:4], "big") / 2**32
+    return bucket < fraction
+
+
+def detect_layout(root: Path) -> str:
+    base = root / "train" if (root / "train").is_dir() else root
+    if (base / "real").is_dir():
+        others = [d for d in base.iterdir() if d.is_dir() and d.name != "real"]
+        if [d.name for d in others] == ["fake"]:
+            return "folders"
+        if others:
+            return "paired"
+    if any((d / split / kind).is_dir() for d in root.iterdir() if d.is_dir()
+           for split in ("train", "val") for kind in ("ai", "nature")):
+        return "genimage"
+    raise DataLayoutError(
+        f"{root}: no known layout; expected <generator>/{{train,val}}/{{ai,nature}} (genimage), "
+        "real/ + fake/ (folders) or real/ + reconstruction folders (paired)")
+
+
+def _genimage(root: Path, cfg: DataConfig) -> DataSplits:
+    generators = sorted(d.name for d in root.iterdir() if d.is_dir())
+    if cfg.generators:
+        unknown = sorted(set(cfg.generators) - set(generators))
+        if unknown:
+            raise DataLayoutError(f"{root}: no generator folder(s) {', '.join(unknown)}")
+        generators = [g for g in generators if g in cfg.generators]
+    splits: dict[str, list[Sample]] = {"train": [], "val": []}
+    for gen in generators:
+        for split, samples in splits.items():
+            for kind, label in (("nature", REAL), ("ai", FAKE)):
+                folder = root / gen / split / kind
+                if folder.is_dir():
+                    samples.extend(Sample(p, label, gen) for p in list_images(folder))
+    return DataSplits("genimage", splits["train"], splits["val"])
+
+
+def _real_and_fakes(base: Path, paired: bool) -> tuple[list[Sample], list[tuple[str, Sample]]]:
+    """Real samples, and fakes with the relative key that decides their split."""
+    reals = {p.relative_to(base / "real").with_suffix("").as_posix(): p for p in list_images(base / "real")}
+    real_samples = [Sample(p, REAL, "real") for p in reals.values()]
+    fakes: list[tuple[str, Sample]] = []
+    for folder in sorted(d for d in base.iterdir() if d.is_dir() and d.name != "real"):
+        for p in list_images(folder):
+            key = p.relative_to(folder).with_suffix("").as_posix()
+            partner = reals.get(key) if paired else None
+            fakes.append((key, Sample(p, FAKE, folder.name, partner)))
+    return real_samples, fakes
+
+
+def _two_folder(root: Path, cfg: DataConfig, layout: str) -> DataSplits:
+    paired = layout == "paired"
+    if (root / "train").is_dir():
+        train_real, train_fake = _real_and_fakes(root / "train", paired)
+        val_real, val_fake = _real_and_fakes(root / "val", paired) if (root / "val").is_dir() else ([], [])
+        return DataSplits(layout, train_real + [s for _, s in train_fake], val_real + [s for _, s in val_fake])
+    if not (root / "real").is_dir():
+        raise DataLayoutError(f"{root}: the {layout} layout needs a real/ folder")
+    reals, fakes = _real_and_fakes(root, paired)
+    keyed = [(s.path.relative_to(root / "real").with_suffix("").as_posix(), s) for s in reals] + fakes
+    train = [s for key, s in keyed if not _in_val(key, cfg.val_fraction)]
+    val = [s for key, s in keyed if _in_val(key, cfg.val_fraction)]
+    return DataSplits(layout, train, val)
+
+
+def index_dataset(root: str | Path, cfg: DataConfig) -> DataSplits:
+    """Find every image under ``root`` and assign labels, subsets, pairs and splits."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DataLayoutError(f"data folder not found: {root}")
+    layout = detect_layout(root) if cfg.layout == "auto" else cfg.layout
+    splits = _genimage(root, cfg) if layout == "genimage" else _two_folder(root, cfg, layout)
+    labels = {s.label for s in splits.train}
+    if labels != {REAL, FAKE}:
+        raise DataLayoutError(f"{root} ({layout}): training split needs real and fake images, "
+                              f"found {len(splits.train)} image(s) with labels {sorted(labels)}")
+    return splits
+
+
+class DetectionDataset(Dataset):
+    """Yields dicts ``pixel_values`` (3, S, S), ``label``, ``patch_labels`` (G, G), ``rpr``; or ``Skipped``."""
+
+    def __init__(self, samples: Sequence[Sample], *, input_size: int, patch_size: int,
+                 mean: Sequence[float], std: Sequence[float], train: bool,
+                 augment: AugmentConfig | None = None, rpr: RPRConfig | None = None, seed: int = 0):
+        if input_size % patch_size:
+            raise ValueError("input_size must be a multiple of patch_size")
+        self.samples = list(samples)
+        self.input_size, self.patch_size = input_size, patch_size
+        self.grid = input_size // patch_size
+        self.mean, self.std = tuple(mean), tuple(std)
+        self.fill = fill_colour(self.mean)
+        self.train = train
+        self.augment = augment or AugmentConfig()
+        self.rpr = rpr if (rpr is not None and rpr.enabled and train) else None
+        self.reals = [s.path for s in self.samples if s.label == REAL]
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Reseed augmentation; loader workers are recreated each epoch, so they see the new value."""
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> dict[str, Any] | Skipped:
+        sample = self.samples[index]
+        try:
+            if self.train:
+                return self._train_item(sample, np.random.default_rng([self.seed, self.epoch, index]))
+            return self._eval_item(sample)
+        except UnreadableImage as exc:
+            return Skipped(exc.path, exc.reason)
+
+    def _item(self, image: Image.Image | np.ndarray, label: int, patch_labels: np.ndarray | None,
+              rpr: bool) -> dict[str, Any]:
+        if patch_labels is None:
+            patch_labels = np.full((self.grid, self.grid), float(label), dtype=np.float32)
+        return {"pixel_values": to_tensor(image, self.mean, self.std), "label": label,
+                "patch_labels": torch.from_numpy(patch_labels), "rpr": rpr}
+
+    def _eval_item(self, sample: Sample) -> dict[str, Any]:
+        img = load_rgb(sample.path)
+        size = self.input_size
+        crop = crop_at(img, centre_offset(img.width, size), centre_offset(img.height, size), size, self.fill)
+        return self._item(crop, sample.label, None, rpr=False)
+
+    def _rpr_plan(self, sample: Sample, rng: np.random.Generator) -> tuple[str, Path, bool] | None:
+        """(variant, real partner, aligned) for a fake drawn for RPR, or None where RPR cannot apply."""
+        assert self.rpr is not None
+        if sample.partner is not None and self.rpr.variant in ("auto", "reconstruction"):
+            return "reconstruction", sample.partner, True
+        if sample.partner is not None:
+            return "real-into-fake", sample.partner, True
+        if self.rpr.variant == "reconstruction" or not self.reals:
+            return None  # no aligned reconstruction to take patches from
+        return "real-into-fake", self.reals[int(rng.integers(len(self.reals)))], False
+
+    def _train_item(self, sample: Sample, rng: np.random.Generator) -> dict[str, Any]:
+        size, aug = self.input_size, self.augment
+        img = load_rgb(sample.path)
+        plan = None
+        if self.rpr is not None and sample.label == FAKE and rng.random() < self.rpr.prob:
+            plan = self._rpr_plan(sample, rng)
+        flip = rng.random() < aug.flip_prob
+
+        def random_crop(image: Image.Image) -> Image.Image:
+            left, top = random_offset(image.width, size, rng), random_offset(image.height, size, rng)
+            return take(image, left, top)
+
+        def take(image: Image.Image, left: int, top: int) -> Image.Image:
+            box = crop_at(image, left, top, size, self.fill)
+            return box.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if flip else box
+
+        if plan is None:
+            out, patch_labels = random_crop(img), None
+        else:
+            variant, partner_path, aligned = plan
+            partner = load_rgb(partner_path)
+            if aligned:
+                # One box for both, inside the region they share, so the patch grids coincide.
+                width, height = min(img.width, partner.width), min(img.height, partner.height)
+                left, top = random_offset(width, size, rng), random_offset(height, size, rng)
+                fake_crop = take(img.crop((0, 0, width, height)), left, top)
+                real_crop = take(partner.crop((0, 0, width, height)), left, top)
+            else:
+                fake_crop, real_crop = random_crop(img), random_crop(partner)
+            sample_rpr = make_rpr_sample(np.asarray(real_crop), np.asarray(fake_crop), variant=variant,
+                                         ratio=self.rpr.ratio, patch_size=self.patch_size, rng=rng)
+            out, patch_labels = Image.fromarray(sample_rpr.image), sample_rpr.patch_labels
+        out = augment_quality(out, aug, rng)
+        return self._item(out, sample.label, patch_labels, rpr=plan is not None)
+
+
+def collate(items: list[dict[str, Any] | Skipped]) -> dict[str, Any]:
+    """Stack the readable items; report the skipped ones in ``skipped``."""
+    good = [item for item in items if not isinstance(item, Skipped)]
+    skipped = [item for item in items if isinstance(item, Skipped)]
+    batch: dict[str, Any] = {"skipped": skipped, "size": len(good)}
+    if good:
+        batch["pixel_values"] = torch.stack([item["pixel_values"] for item in good])
+        batch["labels"] = torch.tensor([item["label"] for item in good], dtype=torch.float32)
+        batch["patch_labels"] = torch.stack([item["patch_labels"] for item in good])
+        batch["rpr"] = torch.tensor([item["rpr"] for item in good])
+    return batch

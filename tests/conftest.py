@@ -1,0 +1,70 @@
+"""Shared test fixtures: tiny model configs and small image folders the tests make themselves."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from ppl_model.config import ExperimentConfig, ModelConfig, from_dict
+
+REPO = Path(__file__).resolve().parent.parent
+PHOTOS = REPO.parent / "shared" / "data" / "photos"
+
+
+def tiny_model_config(arch: str = "clip", finetune: str = "lora", **overrides) -> ModelConfig:
+    """A 2-layer ViT on 32×32 crops with 8-pixel patches: a 4×4 grid."""
+    values = {"arch": arch, "size": "tiny", "input_size": 32, "patch_size": 8, "finetune": finetune} | overrides
+    return ModelConfig(**values)
+
+
+def noise_image(rng: np.random.Generator, size: tuple[int, int], smooth: bool) -> Image.Image:
+    """'Real' images are per-pixel noise; 'fake' ones are blocky (2×2 nearest upsampling), a trace in
+    every patch that a tiny model learns within a few steps."""
+    width, height = size
+    if smooth:
+        small = rng.integers(0, 256, ((height + 1) // 2, (width + 1) // 2, 3), dtype=np.uint8)
+        array = np.repeat(np.repeat(small, 2, axis=0), 2, axis=1)[:height, :width]
+    else:
+        array = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+    return Image.fromarray(array)
+
+
+def make_folders_dataset(root: Path, count: int = 24, size: tuple[int, int] = (40, 40), seed: int = 0,
+                         paired_names: bool = False) -> Path:
+    """``root/real`` and ``root/fake`` with ``count`` PNGs each."""
+    rng = np.random.default_rng(seed)
+    for kind, smooth in (("real", False), ("fake", True)):
+        (root / kind).mkdir(parents=True, exist_ok=True)
+        for i in range(count):
+            name = f"img_{i:03d}.png" if paired_names else f"{kind}_{i:03d}.png"
+            noise_image(rng, size, smooth).save(root / kind / name)
+    return root
+
+
+def tiny_experiment(**sections) -> ExperimentConfig:
+    """A fast training config for the tiny model; ``sections`` override whole-key values per section."""
+    values = {
+        "model": {"arch": "clip", "size": "tiny", "input_size": 32, "patch_size": 8, "finetune": "full"},
+        "data": {"workers": 0, "val_fraction": 0.2},
+        "train": {"epochs": 2, "batch_size": 8, "seed": 0, "checkpoint_every": 1000},
+        "optim": {"lr": 1e-3, "warmup_fraction": 0.1},
+        "loss": {"patches_per_image": 8, "pairs_per_patch": 8},
+    }
+    for section, updates in sections.items():
+        values.setdefault(section, {}).update(updates)
+    return from_dict(values)
+
+
+@pytest.fixture
+def folders_dataset(tmp_path: Path) -> Path:
+    return make_folders_dataset(tmp_path / "data")
+
+
+@pytest.fixture(scope="session")
+def photos() -> Path:
+    if not PHOTOS.is_dir():
+        pytest.fail(f"the shared photo folder is missing: {PHOTOS}")
+    return PHOTOS

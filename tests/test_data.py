@@ -1,0 +1,223 @@
+"""Data layouts, pairing and splits; crops without resizing; EXIF; RPR inside the loader; bad files."""
+
+import numpy as np
+import pytest
+import torch
+from conftest import make_folders_dataset, noise_image
+from PIL import Image
+from torch.utils.data import DataLoader
+
+from ppl_model.config import AugmentConfig, DataConfig, RPRConfig
+from ppl_model.data.datasets import (
+    DataLayoutError,
+    DetectionDataset,
+    Sample,
+    Skipped,
+    collate,
+    detect_layout,
+    index_dataset,
+)
+from ppl_model.data.transforms import UnreadableImage, load_rgb
+
+NO_AUG = AugmentConfig(flip_prob=0.0, jpeg_prob=0.0, blur_prob=0.0)
+IDENTITY = {"mean": (0.0, 0.0, 0.0), "std": (1 / 255, 1 / 255, 1 / 255)}  # tensor values = pixel values
+
+
+def _save(path, image):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(path)
+
+
+def test_folders_layout_labels_and_holds_out_a_fraction(folders_dataset):
+    splits = index_dataset(folders_dataset, DataConfig(val_fraction=0.25))
+    assert splits.layout == "folders"
+    everything = splits.train + splits.val
+    assert len(everything) == 48 and 0 < len(splits.val) < 24
+    assert {s.label for s in everything if s.path.parent.name == "real"} == {0}
+    assert {s.label for s in everything if s.path.parent.name == "fake"} == {1}
+    assert all(s.partner is None for s in everything)
+    again = index_dataset(folders_dataset, DataConfig(val_fraction=0.25))
+    assert [s.path for s in again.val] == [s.path for s in splits.val]
+
+
+def test_paired_layout_matches_names_across_extensions_and_keeps_pairs_in_one_split(tmp_path):
+    rng = np.random.default_rng(0)
+    for i in range(30):
+        _save(tmp_path / "real" / "sub" / f"p{i}.jpg", noise_image(rng, (40, 40), False))
+        _save(tmp_path / "sd14" / "sub" / f"p{i}.png", noise_image(rng, (40, 40), True))
+    _save(tmp_path / "sd14" / "orphan.png", noise_image(rng, (40, 40), True))
+    splits = index_dataset(tmp_path, DataConfig(val_fraction=0.3))
+    assert splits.layout == "paired"
+    fakes = [s for s in splits.train + splits.val if s.label == 1]
+    assert len(fakes) == 31 and sum(s.partner is not None for s in fakes) == 30
+    for s in fakes:
+        if s.partner is not None:
+            assert s.partner.stem == s.path.stem and s.partner.suffix == ".jpg"
+            assert s.subset == "sd14"
+    val_paths = {s.path for s in splits.val}
+    for s in fakes:
+        if s.partner is not None:
+            assert (s.path in val_paths) == (s.partner in val_paths)
+
+
+def test_genimage_layout_uses_its_own_splits_and_generator_choice(tmp_path):
+    rng = np.random.default_rng(0)
+    for gen in ("sdv14", "midjourney"):
+        for split in ("train", "val"):
+            for kind in ("ai", "nature"):
+                for i in range(2):
+                    _save(tmp_path / gen / split / kind / f"{i}.png", noise_image(rng, (16, 16), kind == "ai"))
+    splits = index_dataset(tmp_path, DataConfig(generators=["sdv14"]))
+    assert splits.layout == "genimage"
+    assert len(splits.train) == 4 and len(splits.val) == 4
+    assert {s.subset for s in splits.train + splits.val} == {"sdv14"}
+    assert all(("ai" in s.path.parts) == (s.label == 1) for s in splits.train)
+    with pytest.raises(DataLayoutError, match="dalle"):
+        index_dataset(tmp_path, DataConfig(generators=["dalle"]))
+
+
+def test_explicit_train_val_folders_are_used(tmp_path):
+    make_folders_dataset(tmp_path / "train", count=4)
+    make_folders_dataset(tmp_path / "val", count=2, seed=1)
+    splits = index_dataset(tmp_path, DataConfig())
+    assert (splits.layout, len(splits.train), len(splits.val)) == ("folders", 8, 4)
+
+
+def test_unknown_or_one_class_folders_are_clear_errors(tmp_path):
+    (tmp_path / "random").mkdir()
+    with pytest.raises(DataLayoutError, match="no known layout"):
+        detect_layout(tmp_path)
+    with pytest.raises(DataLayoutError, match="not found"):
+        index_dataset(tmp_path / "missing", DataConfig())
+    make_folders_dataset(tmp_path / "one", count=3)
+    for f in (tmp_path / "one" / "fake").iterdir():
+        f.unlink()
+    with pytest.raises(DataLayoutError, match="needs real and fake"):
+        index_dataset(tmp_path / "one", DataConfig(layout="folders"))
+
+
+def _dataset(samples, train, size=32, **kwargs):
+    return DetectionDataset(samples, input_size=size, patch_size=8, train=train, augment=NO_AUG, **IDENTITY,
+                            **kwargs)
+
+
+def test_crop_never_resizes_and_pads_small_images_with_the_mean(tmp_path):
+    rng = np.random.default_rng(0)
+    big, small = noise_image(rng, (50, 45), False), noise_image(rng, (20, 12), False)
+    _save(tmp_path / "big.png", big)
+    _save(tmp_path / "small.png", small)
+    mean = (0.2, 0.4, 0.6)
+    ds = DetectionDataset([Sample(tmp_path / "big.png", 0), Sample(tmp_path / "small.png", 1)], input_size=32,
+                          patch_size=8, train=True, augment=NO_AUG, mean=mean, std=(1, 1, 1))
+    big_px = np.asarray(big).astype(np.float32) / 255
+    crop = ds[0]["pixel_values"].permute(1, 2, 0).numpy() + np.array(mean, dtype=np.float32)
+    windows = [(t, left) for t in range(45 - 31) for left in range(50 - 31)
+               if np.allclose(big_px[t:t + 32, left:left + 32], crop, atol=1e-6)]
+    assert len(windows) == 1  # an exact window of the original pixels: no resampling
+    padded = ds[1]["pixel_values"]
+    assert padded.shape == (3, 32, 32)
+    assert (padded.abs().sum(0) == 0).sum() >= 32 * 32 - 20 * 12  # padding normalises to exactly zero
+    assert ds[1]["patch_labels"].eq(1).all()
+
+
+def test_eval_takes_the_centre_crop(tmp_path):
+    image = noise_image(np.random.default_rng(0), (48, 40), False)
+    _save(tmp_path / "a.png", image)
+    item = _dataset([Sample(tmp_path / "a.png", 0)], train=False)[0]
+    expected = np.asarray(image)[4:36, 8:40].astype(np.float32)
+    np.testing.assert_allclose(item["pixel_values"].permute(1, 2, 0).numpy(), expected, atol=1e-3)
+    assert item["patch_labels"].eq(0).all() and item["rpr"] is False
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    array = np.zeros((10, 20, 3), dtype=np.uint8)
+    array[:, :10] = 255  # left half white
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90° clockwise on display
+    Image.fromarray(array).save(tmp_path / "rot.jpg", exif=exif.tobytes(), quality=95)
+    upright = np.asarray(load_rgb(tmp_path / "rot.jpg"))
+    assert upright.shape == (20, 10, 3)
+    assert upright[:8].mean() > 200 and upright[12:].mean() < 50  # the white half is now on top
+
+
+def test_rpr_in_the_loader_composites_aligned_crops_on_the_grid(tmp_path):
+    rng = np.random.default_rng(0)
+    real = Image.fromarray(rng.integers(0, 100, (40, 48, 3), dtype=np.uint8))
+    fake = Image.fromarray(rng.integers(150, 256, (40, 48, 3), dtype=np.uint8))
+    _save(tmp_path / "real.png", real)
+    _save(tmp_path / "fake.png", fake)
+    samples = [Sample(tmp_path / "real.png", 0), Sample(tmp_path / "fake.png", 1, partner=tmp_path / "real.png")]
+    ds = _dataset(samples, train=True, rpr=RPRConfig(prob=1.0, ratio=0.5, variant="reconstruction"))
+    for epoch in range(3):
+        ds.set_epoch(epoch)
+        item = ds[1]
+        assert item["rpr"] is True and item["label"] == 1
+        pixels = item["pixel_values"].permute(1, 2, 0).numpy().round().astype(int)
+        labels = item["patch_labels"].numpy()
+        assert labels.mean() == 0.5
+        for i in range(4):
+            for j in range(4):
+                block = pixels[i * 8:(i + 1) * 8, j * 8:(j + 1) * 8]
+                assert (block >= 150).all() if labels[i, j] == 1 else (block < 100).all()
+        # Same box on both: the real patches are the real image's pixels at the fake patches' position.
+        real_px, fake_px = np.asarray(real).astype(int), np.asarray(fake).astype(int)
+        i, j = np.argwhere(labels == 0)[0]
+        k, m = np.argwhere(labels == 1)[0]
+        hits = [(t, left) for t in range(9) for left in range(17)
+                if (real_px[t + 8 * i:t + 8 * i + 8, left + 8 * j:left + 8 * j + 8] ==
+                    pixels[8 * i:8 * i + 8, 8 * j:8 * j + 8]).all()
+                and (fake_px[t + 8 * k:t + 8 * k + 8, left + 8 * m:left + 8 * m + 8] ==
+                     pixels[8 * k:8 * k + 8, 8 * m:8 * m + 8]).all()]
+        assert hits
+
+
+def test_rpr_applies_to_fakes_with_probability_p_and_never_to_reals(folders_dataset):
+    splits = index_dataset(folders_dataset, DataConfig(val_fraction=0.0))
+    ds = _dataset(splits.train, train=True, rpr=RPRConfig(prob=0.5, variant="auto"))
+    items = [ds[i] for i in range(len(ds))]
+    fake_rpr = [it["rpr"] for it in items if it["label"] == 1]
+    assert not any(it["rpr"] for it in items if it["label"] == 0)
+    assert 0.2 < np.mean(fake_rpr) < 0.8
+    for it in items:
+        if it["rpr"]:  # unpaired fakes take real patches in: the fake share is 1 − r
+            assert it["patch_labels"].mean().item() == 0.5
+
+
+def test_augmentation_is_reproducible_per_epoch_and_index(folders_dataset):
+    splits = index_dataset(folders_dataset, DataConfig(val_fraction=0.0))
+    ds = DetectionDataset(splits.train, input_size=32, patch_size=8, train=True, mean=(0, 0, 0), std=(1, 1, 1),
+                          augment=AugmentConfig(jpeg_prob=1.0, blur_prob=0.5), rpr=RPRConfig(prob=0.9))
+    first = ds[5]["pixel_values"]
+    assert torch.equal(first, ds[5]["pixel_values"])
+    ds.set_epoch(1)
+    assert not torch.equal(first, ds[5]["pixel_values"])
+
+
+def test_unreadable_files_are_skipped_and_counted_in_worker_processes(folders_dataset):
+    (folders_dataset / "real" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 10)
+    (folders_dataset / "fake" / "empty.jpg").write_bytes(b"")
+    (folders_dataset / "fake" / "notes.txt").write_text("not an image; ignored by extension")
+    splits = index_dataset(folders_dataset, DataConfig(val_fraction=0.0))
+    assert len(splits.train) == 50
+    ds = _dataset(splits.train, train=True)
+    loader = DataLoader(ds, batch_size=8, num_workers=2, collate_fn=collate)
+    batches = list(loader)
+    skipped = [s for b in batches for s in b["skipped"]]
+    assert sorted(s.path.rsplit("/", 1)[-1] for s in skipped) == ["broken.png", "empty.jpg"]
+    assert sum(b["size"] for b in batches) == 48
+    assert all(isinstance(s, Skipped) and s.reason for s in skipped)
+
+
+def test_load_rgb_gives_reasons(tmp_path):
+    (tmp_path / "x.png").write_bytes(b"<html></html>")
+    with pytest.raises(UnreadableImage, match="UnidentifiedImageError"):
+        load_rgb(tmp_path / "x.png")
+    with pytest.raises(UnreadableImage, match="missing"):
+        load_rgb(tmp_path / "nope.png")
+    Image.new("L", (4, 4), 128).save(tmp_path / "grey.png")
+    assert load_rgb(tmp_path / "grey.png").mode == "RGB"
+
+
+def test_collate_of_only_skipped_items_is_empty():
+    batch = collate([Skipped("a", "missing")])
+    assert batch["size"] == 0 and "pixel_values" not in batch
