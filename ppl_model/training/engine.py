@@ -1,0 +1,166 @@
+"""One epoch of training and one pass of validation; no argument parsing, files or process set-up."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from ppl_model.config import LossConfig
+from ppl_model.losses import ppl_loss
+
+
+@dataclass
+class TrainState:
+    """Where training stands; saved in checkpoints so ``--resume`` continues exactly there."""
+
+    epoch: int = 0
+    batch_in_epoch: int = 0  # loader batches consumed in the current epoch
+    step: int = 0  # optimiser steps taken
+    skipped_files: int = 0
+
+
+@dataclass
+class StepContext:
+    device: torch.device
+    autocast_dtype: torch.dtype | None
+    scaler: torch.amp.GradScaler | None
+    grad_accum: int
+    max_grad_norm: float
+    max_steps: int  # 0: no cap
+    loss_generator: torch.Generator | None = None  # PCL sampling; checkpointed so resume is exact
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+def _placeholder_batch(model: nn.Module, device: torch.device) -> dict[str, Any]:
+    """Stands in for a batch whose files were all unreadable: it keeps distributed ranks and gradient
+    accumulation in step, and contributes zero loss."""
+    size, grid = unwrap(model).input_size, unwrap(model).grid_size
+    return {"pixel_values": torch.zeros(1, 3, size, size, device=device), "labels": torch.zeros(1, device=device),
+            "patch_labels": torch.zeros(1, grid, grid, device=device), "rpr": torch.zeros(1, dtype=torch.bool),
+            "size": 0}
+
+
+def train_one_epoch(model: nn.Module, loader: Iterable[dict[str, Any]], optimizer: torch.optim.Optimizer,
+                    scheduler: torch.optim.lr_scheduler.LRScheduler, loss_cfg: LossConfig, state: TrainState,
+                    ctx: StepContext, *, on_step: Callable[[dict[str, Any]], None],
+                    on_skipped: Callable[[list], None], total_batches: int | None = None,
+                    show_progress: bool = True) -> bool:
+    """Train until the loader is exhausted or ``max_steps`` is reached; returns True when the cap was hit.
+
+    ``on_step`` receives each optimiser step's metrics (and may write checkpoints); ``on_skipped`` the
+    unreadable files of each batch.
+    """
+    model.train()
+    is_ddp = isinstance(model, nn.parallel.DistributedDataParallel)
+    def fresh_sums() -> dict[str, float]:
+        return {"loss": 0.0, "bce": 0.0, "pcl": 0.0, "patch": 0.0, "correct": 0, "seen": 0, "rpr": 0}
+
+    sums = fresh_sums()
+    micro = 0
+    optimizer.zero_grad(set_to_none=True)  # drop any partial accumulation left by the previous epoch
+    started = time.perf_counter()
+    bar = tqdm(loader, total=total_batches, initial=state.batch_in_epoch, desc=f"epoch {state.epoch + 1}",
+               disable=not show_progress, dynamic_ncols=True, leave=False)
+    for batch in bar:
+        state.batch_in_epoch += 1
+        if batch["skipped"]:
+            state.skipped_files += len(batch["skipped"])
+            on_skipped(batch["skipped"])
+        weight = 1.0
+        if batch["size"] == 0:
+            batch, weight = _placeholder_batch(model, ctx.device), 0.0
+        pixels = batch["pixel_values"].to(ctx.device, non_blocking=True)
+        labels = batch["labels"].to(ctx.device, non_blocking=True)
+        patch_labels = batch["patch_labels"].to(ctx.device, non_blocking=True)
+
+        micro += 1
+        boundary = micro % ctx.grad_accum == 0
+        sync = contextlib.nullcontext() if (boundary or not is_ddp) else model.no_sync()
+        with sync:
+            with autocast(ctx.device, ctx.autocast_dtype):
+                output = model(pixels)
+            terms = ppl_loss(output, labels, patch_labels, loss_cfg, ctx.loss_generator)
+            loss = terms.total * (weight / ctx.grad_accum)
+            (ctx.scaler.scale(loss) if ctx.scaler else loss).backward()
+
+        if weight:
+            n = int(labels.numel())
+            for key, value in zip(("loss", "bce", "pcl", "patch"), terms, strict=True):
+                sums[key] += float(value.detach()) * n
+            sums["correct"] += int(((output.image_logit.detach() > 0).float() == labels).sum())
+            sums["seen"] += n
+            sums["rpr"] += int(batch["rpr"].sum())
+        if not boundary:
+            continue
+
+        if ctx.scaler:
+            ctx.scaler.unscale_(optimizer)
+        if ctx.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], ctx.max_grad_norm)
+        if ctx.scaler:
+            ctx.scaler.step(optimizer)
+            ctx.scaler.update()
+        else:
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        scheduler.step()
+        state.step += 1
+
+        seen = max(sums["seen"], 1)
+        metrics = {"step": state.step, "epoch": state.epoch + 1, "lr": scheduler.get_last_lr()[0],
+                   **{k: sums[k] / seen for k in ("loss", "bce", "pcl", "patch")},
+                   "acc": sums["correct"] / seen, "rpr_fraction": sums["rpr"] / seen, "images": sums["seen"],
+                   "skipped_files": state.skipped_files,
+                   "images_per_s": sums["seen"] / max(time.perf_counter() - started, 1e-9)}
+        bar.set_postfix(loss=f"{metrics['loss']:.4f}", acc=f"{metrics['acc']:.3f}")
+        on_step(metrics)
+        sums = fresh_sums()
+        started = time.perf_counter()
+        if ctx.max_steps and state.step >= ctx.max_steps:
+            bar.close()
+            return True
+    bar.close()
+    return False
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: Iterable[dict[str, Any]], device: torch.device,
+             autocast_dtype: torch.dtype | None = None, show_progress: bool = False) -> dict[str, float]:
+    """Image-level BCE and accuracy on real, on fake and their mean, at logit 0 (probability 0.5)."""
+    model.eval()
+    loss_sum, correct, count, skipped = 0.0, [0, 0], [0, 0], 0
+    for batch in tqdm(loader, desc="validate", disable=not show_progress, leave=False):
+        skipped += len(batch["skipped"])
+        if batch["size"] == 0:
+            continue
+        labels = batch["labels"].to(device)
+        with autocast(device, autocast_dtype):
+            logits = model(batch["pixel_values"].to(device)).image_logit.float()
+        loss_sum += float(F.binary_cross_entropy_with_logits(logits, labels, reduction="sum"))
+        hits = (logits > 0).float() == labels
+        for cls in (0, 1):
+            chosen = labels == cls
+            correct[cls] += int(hits[chosen].sum())
+            count[cls] += int(chosen.sum())
+    total = sum(count)
+    acc_real = correct[0] / count[0] if count[0] else float("nan")
+    acc_fake = correct[1] / count[1] if count[1] else float("nan")
+    return {"loss": loss_sum / total if total else float("nan"), "acc_real": acc_real, "acc_fake": acc_fake,
+            "acc": (acc_real + acc_fake) / 2, "images": total, "skipped_files": skipped}
