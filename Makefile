@@ -25,13 +25,14 @@ lint: install
 test: lint
 	$(BIN)/python -m pytest
 
-# Builds a small real/fake folder from the photos, then trains PPL and the baseline on it with the
-# tiny CPU config and prints each run's validation accuracy.
+# Builds a small real/fake folder from the photos (each fake aligned with the real crop of the same
+# name, so the paired layout feeds RPR), then trains PPL and the baseline on it with the tiny CPU config.
 demo: install
 	rm -rf $(DEMO)
 	$(BIN)/python -m ppl_model.data.toy --photos $(PHOTOS) --out $(DEMO)/data
-	$(BIN)/ppl train --config configs/tiny.toml --data $(DEMO)/data --out $(DEMO)/ppl
-	$(BIN)/ppl train --config configs/tiny.toml --data $(DEMO)/data --out $(DEMO)/baseline --baseline
+	$(BIN)/ppl train --config configs/tiny.toml --data $(DEMO)/data --out $(DEMO)/ppl --set data.layout=paired
+	$(BIN)/ppl train --config configs/tiny.toml --data $(DEMO)/data --out $(DEMO)/baseline --set data.layout=paired \
+		--baseline
 	@echo "model directories: $(DEMO)/ppl $(DEMO)/baseline (metrics in metrics.jsonl)"
 
 clean:

@@ -61,9 +61,9 @@ class RPRConfig:
     enabled: bool = True
     ratio: float = 0.5  # r: fraction of patches taken from the donor
     prob: float = 0.9  # p: chance that a fake sample is replaced by its RPR composite
-    # "reconstruction": generator patches into the paired real image (needs pairs);
-    # "real-into-fake": real patches into the fake image; "auto": the first where pairs exist, else the second.
-    variant: str = "auto"
+    # Both need pixel-aligned (real, fake) pairs (the paired layout); unpaired fakes are used as they are.
+    # "reconstruction": generator patches into the real image; "real-into-fake": real patches into the fake.
+    variant: str = "reconstruction"
 
 
 @dataclass
@@ -128,7 +128,7 @@ class ExperimentConfig:
             (0.0 <= self.data.val_fraction < 1.0, "data.val_fraction must be in [0, 1)"),
             (0.0 < self.rpr.ratio < 1.0, "rpr.ratio must be in (0, 1)"),
             (0.0 <= self.rpr.prob <= 1.0, "rpr.prob must be in [0, 1]"),
-            (self.rpr.variant in {"auto", "reconstruction", "real-into-fake"}, "rpr.variant is not known"),
+            (self.rpr.variant in {"reconstruction", "real-into-fake"}, "rpr.variant: reconstruction or real-into-fake"),
             (0.0 <= self.loss.pcl_weight <= 1.0, "loss.pcl_weight (λ) must be in [0, 1]"),
             (self.loss.patches_per_image >= 1 and self.loss.pairs_per_patch >= 1, "PCL sampling must be ≥ 1"),
             (self.train.amp in {"auto", "bf16", "fp16", "off"}, "train.amp must be auto, bf16, fp16 or off"),

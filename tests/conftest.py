@@ -33,14 +33,21 @@ def noise_image(rng: np.random.Generator, size: tuple[int, int], smooth: bool) -
 
 
 def make_folders_dataset(root: Path, count: int = 24, size: tuple[int, int] = (40, 40), seed: int = 0,
-                         paired_names: bool = False) -> Path:
-    """``root/real`` and ``root/fake`` with ``count`` PNGs each."""
+                         paired: bool = False) -> Path:
+    """``root/real`` and ``root/fake`` with ``count`` PNGs each. ``paired``: each fake is a reconstruction
+    of the real image of the same name (its 2×2 block means), pixel-aligned, as RPR needs."""
     rng = np.random.default_rng(seed)
-    for kind, smooth in (("real", False), ("fake", True)):
-        (root / kind).mkdir(parents=True, exist_ok=True)
-        for i in range(count):
-            name = f"img_{i:03d}.png" if paired_names else f"{kind}_{i:03d}.png"
-            noise_image(rng, size, smooth).save(root / kind / name)
+    (root / "real").mkdir(parents=True, exist_ok=True)
+    (root / "fake").mkdir(parents=True, exist_ok=True)
+    for i in range(count):
+        real = noise_image(rng, size, smooth=False)
+        if paired:
+            small = real.resize(((size[0] + 1) // 2, (size[1] + 1) // 2), Image.Resampling.BOX)
+            real.save(root / "real" / f"img_{i:03d}.png")
+            small.resize(size, Image.Resampling.NEAREST).save(root / "fake" / f"img_{i:03d}.png")
+        else:
+            real.save(root / "real" / f"real_{i:03d}.png")
+            noise_image(rng, size, smooth=True).save(root / "fake" / f"fake_{i:03d}.png")
     return root
 
 
@@ -48,7 +55,7 @@ def tiny_experiment(**sections) -> ExperimentConfig:
     """A fast training config for the tiny model; ``sections`` override whole-key values per section."""
     values = {
         "model": {"arch": "clip", "size": "tiny", "input_size": 32, "patch_size": 8, "finetune": "full"},
-        "data": {"workers": 0, "val_fraction": 0.2},
+        "data": {"layout": "paired", "workers": 0, "val_fraction": 0.2},
         "train": {"epochs": 2, "batch_size": 8, "seed": 0, "checkpoint_every": 1000},
         "optim": {"lr": 1e-3, "warmup_fraction": 0.1},
         "loss": {"patches_per_image": 8, "pairs_per_patch": 8},
@@ -61,6 +68,11 @@ def tiny_experiment(**sections) -> ExperimentConfig:
 @pytest.fixture
 def folders_dataset(tmp_path: Path) -> Path:
     return make_folders_dataset(tmp_path / "data")
+
+
+@pytest.fixture
+def paired_dataset(tmp_path: Path) -> Path:
+    return make_folders_dataset(tmp_path / "paired", paired=True)
 
 
 @pytest.fixture(scope="session")

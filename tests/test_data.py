@@ -171,16 +171,24 @@ def test_rpr_in_the_loader_composites_aligned_crops_on_the_grid(tmp_path):
         assert hits
 
 
-def test_rpr_applies_to_fakes_with_probability_p_and_never_to_reals(folders_dataset):
-    splits = index_dataset(folders_dataset, DataConfig(val_fraction=0.0))
-    ds = _dataset(splits.train, train=True, rpr=RPRConfig(prob=0.5, variant="auto"))
+def test_rpr_applies_to_paired_fakes_with_probability_p_and_never_to_reals(paired_dataset):
+    splits = index_dataset(paired_dataset, DataConfig(layout="paired", val_fraction=0.0))
+    ds = _dataset(splits.train, train=True, rpr=RPRConfig(prob=0.5, variant="real-into-fake", ratio=0.25))
     items = [ds[i] for i in range(len(ds))]
     fake_rpr = [it["rpr"] for it in items if it["label"] == 1]
     assert not any(it["rpr"] for it in items if it["label"] == 0)
     assert 0.2 < np.mean(fake_rpr) < 0.8
     for it in items:
-        if it["rpr"]:  # unpaired fakes take real patches in: the fake share is 1 − r
-            assert it["patch_labels"].mean().item() == 0.5
+        if it["rpr"]:  # real-into-fake: the real patches cover r, the generated ones 1 − r
+            assert it["patch_labels"].mean().item() == 0.75
+
+
+def test_unpaired_fakes_are_never_composited(folders_dataset):
+    splits = index_dataset(folders_dataset, DataConfig(val_fraction=0.0))
+    ds = _dataset(splits.train, train=True, rpr=RPRConfig(prob=1.0))
+    items = [ds[i] for i in range(len(ds))]
+    assert not any(it["rpr"] for it in items)
+    assert all(it["patch_labels"].eq(it["label"]).all() for it in items)
 
 
 def test_augmentation_is_reproducible_per_epoch_and_index(folders_dataset):

@@ -11,13 +11,16 @@ from ppl_model.training import runner
 from ppl_model.training.runner import EpochSampler, TrainingError, run_training
 
 
+def _paired(tmp_path, count):
+    return make_folders_dataset(tmp_path / "data", count=count, paired=True)
+
+
 def _events(out, kind):
     return [row for row in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if row["event"] == kind]
 
 
 def test_tiny_training_run_loss_falls_and_writes_a_loadable_model(tmp_path):
-    data = make_folders_dataset(tmp_path / "data", count=48)
-    # RPR makes the task patch-level (half of each fake is real), so PPL needs more steps than the baseline.
+    data = _paired(tmp_path, 48)
     cfg = tiny_experiment(train={"epochs": 20, "batch_size": 8})
     info = run_training(cfg, data, tmp_path / "out", show_progress=False)
     steps = _events(tmp_path / "out", "train")
@@ -28,6 +31,7 @@ def test_tiny_training_run_loss_falls_and_writes_a_loadable_model(tmp_path):
     assert mean(last, "bce") < 0.9 * mean(first, "bce")
     assert mean(last, "patch") < mean(first, "patch")
     assert mean(last, "acc") > 0.65
+    assert _events(tmp_path / "out", "start")[0]["rpr_pairs"] > 30
     assert any(r["rpr_fraction"] > 0 for r in steps) and all(r["pcl"] > 0 for r in steps)
     assert info.training["validation"]["acc"] > 0.75
     _, loaded = load_model_dir(tmp_path / "out")
@@ -35,19 +39,21 @@ def test_tiny_training_run_loss_falls_and_writes_a_loadable_model(tmp_path):
 
 
 def test_baseline_trains_with_plain_bce_only(tmp_path):
-    data = make_folders_dataset(tmp_path / "data", count=16)
-    info = run_training(tiny_experiment(), data, tmp_path / "out", baseline=True, show_progress=False)
+    data = _paired(tmp_path, 16)
+    cfg = tiny_experiment()
+    info = run_training(cfg, data, tmp_path / "out", baseline=True, show_progress=False)
     steps = _events(tmp_path / "out", "train")
     assert all(r["pcl"] == 0 and r["patch"] == 0 and r["rpr_fraction"] == 0 for r in steps)
     assert all(r["loss"] == pytest.approx(r["bce"]) for r in steps)
     saved = info.training["config"]
     assert saved["rpr"]["enabled"] is False and saved["loss"]["pcl_weight"] == 0
-    assert saved["optim"] == tiny_experiment().to_dict()["optim"]  # everything else identical
+    for section in ("model", "data", "augment", "optim", "train"):  # everything else identical
+        assert saved[section] == cfg.to_dict()[section]
     load_model_dir(tmp_path / "out")
 
 
 def test_lora_run_keeps_the_backbone_and_merges_on_save(tmp_path):
-    data = make_folders_dataset(tmp_path / "data", count=8)
+    data = _paired(tmp_path, 8)
     cfg = tiny_experiment(model={"finetune": "lora"}, train={"epochs": 1})
     run_training(cfg, data, tmp_path / "out", show_progress=False)
     start = _events(tmp_path / "out", "start")[0]
@@ -61,7 +67,7 @@ class Crash(RuntimeError):
 
 
 def test_resume_after_a_crash_reaches_the_same_weights(tmp_path, monkeypatch):
-    data = make_folders_dataset(tmp_path / "data", count=20)
+    data = _paired(tmp_path, 20)
     cfg = tiny_experiment(train={"epochs": 2, "batch_size": 4, "checkpoint_every": 3})
     run_training(cfg, data, tmp_path / "straight", show_progress=False)
 
@@ -91,7 +97,7 @@ def test_resume_after_a_crash_reaches_the_same_weights(tmp_path, monkeypatch):
 
 
 def test_resume_refuses_a_changed_config_or_a_missing_checkpoint(tmp_path):
-    data = make_folders_dataset(tmp_path / "data", count=8)
+    data = _paired(tmp_path, 8)
     run_training(tiny_experiment(train={"epochs": 1}), data, tmp_path / "out", show_progress=False)
     with pytest.raises(TrainingError, match="train.epochs"):
         run_training(tiny_experiment(train={"epochs": 3}), data, tmp_path / "out", resume=True, show_progress=False)
@@ -100,16 +106,23 @@ def test_resume_refuses_a_changed_config_or_a_missing_checkpoint(tmp_path):
 
 
 def test_gradient_accumulation_takes_one_step_per_group(tmp_path):
-    data = make_folders_dataset(tmp_path / "data", count=16)
+    data = _paired(tmp_path, 16)
     cfg = tiny_experiment(data={"val_fraction": 0.0}, train={"epochs": 1, "batch_size": 4, "grad_accum": 2})
     info = run_training(cfg, data, tmp_path / "out", show_progress=False)
     assert info.training["steps"] == 4  # 32 images / 4 per batch / 2 batches per step
     assert [r["images"] for r in _events(tmp_path / "out", "train")] == [8, 8, 8, 8]
 
 
-def test_unreadable_training_files_are_logged_not_fatal(tmp_path):
+def test_rpr_without_pairs_warns(tmp_path):
     data = make_folders_dataset(tmp_path / "data", count=8)
-    (data / "fake" / "truncated.png").write_bytes((data / "fake" / "fake_000.png").read_bytes()[:60])
+    cfg = tiny_experiment(data={"layout": "folders"}, train={"epochs": 1})
+    with pytest.warns(UserWarning, match="no training fake"):
+        run_training(cfg, data, tmp_path / "out", show_progress=False)
+
+
+def test_unreadable_training_files_are_logged_not_fatal(tmp_path):
+    data = _paired(tmp_path, 8)
+    (data / "fake" / "truncated.png").write_bytes((data / "fake" / "img_000.png").read_bytes()[:60])
     cfg = tiny_experiment(data={"val_fraction": 0.0}, train={"epochs": 2})
     info = run_training(cfg, data, tmp_path / "out", show_progress=False)
     skipped = _events(tmp_path / "out", "skipped")

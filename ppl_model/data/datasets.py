@@ -170,7 +170,6 @@ class DetectionDataset(Dataset):
         self.train = train
         self.augment = augment or AugmentConfig()
         self.rpr = rpr if (rpr is not None and rpr.enabled and train) else None
-        self.reals = [s.path for s in self.samples if s.label == REAL]
         self.seed = seed
         self.epoch = 0
 
@@ -203,51 +202,34 @@ class DetectionDataset(Dataset):
         crop = crop_at(img, centre_offset(img.width, size), centre_offset(img.height, size), size, self.fill)
         return self._item(crop, sample.label, None, rpr=False)
 
-    def _rpr_plan(self, sample: Sample, rng: np.random.Generator) -> tuple[str, Path, bool] | None:
-        """(variant, real partner, aligned) for a fake drawn for RPR, or None where RPR cannot apply."""
-        assert self.rpr is not None
-        if sample.partner is not None and self.rpr.variant in ("auto", "reconstruction"):
-            return "reconstruction", sample.partner, True
-        if sample.partner is not None:
-            return "real-into-fake", sample.partner, True
-        if self.rpr.variant == "reconstruction" or not self.reals:
-            return None  # no aligned reconstruction to take patches from
-        return "real-into-fake", self.reals[int(rng.integers(len(self.reals)))], False
-
     def _train_item(self, sample: Sample, rng: np.random.Generator) -> dict[str, Any]:
         size, aug = self.input_size, self.augment
         img = load_rgb(sample.path)
-        plan = None
-        if self.rpr is not None and sample.label == FAKE and rng.random() < self.rpr.prob:
-            plan = self._rpr_plan(sample, rng)
+        # RPR composites only pixel-aligned pairs: patches from an unrelated image would leave content seams
+        # on the grid, a shortcut ("seams mean fake") the model would learn instead of generation traces.
+        use_rpr = (self.rpr is not None and sample.label == FAKE and sample.partner is not None
+                   and rng.random() < self.rpr.prob)
+        partner = load_rgb(sample.partner) if use_rpr else None
+        width, height = img.size
+        if partner is not None:  # one box for both, inside the region they share, so the grids coincide
+            width, height = min(width, partner.width), min(height, partner.height)
+        left, top = random_offset(width, size, rng), random_offset(height, size, rng)
         flip = rng.random() < aug.flip_prob
 
-        def random_crop(image: Image.Image) -> Image.Image:
-            left, top = random_offset(image.width, size, rng), random_offset(image.height, size, rng)
-            return take(image, left, top)
-
-        def take(image: Image.Image, left: int, top: int) -> Image.Image:
+        def take(image: Image.Image) -> Image.Image:
+            if image.size != (width, height):
+                image = image.crop((0, 0, width, height))
             box = crop_at(image, left, top, size, self.fill)
             return box.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if flip else box
 
-        if plan is None:
-            out, patch_labels = random_crop(img), None
-        else:
-            variant, partner_path, aligned = plan
-            partner = load_rgb(partner_path)
-            if aligned:
-                # One box for both, inside the region they share, so the patch grids coincide.
-                width, height = min(img.width, partner.width), min(img.height, partner.height)
-                left, top = random_offset(width, size, rng), random_offset(height, size, rng)
-                fake_crop = take(img.crop((0, 0, width, height)), left, top)
-                real_crop = take(partner.crop((0, 0, width, height)), left, top)
-            else:
-                fake_crop, real_crop = random_crop(img), random_crop(partner)
-            sample_rpr = make_rpr_sample(np.asarray(real_crop), np.asarray(fake_crop), variant=variant,
-                                         ratio=self.rpr.ratio, patch_size=self.patch_size, rng=rng)
-            out, patch_labels = Image.fromarray(sample_rpr.image), sample_rpr.patch_labels
+        out, patch_labels = take(img), None
+        if partner is not None:
+            assert self.rpr is not None
+            composite = make_rpr_sample(np.asarray(take(partner)), np.asarray(out), variant=self.rpr.variant,
+                                        ratio=self.rpr.ratio, patch_size=self.patch_size, rng=rng)
+            out, patch_labels = Image.fromarray(composite.image), composite.patch_labels
         out = augment_quality(out, aug, rng)
-        return self._item(out, sample.label, patch_labels, rpr=plan is not None)
+        return self._item(out, sample.label, patch_labels, rpr=partner is not None)
 
 
 def collate(items: list[dict[str, Any] | Skipped]) -> dict[str, Any]:

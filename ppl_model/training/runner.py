@@ -14,6 +14,7 @@ import json
 import math
 import os
 import random
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -216,6 +217,11 @@ def run_training(cfg: ExperimentConfig, data_dir: str | Path, out_dir: str | Pat
 def _run(cfg: ExperimentConfig, data_dir: Path, out: Path, checkpoint_path: Path, baseline: bool, resume: bool,
          dist_ctx: Distributed, device: torch.device, show_progress: bool) -> ModelInfo | None:
     splits: DataSplits = index_dataset(data_dir, cfg.data)
+    rpr_pairs = sum(s.partner is not None for s in splits.train)
+    if cfg.rpr.enabled and not rpr_pairs and dist_ctx.is_main:
+        warnings.warn(f"RPR is on but no training fake in {data_dir} ({splits.layout} layout) has a pixel-aligned "
+                      "real pair, so no RPR sample will be made; use the paired layout (real/ plus reconstruction "
+                      "folders with the same file names)", stacklevel=2)
     seed_everything(cfg.train.seed)  # identical initial weights on every rank
     detector = build_detector(cfg.model)
     if cfg.loss.patch_weight == 0:
@@ -248,7 +254,7 @@ def _run(cfg: ExperimentConfig, data_dir: Path, out: Path, checkpoint_path: Path
         trainable = sum(p.numel() for p in detector.parameters() if p.requires_grad)
         total = sum(p.numel() for p in detector.parameters())
         log.write("start", {"resume": resume, "baseline": baseline, "layout": splits.layout,
-                            "train_images": len(splits.train), "val_images": len(splits.val),
+                            "train_images": len(splits.train), "val_images": len(splits.val), "rpr_pairs": rpr_pairs,
                             "trainable_params": trainable, "total_params": total, "device": str(device),
                             "world_size": dist_ctx.world_size, "total_steps": total_steps,
                             "state": dataclasses.asdict(state)})
