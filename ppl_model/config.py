@@ -69,6 +69,10 @@ class RPRConfig:
 @dataclass
 class LossConfig:
     pcl_weight: float = 0.3  # λ in L = λ·L_con + (1−λ)·L_bce
+    # Ramp λ up from 0 over this fraction of the optimiser steps. A backbone that cannot tell patches apart
+    # yet (random initialisation) otherwise lowers L_con fastest by collapsing all patch embeddings to one
+    # point, which starves the image head (docs/TRAINING.md). 0 = the paper's constant λ.
+    pcl_warmup_fraction: float = 0.0
     margin: float = 1.0  # α
     patch_weight: float = 0.5  # weight of the patch-head BCE (this project's addition)
     patches_per_image: int = 16  # patches sampled per image for PCL
@@ -130,6 +134,7 @@ class ExperimentConfig:
             (0.0 <= self.rpr.prob <= 1.0, "rpr.prob must be in [0, 1]"),
             (self.rpr.variant in {"reconstruction", "real-into-fake"}, "rpr.variant: reconstruction or real-into-fake"),
             (0.0 <= self.loss.pcl_weight <= 1.0, "loss.pcl_weight (λ) must be in [0, 1]"),
+            (0.0 <= self.loss.pcl_warmup_fraction <= 1.0, "loss.pcl_warmup_fraction must be in [0, 1]"),
             (self.loss.patches_per_image >= 1 and self.loss.pairs_per_patch >= 1, "PCL sampling must be ≥ 1"),
             (self.train.amp in {"auto", "bf16", "fp16", "off"}, "train.amp must be auto, bf16, fp16 or off"),
             (self.train.batch_size >= 1 and self.train.grad_accum >= 1, "batch_size and grad_accum must be ≥ 1"),

@@ -6,6 +6,7 @@ over patch embeddings, and this project's patch-head BCE against the per-patch l
 
 from __future__ import annotations
 
+import dataclasses
 from typing import NamedTuple
 
 import torch
@@ -61,6 +62,14 @@ def pcl_loss(embeddings: torch.Tensor, patch_labels: torch.Tensor, *, margin: fl
         return z.sum() * 0
     i, j = sample_pairs(z.shape[0], pairs_per_patch, z.device, generator)
     return contrastive_margin_loss(z[i], z[j], (y[i] == y[j]), margin)
+
+
+def scheduled(cfg: LossConfig, step: int, total_steps: int) -> LossConfig:
+    """The loss config in force at optimiser step ``step``: λ ramps linearly over the PCL warm-up."""
+    warmup_steps = cfg.pcl_warmup_fraction * total_steps
+    if warmup_steps <= 0 or step >= warmup_steps:
+        return cfg
+    return dataclasses.replace(cfg, pcl_weight=cfg.pcl_weight * step / warmup_steps)
 
 
 def ppl_loss(output: DetectorOutput, labels: torch.Tensor, patch_labels: torch.Tensor, cfg: LossConfig,

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from ppl_model.config import LossConfig
 from ppl_model.detector import DetectorOutput
-from ppl_model.losses import pcl_loss, ppl_loss, sample_pairs
+from ppl_model.losses import pcl_loss, ppl_loss, sample_pairs, scheduled
 
 
 def test_pcl_matches_hand_computed_case():
@@ -86,3 +86,11 @@ def test_baseline_weights_reduce_to_plain_bce():
     terms = ppl_loss(out, labels, labels[:, None, None].expand(-1, 2, 2), cfg)
     assert terms.pcl.item() == 0.0 and terms.patch.item() == 0.0
     assert terms.total.item() == pytest.approx(terms.bce.item())
+
+
+def test_pcl_warmup_ramps_lambda_then_holds_it():
+    cfg = LossConfig(pcl_weight=0.3, pcl_warmup_fraction=0.5)
+    weights = [scheduled(cfg, step, total_steps=100).pcl_weight for step in (0, 25, 49, 50, 99)]
+    assert weights == pytest.approx([0.0, 0.15, 0.3 * 49 / 50, 0.3, 0.3])
+    constant = LossConfig(pcl_weight=0.3)
+    assert scheduled(constant, 0, total_steps=100) is constant

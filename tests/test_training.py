@@ -110,6 +110,7 @@ def test_gradient_accumulation_takes_one_step_per_group(tmp_path):
     cfg = tiny_experiment(data={"val_fraction": 0.0}, train={"epochs": 1, "batch_size": 4, "grad_accum": 2})
     info = run_training(cfg, data, tmp_path / "out", show_progress=False)
     assert info.training["steps"] == 4  # 32 images / 4 per batch / 2 batches per step
+    assert info.training["epochs"] == 1
     assert [r["images"] for r in _events(tmp_path / "out", "train")] == [8, 8, 8, 8]
 
 

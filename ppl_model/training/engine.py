@@ -14,7 +14,7 @@ from torch import nn
 from tqdm import tqdm
 
 from ppl_model.config import LossConfig
-from ppl_model.losses import ppl_loss
+from ppl_model.losses import ppl_loss, scheduled
 
 
 @dataclass
@@ -34,7 +34,7 @@ class StepContext:
     scaler: torch.amp.GradScaler | None
     grad_accum: int
     max_grad_norm: float
-    max_steps: int  # 0: no cap
+    total_steps: int  # the run's optimiser steps: training stops there, schedules are relative to it
     loss_generator: torch.Generator | None = None  # PCL sampling; checkpointed so resume is exact
 
 
@@ -62,13 +62,14 @@ def train_one_epoch(model: nn.Module, loader: Iterable[dict[str, Any]], optimize
                     ctx: StepContext, *, on_step: Callable[[dict[str, Any]], None],
                     on_skipped: Callable[[list], None], total_batches: int | None = None,
                     show_progress: bool = True) -> bool:
-    """Train until the loader is exhausted or ``max_steps`` is reached; returns True when the cap was hit.
+    """Train until the loader is exhausted or ``total_steps`` is reached; returns True when it was reached.
 
     ``on_step`` receives each optimiser step's metrics (and may write checkpoints); ``on_skipped`` the
     unreadable files of each batch.
     """
     model.train()
     is_ddp = isinstance(model, nn.parallel.DistributedDataParallel)
+
     def fresh_sums() -> dict[str, float]:
         return {"loss": 0.0, "bce": 0.0, "pcl": 0.0, "patch": 0.0, "correct": 0, "seen": 0, "rpr": 0}
 
@@ -96,7 +97,8 @@ def train_one_epoch(model: nn.Module, loader: Iterable[dict[str, Any]], optimize
         with sync:
             with autocast(ctx.device, ctx.autocast_dtype):
                 output = model(pixels)
-            terms = ppl_loss(output, labels, patch_labels, loss_cfg, ctx.loss_generator)
+            step_cfg = scheduled(loss_cfg, state.step, ctx.total_steps)
+            terms = ppl_loss(output, labels, patch_labels, step_cfg, ctx.loss_generator)
             loss = terms.total * (weight / ctx.grad_accum)
             (ctx.scaler.scale(loss) if ctx.scaler else loss).backward()
 
@@ -125,6 +127,7 @@ def train_one_epoch(model: nn.Module, loader: Iterable[dict[str, Any]], optimize
 
         seen = max(sums["seen"], 1)
         metrics = {"step": state.step, "epoch": state.epoch + 1, "lr": scheduler.get_last_lr()[0],
+                   "pcl_weight": step_cfg.pcl_weight,
                    **{k: sums[k] / seen for k in ("loss", "bce", "pcl", "patch")},
                    "acc": sums["correct"] / seen, "rpr_fraction": sums["rpr"] / seen, "images": sums["seen"],
                    "skipped_files": state.skipped_files,
@@ -133,7 +136,7 @@ def train_one_epoch(model: nn.Module, loader: Iterable[dict[str, Any]], optimize
         on_step(metrics)
         sums = fresh_sums()
         started = time.perf_counter()
-        if ctx.max_steps and state.step >= ctx.max_steps:
+        if state.step >= ctx.total_steps:
             bar.close()
             return True
     bar.close()

@@ -237,7 +237,8 @@ def _run(cfg: ExperimentConfig, data_dir: Path, out: Path, checkpoint_path: Path
     sampler = EpochSampler(len(train_set), seed=cfg.train.seed, rank=dist_ctx.rank,
                            world_size=dist_ctx.world_size)
     batches_per_epoch = math.ceil(sampler.per_rank() / cfg.train.batch_size)
-    total_steps = cfg.train.epochs * math.ceil(batches_per_epoch / cfg.train.grad_accum)
+    # A partial accumulation group left at an epoch's end is dropped, so whole groups only.
+    total_steps = cfg.train.epochs * max(1, batches_per_epoch // cfg.train.grad_accum)
     if cfg.train.max_steps:
         total_steps = min(total_steps, cfg.train.max_steps)
 
@@ -291,7 +292,8 @@ def _run(cfg: ExperimentConfig, data_dir: Path, out: Path, checkpoint_path: Path
         capped = train_one_epoch(model, loader, optimizer, scheduler, cfg.loss, state, ctx, on_step=on_step,
                                  on_skipped=on_skipped, total_batches=batches_per_epoch,
                                  show_progress=show_progress and dist_ctx.is_main)
-        epoch_done = not capped or state.batch_in_epoch >= batches_per_epoch
+        whole_groups = batches_per_epoch - batches_per_epoch % cfg.train.grad_accum
+        epoch_done = not capped or state.batch_in_epoch >= whole_groups
         if epoch_done:
             state.epoch, state.batch_in_epoch = state.epoch + 1, 0
         if val_loader is not None and (state.epoch % cfg.train.eval_every == 0 or capped):
