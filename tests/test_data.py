@@ -218,7 +218,7 @@ def test_unreadable_files_are_skipped_and_counted_in_worker_processes(folders_da
 
 def test_load_rgb_gives_reasons(tmp_path):
     (tmp_path / "x.png").write_bytes(b"<html></html>")
-    with pytest.raises(UnreadableImage, match="UnidentifiedImageError"):
+    with pytest.raises(UnreadableImage, match="not_an_image"):
         load_rgb(tmp_path / "x.png")
     with pytest.raises(UnreadableImage, match="missing"):
         load_rgb(tmp_path / "nope.png")

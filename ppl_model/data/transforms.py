@@ -19,28 +19,43 @@ from ppl_model.config import AugmentConfig
 
 
 class UnreadableImage(Exception):
-    """A file that cannot be decoded as an image; ``reason`` is short and stable."""
+    """A file that cannot be decoded as an image.
 
-    def __init__(self, path: Path | str, reason: str):
-        super().__init__(f"{path}: {reason}")
+    ``reason`` is a stable code (``missing``, ``unreadable``, ``not_an_image``, ``too_large``, ``corrupt``)
+    for counting and querying; ``detail`` is the decoder's own message.
+    """
+
+    def __init__(self, path: Path | str, reason: str, detail: str = ""):
+        super().__init__(f"{path}: {reason}" + (f" ({detail})" if detail else ""))
         self.path = str(path)
         self.reason = reason
+        self.detail = detail
 
 
-def load_rgb(path: Path | str) -> Image.Image:
-    """Decode fully, apply EXIF orientation, convert to RGB."""
+def decode_rgb(source: Path | str | bytes, name: str = "") -> tuple[Image.Image, str]:
+    """Decode a file (path) or encoded bytes fully, apply EXIF orientation, convert to RGB.
+
+    Returns the image and the decoder's format name (JPEG, PNG, ...)."""
+    path = name or ("<bytes>" if isinstance(source, bytes) else str(source))
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
+            with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as img:
+                image_format = img.format or ""
                 img = ImageOps.exif_transpose(img)
-                return img.convert("RGB")
+                return img.convert("RGB"), image_format
     except FileNotFoundError:
         raise UnreadableImage(path, "missing") from None
-    except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise UnreadableImage(path, type(exc).__name__) from None
+    except UnidentifiedImageError as exc:
+        raise UnreadableImage(path, "not_an_image", str(exc)) from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise UnreadableImage(path, "too_large", str(exc)) from None
     except (OSError, ValueError, SyntaxError) as exc:  # truncated or corrupt data
-        raise UnreadableImage(path, f"corrupt: {exc}") from None
+        raise UnreadableImage(path, "corrupt", str(exc)) from None
+
+
+def load_rgb(source: Path | str | bytes, name: str = "") -> Image.Image:
+    return decode_rgb(source, name)[0]
 
 
 def fill_colour(mean: tuple[float, ...]) -> tuple[int, int, int]:
