@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from ppl_model.backbones import BackboneError
 from ppl_model.config import ConfigError, load_config
 from ppl_model.data.datasets import DataLayoutError
+from ppl_model.inference.base import BackendError
 from ppl_model.model_dir import ModelDirError
 from ppl_model.training.runner import TrainingError, run_training
 
 # Errors that come from what the user asked for: reported in one line, exit status 2, no traceback.
-USER_ERRORS = (ConfigError, DataLayoutError, TrainingError, BackboneError, ModelDirError)
+USER_ERRORS = (ConfigError, DataLayoutError, TrainingError, BackboneError, ModelDirError, BackendError)
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -24,6 +27,51 @@ def _train(args: argparse.Namespace) -> int:
         val = info.training.get("validation") or {}
         summary = f" val acc {val['acc']:.3f} (real {val['acc_real']:.3f}, fake {val['acc_fake']:.3f})" if val else ""
         print(f"model {info.version_id} written to {args.out}{summary}")
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from ppl_model.inference.export import TOLERANCE, ExportError, export_onnx
+
+    try:
+        report = export_onnx(args.model)
+    except ExportError as exc:
+        print(f"ppl export: {exc}", file=sys.stderr)
+        return 1
+    for batch, diff in report.max_abs_diff.items():
+        print(f"batch {batch}: max |onnxruntime - torch| = {diff:.3g} (limit {TOLERANCE})")
+    print(f"wrote {report.path}")
+    return 0
+
+
+def _build_engine(args: argparse.Namespace) -> int:
+    from ppl_model.inference.tensorrt_engine import build_engine
+
+    precision = "fp16" if args.fp16 else "bf16" if args.bf16 else "fp32"
+    sidecar = build_engine(args.model, precision=precision, min_batch=args.min_batch, opt_batch=args.opt_batch,
+                           max_batch=args.max_batch)
+    print(f"built a {sidecar.precision} engine for {sidecar.gpu_name} with TensorRT {sidecar.tensorrt_version}, "
+          f"batch {sidecar.min_batch}..{sidecar.max_batch} (optimised for {sidecar.opt_batch})")
+    return 0
+
+
+def _scan(args: argparse.Namespace) -> int:
+    from ppl_model.inference.backends import load_backend
+    from ppl_model.inference.preprocess import Preprocessing
+    from ppl_model.inference.scan import run_scan
+
+    backend = load_backend(args.backend, args.model, precision=args.precision, max_batch=args.batch_size * args.tiles)
+    info = backend.info
+    prep = Preprocessing.for_model(info, tiles=args.tiles)
+    fmt = "csv" if args.out and args.out.suffix.lower() == ".csv" else "jsonl"
+    out = args.out.open("w", newline="") if args.out else sys.stdout
+    try:
+        summary = run_scan(args.paths, backend, prep, info.threshold, out, fmt, how=args.aggregate,
+                           batch_size=args.batch_size, workers=args.workers, progress=not args.no_progress)
+    finally:
+        if args.out:
+            out.close()
+    print(json.dumps({"backend": backend.name, "model": info.version_id, **summary}), file=sys.stderr)
     return 0
 
 
@@ -43,6 +91,33 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints/last.pt")
     train.add_argument("--no-progress", action="store_true", help="no progress bar (logs still written)")
     train.set_defaults(handler=_train)
+
+    export = commands.add_parser("export", help="write MODEL/model.onnx and check it against torch")
+    export.add_argument("--model", required=True, help="model directory")
+    export.set_defaults(handler=_export)
+
+    engine = commands.add_parser("build-engine", help="build a TensorRT engine from MODEL/model.onnx (GPU)")
+    engine.add_argument("--model", required=True, help="model directory (run `ppl export` first)")
+    precision = engine.add_mutually_exclusive_group()
+    precision.add_argument("--fp16", action="store_true", help="fp16 kernels")
+    precision.add_argument("--bf16", action="store_true", help="bf16 kernels")
+    engine.add_argument("--min-batch", type=int, default=1)
+    engine.add_argument("--opt-batch", type=int, default=32)
+    engine.add_argument("--max-batch", type=int, default=128)
+    engine.set_defaults(handler=_build_engine)
+
+    scan = commands.add_parser("scan", help="judge image files offline (no services needed)")
+    scan.add_argument("paths", nargs="+", help="image files or folders (searched recursively)")
+    scan.add_argument("--model", required=True, help="model directory")
+    scan.add_argument("--backend", default="auto", choices=["auto", "tensorrt", "torch", "onnxruntime"])
+    scan.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"], help="torch on CUDA")
+    scan.add_argument("--out", type=Path, help="FILE.jsonl or FILE.csv (default: JSON lines on stdout)")
+    scan.add_argument("--tiles", type=int, default=1, help="judge up to this many crops per image")
+    scan.add_argument("--aggregate", default="max", choices=["max", "mean"], help="how crops combine")
+    scan.add_argument("--batch-size", type=int, default=64, help="images per inference call")
+    scan.add_argument("--workers", type=int, default=4, help="decoding threads")
+    scan.add_argument("--no-progress", action="store_true")
+    scan.set_defaults(handler=_scan)
     return parser
 
 

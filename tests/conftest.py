@@ -80,3 +80,36 @@ def photos() -> Path:
     if not PHOTOS.is_dir():
         pytest.fail(f"the shared photo folder is missing: {PHOTOS}")
     return PHOTOS
+
+
+def pytest_collection_modifyitems(config, items):
+    """GPU tests run where CUDA is present and are skipped, saying why, everywhere else (CI has no GPU)."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device; results are recorded in docs/ from a GPU machine")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def exported_model(tmp_path_factory) -> Path:
+    """A tiny random-initialised model directory with its model.onnx."""
+    import torch
+
+    from ppl_model.detector import build_detector
+    from ppl_model.inference.export import export_onnx
+    from ppl_model.model_dir import save_model_dir
+
+    torch.manual_seed(0)
+    detector = build_detector(tiny_model_config())
+    with torch.no_grad():
+        for name, p in detector.named_parameters():
+            if "lora_B" in name or "head" in name:
+                p.normal_(0, 0.3)  # make every part of the graph matter to the outputs
+    path = tmp_path_factory.mktemp("exported") / "model"
+    save_model_dir(detector, path)
+    export_onnx(path)
+    return path

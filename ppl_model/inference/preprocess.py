@@ -1,0 +1,94 @@
+"""Inference preprocessing, shared by evaluation, ``ppl scan`` and the worker: decode, crop, normalise.
+
+An image is judged on one centre crop at the model's input size, or, with ``tiles > 1``, on up to that
+many non-overlapping crops spread over the whole image (so a large image is judged on all of its patches,
+not only its centre); the per-crop probabilities are then aggregated by max or mean. Images are never
+resized, as in training: smaller ones are padded with the normalisation mean.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ppl_model.data.transforms import centre_offset, crop_at, decode_rgb, fill_colour, to_tensor
+from ppl_model.inference.base import Prediction
+from ppl_model.model_dir import ModelInfo
+
+AGGREGATIONS = ("max", "mean")
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    input_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    tiles: int = 1  # crops per image: 1 = the centre crop
+
+    def __post_init__(self) -> None:
+        if self.tiles < 1:
+            raise ValueError("tiles must be at least 1")
+
+    @classmethod
+    def for_model(cls, info: ModelInfo, tiles: int = 1) -> Preprocessing:
+        return cls(info.input_size, tuple(info.mean), tuple(info.std), tiles)
+
+
+class Prepared(NamedTuple):
+    crops: torch.Tensor  # (T, 3, S, S), T = number of crops of this image
+    width: int
+    height: int
+    format: str  # the decoder's name for the file format (JPEG, PNG, ...), "" when unknown
+
+
+def tile_offsets(width: int, height: int, size: int, max_tiles: int) -> list[tuple[int, int]]:
+    """Top-left corners of up to ``max_tiles`` non-overlapping size×size crops.
+
+    The full grid of whole tiles is centred on the image; when it has more cells than allowed, cells are
+    taken evenly across it (row-major), so the chosen crops still cover the whole image's extent.
+    """
+    if max_tiles == 1:
+        return [(centre_offset(width, size), centre_offset(height, size))]
+    cols, rows = max(1, width // size), max(1, height // size)
+    left0, top0 = centre_offset(width, cols * size), centre_offset(height, rows * size)
+    cells = [(left0 + c * size, top0 + r * size) for r in range(rows) for c in range(cols)]
+    if len(cells) <= max_tiles:
+        return cells
+    picks = np.linspace(0, len(cells) - 1, max_tiles).round().astype(int)
+    return [cells[i] for i in picks]
+
+
+def prepare_image(img: Image.Image, prep: Preprocessing, image_format: str = "") -> Prepared:
+    fill = fill_colour(prep.mean)
+    crops = [to_tensor(crop_at(img, left, top, prep.input_size, fill), prep.mean, prep.std)
+             for left, top in tile_offsets(img.width, img.height, prep.input_size, prep.tiles)]
+    return Prepared(torch.stack(crops), img.width, img.height, image_format)
+
+
+def prepare(source: Path | str | bytes, prep: Preprocessing, name: str = "") -> Prepared:
+    """Decode and prepare one image; raises ``UnreadableImage`` with a reason for what cannot be decoded."""
+    img, image_format = decode_rgb(source, name)
+    return prepare_image(img, prep, image_format)
+
+
+def aggregate(prediction: Prediction, counts: list[int], how: str = "max") -> list[Prediction]:
+    """Split a batch prediction back into images (``counts`` crops each) and combine each image's crops:
+    the image probability by ``how``; the patch grid of the crop that decided (max) or the mean grid."""
+    if how not in AGGREGATIONS:
+        raise ValueError(f"aggregation must be one of {', '.join(AGGREGATIONS)}")
+    out, start = [], 0
+    for count in counts:
+        probs = prediction.image_prob[start:start + count]
+        grids = prediction.patch_prob[start:start + count]
+        if how == "max":
+            best = int(probs.argmax())
+            out.append(Prediction(probs[best:best + 1], grids[best:best + 1]))
+        else:
+            out.append(Prediction(probs.mean(keepdims=True), grids.mean(axis=0, keepdims=True)))
+        start += count
+    return out
