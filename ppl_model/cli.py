@@ -75,6 +75,20 @@ def _scan(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_engine(args: argparse.Namespace) -> int:
+    from ppl_model.bench.engine import markdown_table, run_engine_bench
+
+    def csv_ints(text: str) -> list[int]:
+        return [int(v) for v in text.split(",") if v]
+
+    result = run_engine_bench(args.arch, args.size, args.backends.split(","), csv_ints(args.batch_sizes),
+                              jpeg=not args.no_jpeg, iters=args.iters, min_seconds=args.min_seconds)
+    print(markdown_table(result))
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ppl", description="PPL AI-generated image detector: model side")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -118,6 +132,19 @@ def build_parser() -> argparse.ArgumentParser:
     scan.add_argument("--workers", type=int, default=4, help="decoding threads")
     scan.add_argument("--no-progress", action="store_true")
     scan.set_defaults(handler=_scan)
+
+    bench = commands.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
+    bench_engine = bench.add_parser("engine", help="images/s and latency per batch size for each backend")
+    bench_engine.add_argument("--arch", default="clip", choices=["clip", "dinov2"])
+    bench_engine.add_argument("--size", default="tiny", choices=["tiny", "vit-b-16", "vit-l-14"])
+    bench_engine.add_argument("--backends", default="torch,onnxruntime,tensorrt",
+                              help="comma-separated; unavailable ones are reported and skipped")
+    bench_engine.add_argument("--batch-sizes", default="1,8,32", help="comma-separated")
+    bench_engine.add_argument("--no-jpeg", action="store_true", help="only pre-made tensors, no input pipeline")
+    bench_engine.add_argument("--iters", type=int, default=10, help="timed calls at least (per batch size)")
+    bench_engine.add_argument("--min-seconds", type=float, default=1.0, help="time each case at least this long")
+    bench_engine.add_argument("--json", type=Path, help="also write the figures as JSON")
+    bench_engine.set_defaults(handler=_bench_engine)
     return parser
 
 
