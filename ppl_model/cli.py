@@ -31,15 +31,16 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from ppl_model.inference.export import TOLERANCE, ExportError, export_onnx
+    from ppl_model.inference.export import FP16_TOLERANCE, TOLERANCE, ExportError, export_onnx
 
     try:
-        report = export_onnx(args.model)
+        report = export_onnx(args.model, fp16=args.fp16)
     except ExportError as exc:
         print(f"ppl export: {exc}", file=sys.stderr)
         return 1
+    limit = FP16_TOLERANCE if args.fp16 else TOLERANCE
     for batch, diff in report.max_abs_diff.items():
-        print(f"batch {batch}: max |onnxruntime - torch| = {diff:.3g} (limit {TOLERANCE})")
+        print(f"batch {batch}: max |onnxruntime - torch| = {diff:.3g} (limit {limit})")
     print(f"wrote {report.path}")
     return 0
 
@@ -108,6 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     export = commands.add_parser("export", help="write MODEL/model.onnx and check it against torch")
     export.add_argument("--model", required=True, help="model directory")
+    export.add_argument("--fp16", action="store_true",
+                        help="write model.fp16.onnx, computed in float16 (for fp16 engines under TensorRT 11)")
     export.set_defaults(handler=_export)
 
     engine = commands.add_parser("build-engine", help="build a TensorRT engine from MODEL/model.onnx (GPU)")

@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import numpy as np
+import onnx
 import pytest
 import torch
 from conftest import REPO, noise_image, tiny_model_config
@@ -16,7 +17,7 @@ from PIL import Image
 from ppl_model.detector import build_detector
 from ppl_model.inference.backends import choose_backend, load_backend
 from ppl_model.inference.base import BackendError, Prediction
-from ppl_model.inference.export import LogitsOnly, onnx_version_id, verify_onnx
+from ppl_model.inference.export import LogitsOnly, export_onnx, onnx_version_id, verify_onnx
 from ppl_model.inference.preprocess import Preprocessing, aggregate, prepare, tile_offsets
 from ppl_model.inference.scan import collect_files, scan
 from ppl_model.inference.verdict import make_verdict
@@ -203,3 +204,14 @@ def test_torch_cuda_bf16_matches_cpu(exported_model, cuda_graphs):
     for batch in (1, 3, 8, 11):
         pixels = torch.randn(batch, 3, 32, 32)
         np.testing.assert_allclose(gpu.predict(pixels).image_prob, cpu.predict(pixels).image_prob, atol=2e-2)
+
+
+def test_fp16_export_computes_in_float16_close_to_torch(tmp_path, exported_model):
+    model = tmp_path / "m"
+    shutil.copytree(exported_model, model)
+    report = export_onnx(model, fp16=True)
+    assert report.path.name == "model.fp16.onnx" and 0 < max(report.max_abs_diff.values()) < 5e-2
+    graph = onnx.load(str(report.path))
+    assert onnx_version_id(report.path) == read_model_info(model).version_id
+    assert graph.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT  # float32 I/O
+    assert any(init.data_type == onnx.TensorProto.FLOAT16 for init in graph.graph.initializer)

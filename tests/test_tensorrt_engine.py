@@ -242,3 +242,32 @@ def test_engine_matches_torch(model_dir: tuple[Path, ModelInfo], precision: str)
         assert got.image_prob.shape == (batch,) and got.patch_prob.shape == (batch, *info.grid)
         assert abs(got.image_prob - expected_image).max() < 1e-2
         assert abs(got.patch_prob - expected_patch).max() < 1e-2
+
+
+@pytest.fixture
+def tensorrt_11(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A TensorRT 11 stand-in (no FP16/BF16 builder flags) on a pretend GPU: enough to reach the choice of
+    ONNX file, which happens before any builder object is made."""
+    fake = types.SimpleNamespace(__version__="11.0.0", BuilderFlag=types.SimpleNamespace())
+    monkeypatch.setitem(sys.modules, "tensorrt", fake)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Pretend GPU")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+
+
+def test_tensorrt_11_fp16_needs_the_float16_export(model_dir: tuple[Path, ModelInfo], tensorrt_11: None) -> None:
+    path, info = model_dir
+    write_onnx(path / "model.onnx", info.version_id)
+    with pytest.raises(BackendError, match="--fp16"):
+        build_engine(path, precision="fp16")
+    write_onnx(path / "model.fp16.onnx", "another-version")
+    with pytest.raises(BackendError, match="re-run `ppl export"):
+        build_engine(path, precision="fp16")
+
+
+def test_tensorrt_11_refuses_bf16(model_dir: tuple[Path, ModelInfo], tensorrt_11: None) -> None:
+    path, info = model_dir
+    write_onnx(path / "model.onnx", info.version_id)
+    with pytest.raises(BackendError, match="float32 and float16 only"):
+        build_engine(path, precision="bf16")

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from ppl_model.inference.base import BackendError, Prediction, logits_to_prediction
-from ppl_model.inference.export import INPUT_NAME, ONNX_FILE, OUTPUT_NAMES, onnx_version_id
+from ppl_model.inference.export import FP16_ONNX_FILE, INPUT_NAME, ONNX_FILE, OUTPUT_NAMES, onnx_version_id
 from ppl_model.model_dir import ModelDirError, ModelInfo, read_model_info
 
 ENGINE_FILE = "model.plan"
@@ -162,17 +162,27 @@ def build_engine(model_dir: str | Path, *, precision: str = "fp16", min_batch: i
     low_flag = {"fp16": "FP16", "bf16": "BF16"}.get(precision)
     if precision == "bf16" and torch.cuda.get_device_capability(dev) < (8, 0):
         raise BackendError(f"bf16 needs compute capability 8.0 or newer; {gpu_name} has {capability}")
-    if low_flag and not hasattr(trt.BuilderFlag, low_flag):
-        raise BackendError(f"TensorRT {trt.__version__} builds only strongly typed networks, where precision comes "
-                           f"from the ONNX types: build with precision fp32, or install TensorRT 10 for {precision}")
+    # TensorRT 11 dropped the FP16/BF16 builder flags: every network is strongly typed and takes its precision
+    # from the ONNX types, so an fp16 engine is built from the float16 export instead.
+    flags_removed = bool(low_flag) and not hasattr(trt.BuilderFlag, low_flag)
+    if flags_removed and precision == "bf16":
+        raise BackendError(f"TensorRT {trt.__version__} takes precision from the ONNX types and this project "
+                           "exports float32 and float16 only: build with --fp16 or fp32")
+    if flags_removed:
+        onnx_path = model_dir / FP16_ONNX_FILE
+        if not onnx_path.is_file():
+            raise BackendError(f"{onnx_path} is missing: TensorRT {trt.__version__} builds fp16 engines from the "
+                               f"float16 export, made by `ppl export --model {model_dir} --fp16`")
+        _check_onnx(onnx_path, info, model_dir)
 
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
-    # fp32: a strongly typed network keeps every tensor in the ONNX types (all float32), with no precision guessing.
-    # fp16/bf16: a strongly typed network would ignore the FP16/BF16 builder flags and stay float32 (the ONNX
-    # types rule), so those use a weakly typed network, where the flags let TensorRT choose reduced-precision
+    # fp32, and fp16 from the float16 export: a strongly typed network keeps every tensor in the ONNX types.
+    # fp16/bf16 under TensorRT 10: a strongly typed network would ignore the FP16/BF16 builder flags and stay
+    # float32, so those use a weakly typed network, where the flags let TensorRT choose reduced-precision
     # kernels layer by layer while the I/O tensors stay float32.
-    strongly_typed = low_flag is None and hasattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED")
+    use_flag = bool(low_flag) and not flags_removed
+    strongly_typed = not use_flag and hasattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED")
     flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED) if strongly_typed else 0
     network = builder.create_network(flags)
     parser = trt.OnnxParser(network, logger)
@@ -185,7 +195,7 @@ def build_engine(model_dir: str | Path, *, precision: str = "fp16", min_batch: i
 
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gib * (1 << 30)))
-    if low_flag:
+    if use_flag:
         config.set_flag(getattr(trt.BuilderFlag, low_flag))
     size = info.input_size
     profile = builder.create_optimization_profile()
