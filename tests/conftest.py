@@ -88,7 +88,7 @@ def pytest_collection_modifyitems(config, items):
 
     if torch.cuda.is_available():
         return
-    skip = pytest.mark.skip(reason="needs a CUDA device; results are recorded in docs/ from a GPU machine")
+    skip = pytest.mark.skip(reason="needs a CUDA device, and there is none here (see docs/PERFORMANCE.md)")
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)

@@ -1,6 +1,7 @@
 """Export, backends, preprocessing, verdicts and the offline scan."""
 
 import hashlib
+import importlib.util
 import io
 import json
 import shutil
@@ -215,3 +216,13 @@ def test_fp16_export_computes_in_float16_close_to_torch(tmp_path, exported_model
     assert onnx_version_id(report.path) == read_model_info(model).version_id
     assert graph.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT  # float32 I/O
     assert any(init.data_type == onnx.TensorProto.FLOAT16 for init in graph.graph.initializer)
+
+
+def test_build_engine_command_without_tensorrt_names_the_extra(exported_model):
+    result = subprocess.run([sys.executable, "-m", "ppl_model.cli", "build-engine", "--model", str(exported_model),
+                             "--fp16"], capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    if importlib.util.find_spec("tensorrt") is None:
+        assert 'pip install "ppl-detector[tensorrt]"' in result.stderr
+    else:  # installed, but these machines have no GPU
+        assert "CUDA" in result.stderr

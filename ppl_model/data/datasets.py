@@ -32,13 +32,13 @@ from ppl_model.config import AugmentConfig, DataConfig, RPRConfig
 from ppl_model.data.transforms import (
     UnreadableImage,
     augment_quality,
-    centre_offset,
     crop_at,
     fill_colour,
     load_rgb,
     random_offset,
     to_tensor,
 )
+from ppl_model.inference.preprocess import Preprocessing, prepare_image
 from ppl_model.rpr import make_rpr_sample
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"})
@@ -167,6 +167,7 @@ class DetectionDataset(Dataset):
         self.grid = input_size // patch_size
         self.mean, self.std = tuple(mean), tuple(std)
         self.fill = fill_colour(self.mean)
+        self.eval_prep = Preprocessing(input_size, self.mean, self.std)
         self.train = train
         self.augment = augment or AugmentConfig()
         self.rpr = rpr if (rpr is not None and rpr.enabled and train) else None
@@ -189,18 +190,15 @@ class DetectionDataset(Dataset):
         except UnreadableImage as exc:
             return Skipped(exc.path, exc.reason)
 
-    def _item(self, image: Image.Image | np.ndarray, label: int, patch_labels: np.ndarray | None,
-              rpr: bool) -> dict[str, Any]:
+    def _item(self, pixels: torch.Tensor, label: int, patch_labels: np.ndarray | None, rpr: bool) -> dict[str, Any]:
         if patch_labels is None:
             patch_labels = np.full((self.grid, self.grid), float(label), dtype=np.float32)
-        return {"pixel_values": to_tensor(image, self.mean, self.std), "label": label,
-                "patch_labels": torch.from_numpy(patch_labels), "rpr": rpr}
+        return {"pixel_values": pixels, "label": label, "patch_labels": torch.from_numpy(patch_labels), "rpr": rpr}
 
     def _eval_item(self, sample: Sample) -> dict[str, Any]:
-        img = load_rgb(sample.path)
-        size = self.input_size
-        crop = crop_at(img, centre_offset(img.width, size), centre_offset(img.height, size), size, self.fill)
-        return self._item(crop, sample.label, None, rpr=False)
+        # The same centre crop the deployed model sees (scan, worker).
+        pixels = prepare_image(load_rgb(sample.path), self.eval_prep).crops[0]
+        return self._item(pixels, sample.label, None, rpr=False)
 
     def _train_item(self, sample: Sample, rng: np.random.Generator) -> dict[str, Any]:
         size, aug = self.input_size, self.augment
@@ -228,8 +226,8 @@ class DetectionDataset(Dataset):
             composite = make_rpr_sample(np.asarray(take(partner)), np.asarray(out), variant=self.rpr.variant,
                                         ratio=self.rpr.ratio, patch_size=self.patch_size, rng=rng)
             out, patch_labels = Image.fromarray(composite.image), composite.patch_labels
-        out = augment_quality(out, aug, rng)
-        return self._item(out, sample.label, patch_labels, rpr=partner is not None)
+        pixels = to_tensor(augment_quality(out, aug, rng), self.mean, self.std)
+        return self._item(pixels, sample.label, patch_labels, rpr=partner is not None)
 
 
 def collate(items: list[dict[str, Any] | Skipped]) -> dict[str, Any]:
