@@ -90,6 +90,26 @@ def _bench_engine(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval(args: argparse.Namespace) -> int:
+    from ppl_model.evaluation.evaluate import evaluate_model, format_table
+
+    if args.calibrate and args.target_fpr is None:
+        raise ConfigError("--calibrate needs --target-fpr, e.g. --target-fpr 0.01")
+    result = evaluate_model(args.model, args.data, layout=args.layout, backend=args.backend,
+                            robustness=args.robustness, target_fpr=args.target_fpr if args.calibrate else None,
+                            roc_png=args.roc, batch_size=args.batch_size, workers=args.workers,
+                            progress=not args.no_progress)
+    if "calibrated" in result:
+        print(f"threshold calibrated to {result['threshold']:.6g} for a false-positive rate of at most "
+              f"{args.target_fpr} (was {result['calibrated']['previous_threshold']:.6g}); written to model.json")
+    print(format_table(result))
+    if result["skipped"]:
+        print(f"{len(result['skipped'])} unreadable file(s) skipped", file=sys.stderr)
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ppl", description="PPL AI-generated image detector: model side")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -106,6 +126,23 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints/last.pt")
     train.add_argument("--no-progress", action="store_true", help="no progress bar (logs still written)")
     train.set_defaults(handler=_train)
+
+    evaluate = commands.add_parser("eval", help="accuracy, AP and AUROC per generator; calibration; robustness")
+    evaluate.add_argument("--model", required=True, help="model directory")
+    evaluate.add_argument("--data", required=True, help="evaluation data folder")
+    evaluate.add_argument("--layout", default="auto", choices=["auto", "genimage", "folders", "paired"])
+    evaluate.add_argument("--json", type=Path, help="also write the figures as JSON")
+    evaluate.add_argument("--calibrate", action="store_true",
+                          help="choose the threshold on this data for --target-fpr and write it into model.json")
+    evaluate.add_argument("--target-fpr", type=float, help="false-positive rate (real called fake) to calibrate to")
+    evaluate.add_argument("--robustness", action="store_true",
+                          help="also under JPEG 95/75/60/30, Gaussian blur σ 1/2, downscale 0.5/0.75")
+    evaluate.add_argument("--roc", type=Path, help="write the ROC curves as a PNG")
+    evaluate.add_argument("--backend", default="auto", choices=["auto", "tensorrt", "torch", "onnxruntime"])
+    evaluate.add_argument("--batch-size", type=int, default=64)
+    evaluate.add_argument("--workers", type=int, default=4, help="decoding threads")
+    evaluate.add_argument("--no-progress", action="store_true")
+    evaluate.set_defaults(handler=_eval)
 
     export = commands.add_parser("export", help="write MODEL/model.onnx and check it against torch")
     export.add_argument("--model", required=True, help="model directory")

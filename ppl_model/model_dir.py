@@ -125,6 +125,15 @@ def read_model_info(model_dir: str | Path) -> ModelInfo:
     return ModelInfo(**{k: v for k, v in raw.items() if k in known})
 
 
+def write_threshold(model_dir: str | Path, threshold: float) -> ModelInfo:
+    """Set the calibrated threshold in ``model.json``. The version id stays: scores do not change."""
+    path = Path(model_dir)
+    info = read_model_info(path)
+    info.threshold = float(threshold)
+    _atomic_write_text(path / MODEL_JSON, json.dumps(asdict(info), indent=2) + "\n")
+    return info
+
+
 def load_model_dir(model_dir: str | Path, device: str | torch.device = "cpu",
                    verify: bool = True) -> tuple[PPLDetector, ModelInfo]:
     """Rebuild the detector from a model directory, in eval mode, checking it is whole and consistent."""

@@ -8,6 +8,7 @@ resized, as in training: smaller ones are padded with the normalisation mean.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -21,6 +22,7 @@ from ppl_model.inference.base import Prediction
 from ppl_model.model_dir import ModelInfo
 
 AGGREGATIONS = ("max", "mean")
+Perturbation = Callable[[Image.Image], Image.Image]  # applied to a decoded image before preprocessing
 
 
 @dataclass(frozen=True)

@@ -22,9 +22,16 @@ import torch
 from tqdm import tqdm
 
 from ppl_model.data.datasets import IMAGE_SUFFIXES
-from ppl_model.data.transforms import UnreadableImage
+from ppl_model.data.transforms import UnreadableImage, decode_rgb
 from ppl_model.inference.base import InferenceBackend
-from ppl_model.inference.preprocess import Prepared, Preprocessing, aggregate, prepare
+from ppl_model.inference.preprocess import (
+    Perturbation,
+    Prepared,
+    Preprocessing,
+    aggregate,
+    prepare,
+    prepare_image,
+)
 from ppl_model.inference.verdict import FAKE, make_verdict
 
 
@@ -61,7 +68,7 @@ def collect_files(paths: Iterable[str | Path]) -> list[Path]:
     return files
 
 
-def _load(path: Path, prep: Preprocessing) -> tuple[str, Prepared | UnreadableImage]:
+def _load(path: Path, prep: Preprocessing, perturb: Perturbation | None) -> tuple[str, Prepared | UnreadableImage]:
     try:
         data = path.read_bytes()
     except OSError as exc:
@@ -69,19 +76,24 @@ def _load(path: Path, prep: Preprocessing) -> tuple[str, Prepared | UnreadableIm
         return "", UnreadableImage(path, reason, str(exc))
     digest = hashlib.sha256(data).hexdigest()
     try:
-        return digest, prepare(data, prep, name=str(path))
+        if perturb is None:
+            return digest, prepare(data, prep, name=str(path))
+        img, image_format = decode_rgb(data, name=str(path))
+        return digest, prepare_image(perturb(img), prep, image_format)
     except UnreadableImage as exc:
         return digest, exc
 
 
 def scan(files: Sequence[Path], backend: InferenceBackend, prep: Preprocessing, threshold: float, *,
-         how: str = "max", batch_size: int = 64, workers: int = 4, progress: bool = True) -> Iterator[ScanRecord]:
-    """Decode the next batch in a thread pool while the current one is inferred."""
+         how: str = "max", batch_size: int = 64, workers: int = 4, progress: bool = True,
+         perturb: Perturbation | None = None) -> Iterator[ScanRecord]:
+    """Decode the next batch in a thread pool while the current one is inferred. ``perturb`` alters each
+    decoded image before preprocessing (robustness evaluation)."""
     chunks = [files[i:i + batch_size] for i in range(0, len(files), batch_size)]
-    bar = tqdm(total=len(files), unit="img", disable=not progress, dynamic_ncols=True)
+    bar = tqdm(total=len(files), unit="img", disable=not progress, dynamic_ncols=True, leave=False)
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         def submit(chunk: Sequence[Path]) -> list[Future]:
-            return [pool.submit(_load, path, prep) for path in chunk]
+            return [pool.submit(_load, path, prep, perturb) for path in chunk]
 
         pending = submit(chunks[0]) if chunks else []
         for index, chunk in enumerate(chunks):

@@ -1,0 +1,1 @@
+"""Evaluation of a model directory: per-generator metrics, calibration, robustness."""

@@ -1,0 +1,143 @@
+"""``ppl eval``: per-subset (generator) accuracy on real and fake, AP and AUROC, optionally under
+degradations, with threshold calibration to a target false-positive rate.
+
+Images are judged through an inference backend with the serving preprocessing (centre crop), so the
+figures describe what would be deployed. Subsets:
+
+* genimage: each ``<generator>/val`` with its own real (nature) and fake (ai) images;
+* folders and paired: each folder beside ``real/`` (``fake/``, or one per reconstruction generator), every
+  one judged against all of ``real/``; each file is scored once however many subsets it is in.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ppl_model.data.datasets import DataLayoutError, detect_layout, list_images
+from ppl_model.evaluation.metrics import detection_metrics, mean_over_subsets, threshold_for_fpr
+from ppl_model.evaluation.perturbations import ROBUSTNESS
+from ppl_model.inference.backends import load_backend
+from ppl_model.inference.preprocess import Perturbation, Preprocessing
+from ppl_model.inference.scan import scan
+from ppl_model.model_dir import write_threshold
+
+Subsets = dict[str, list[tuple[Path, int]]]  # subset → (file, label 0 real / 1 fake)
+
+
+def eval_subsets(root: str | Path, layout: str = "auto") -> tuple[str, Subsets]:
+    root = Path(root)
+    if not root.is_dir():
+        raise DataLayoutError(f"data folder not found: {root}")
+    layout = detect_layout(root) if layout == "auto" else layout
+    subsets: Subsets = {}
+    if layout == "genimage":
+        for gen in sorted(d for d in root.iterdir() if (d / "val").is_dir()):
+            items = [(p, 0) for p in list_images(gen / "val" / "nature")] + \
+                    [(p, 1) for p in list_images(gen / "val" / "ai")]
+            if items:
+                subsets[gen.name] = items
+    else:
+        base = root / "val" if (root / "val" / "real").is_dir() else root
+        reals = [(p, 0) for p in list_images(base / "real")]
+        for folder in sorted(d for d in base.iterdir() if d.is_dir() and d.name != "real"):
+            subsets[folder.name] = reals + [(p, 1) for p in list_images(folder)]
+    if not subsets:
+        raise DataLayoutError(f"{root} ({layout} layout): nothing to evaluate")
+    return layout, subsets
+
+
+def score_files(files: list[Path], backend, prep: Preprocessing, *, perturb: Perturbation | None = None,
+                batch_size: int = 64, workers: int = 4, progress: bool = True) -> tuple[dict[Path, float], dict]:
+    """Fake probability per readable file, and the unreadable ones with their reasons."""
+    scores, skipped = {}, {}
+    for record in scan(files, backend, prep, threshold=0.5, batch_size=batch_size, workers=workers,
+                       progress=progress, perturb=perturb):
+        if record.error:
+            skipped[record.path] = record.error
+        else:
+            scores[Path(record.path)] = record.score
+    return scores, skipped
+
+
+def subset_metrics(subsets: Subsets, scores: dict[Path, float], threshold: float) -> dict[str, dict[str, float]]:
+    result = {}
+    for name, items in subsets.items():
+        judged = [(scores[path], label) for path, label in items if path in scores]
+        values, labels = (np.array(v) for v in zip(*judged, strict=True)) if judged else (np.array([]),) * 2
+        result[name] = detection_metrics(values, labels, threshold)
+    return result
+
+
+def evaluate_model(model_dir: str | Path, data: str | Path, *, layout: str = "auto", backend: str = "auto",
+                   robustness: bool = False, target_fpr: float | None = None, roc_png: str | Path | None = None,
+                   batch_size: int = 64, workers: int = 4, progress: bool = True) -> dict[str, Any]:
+    """Everything ``ppl eval`` reports; with ``target_fpr`` the threshold is calibrated on this data and
+    written into ``model.json`` before the metrics are computed."""
+    engine = load_backend(backend, model_dir, max_batch=batch_size)
+    info = engine.info
+    prep = Preprocessing.for_model(info)
+    layout, subsets = eval_subsets(data, layout)
+    files = sorted({path for items in subsets.values() for path, _ in items})
+    options = {"batch_size": batch_size, "workers": workers, "progress": progress}
+    scores, skipped = score_files(files, engine, prep, **options)
+    threshold = info.threshold
+    result: dict[str, Any] = {"model": info.version_id, "backend": engine.name, "layout": layout}
+    if target_fpr is not None:
+        reals = [scores[p] for items in subsets.values() for p, label in items if label == 0 and p in scores]
+        threshold = threshold_for_fpr(np.unique(reals), target_fpr)
+        write_threshold(model_dir, threshold)
+        result["calibrated"] = {"target_fpr": target_fpr, "previous_threshold": info.threshold}
+    result["threshold"] = threshold
+    result["subsets"] = subset_metrics(subsets, scores, threshold)
+    result["mean"] = mean_over_subsets(result["subsets"])
+    result["skipped"] = skipped
+    if roc_png:
+        plot_roc(subsets, scores, Path(roc_png), title=f"model {info.version_id}")
+        result["roc_png"] = str(roc_png)
+    if robustness:
+        result["robustness"] = {}
+        for name, perturb in ROBUSTNESS.items():
+            degraded, _ = score_files(files, engine, prep, perturb=perturb, **options)
+            per_subset = subset_metrics(subsets, degraded, threshold)
+            result["robustness"][name] = {"subsets": per_subset, "mean": mean_over_subsets(per_subset)}
+    return result
+
+
+def plot_roc(subsets: Subsets, scores: dict[Path, float], path: Path, title: str = "") -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from sklearn.metrics import roc_curve
+
+    fig, ax = plt.subplots(figsize=(5, 5))
+    for name, items in subsets.items():
+        judged = [(scores[p], label) for p, label in items if p in scores]
+        labels = [label for _, label in judged]
+        if len(set(labels)) == 2:
+            fpr, tpr, _ = roc_curve(labels, [score for score, _ in judged])
+            ax.plot(fpr, tpr, label=name)
+    ax.plot([0, 1], [0, 1], linestyle=":", color="grey")
+    ax.set(xlabel="false-positive rate (real called fake)", ylabel="true-positive rate", title=title)
+    ax.legend(loc="lower right", fontsize="small")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+
+
+def format_table(result: dict[str, Any]) -> str:
+    lines = [f"{'subset':24s} {'real':>6s} {'fake':>6s} {'acc_real':>8s} {'acc_fake':>8s} {'acc':>6s} {'AP':>6s} "
+             f"{'AUROC':>6s}"]
+    rows = [*result["subsets"].items(), ("mean", result["mean"])]
+    for name, m in rows:
+        counts = f"{m['real']:6d} {m['fake']:6d}" if "real" in m else f"{'':6s} {'':6s}"
+        lines.append(f"{name:24s} {counts} {m['acc_real']:8.3f} {m['acc_fake']:8.3f} {m['acc']:6.3f} "
+                     f"{m['ap']:6.3f} {m['auroc']:6.3f}")
+    for name, block in result.get("robustness", {}).items():
+        m = block["mean"]
+        lines.append(f"{'mean under ' + name:24s} {'':6s} {'':6s} {m['acc_real']:8.3f} {m['acc_fake']:8.3f} "
+                     f"{m['acc']:6.3f} {m['ap']:6.3f} {m['auroc']:6.3f}")
+    return "\n".join(lines)
