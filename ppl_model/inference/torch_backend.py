@@ -47,7 +47,8 @@ class TorchBackend:
     def _autocast(self) -> contextlib.AbstractContextManager:
         if self.dtype is None:
             return contextlib.nullcontext()
-        return torch.autocast("cuda", dtype=self.dtype)
+        # The autocast weight-cast cache must be off for CUDA-graph capture (a cached cast would be baked in).
+        return torch.autocast("cuda", dtype=self.dtype, cache_enabled=False)
 
     def _forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         with torch.inference_mode(), self._autocast():
