@@ -30,6 +30,21 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _analyze(args: argparse.Namespace) -> int:
+    from ppl_model.analysis.cde import SUMMARY_KEYS, analyze
+
+    summary = analyze(args.model, args.images, args.out, baseline=args.baseline, batch_size=args.batch_size,
+                      seed=args.seed, progress=not args.no_progress)
+    for key in SUMMARY_KEYS:
+        stats = summary[key]
+        mean = "n/a" if stats["mean"] is None else f"{stats['mean']:.4f}"
+        std = "" if stats["std"] is None else f" ± {stats['std']:.4f}"
+        print(f"{key:28s} {mean}{std}  (n = {stats['n']})")
+    print(f"{summary['images']} images analysed, {len(summary['skipped'])} skipped; heatmaps and summary.json in "
+          f"{args.out}")
+    return 0
+
+
 def _export(args: argparse.Namespace) -> int:
     from ppl_model.inference.export import FP16_TOLERANCE, TOLERANCE, ExportError, export_onnx
 
@@ -143,6 +158,17 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--workers", type=int, default=4, help="decoding threads")
     evaluate.add_argument("--no-progress", action="store_true")
     evaluate.set_defaults(handler=_eval)
+
+    analysis = commands.add_parser("analyze", help="Few-Patch-Bias analysis: counterfactual effect of every patch")
+    analysis.add_argument("--model", required=True, help="model directory")
+    analysis.add_argument("--images", required=True, help="folder of images (real/ + fake/ for labels)")
+    analysis.add_argument("--out", required=True, type=Path, help="folder for summary.json, images.jsonl, heatmaps/")
+    analysis.add_argument("--baseline", default="mean", choices=["mean", "zero", "black"],
+                          help="fill of a masked patch: the images' mean colour, the model's mean, or black")
+    analysis.add_argument("--batch-size", type=int, default=256, help="masked copies per forward pass")
+    analysis.add_argument("--seed", type=int, default=0, help="draws the random patch of the accuracy-drop test")
+    analysis.add_argument("--no-progress", action="store_true")
+    analysis.set_defaults(handler=_analyze)
 
     export = commands.add_parser("export", help="write MODEL/model.onnx and check it against torch")
     export.add_argument("--model", required=True, help="model directory")

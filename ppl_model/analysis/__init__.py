@@ -1,0 +1,1 @@
+"""Analyses of trained detectors: Few-Patch-Bias measurement by counterfactual patch masking (``cde``)."""
