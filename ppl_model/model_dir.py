@@ -70,6 +70,10 @@ def _atomic_write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def _write_info(model_dir: Path, info: ModelInfo) -> None:
+    _atomic_write_text(model_dir / MODEL_JSON, json.dumps(asdict(info), indent=2) + "\n")
+
+
 def describe(detector: PPLDetector) -> ModelInfo:
     backbone = detector.backbone
     config = json.loads(backbone.hf_config.to_json_string())  # exactly what model.json will hold
@@ -96,7 +100,7 @@ def save_model_dir(detector: PPLDetector, out_dir: str | Path, *, threshold: flo
     save_file(state, str(tmp_weights), metadata={"format": "pt"})
     os.replace(tmp_weights, out / WEIGHTS_FILE)
     info.version_id = _weights_digest(out / WEIGHTS_FILE, info.architecture())
-    _atomic_write_text(out / MODEL_JSON, json.dumps(asdict(info), indent=2) + "\n")
+    _write_info(out, info)
     return info
 
 
@@ -130,7 +134,7 @@ def write_threshold(model_dir: str | Path, threshold: float) -> ModelInfo:
     path = Path(model_dir)
     info = read_model_info(path)
     info.threshold = float(threshold)
-    _atomic_write_text(path / MODEL_JSON, json.dumps(asdict(info), indent=2) + "\n")
+    _write_info(path, info)
     return info
 
 

@@ -21,7 +21,7 @@ from typing import IO
 import torch
 from tqdm import tqdm
 
-from ppl_model.data.datasets import IMAGE_SUFFIXES
+from ppl_model.data.datasets import list_images
 from ppl_model.data.transforms import UnreadableImage, decode_rgb
 from ppl_model.inference.base import InferenceBackend
 from ppl_model.inference.preprocess import (
@@ -61,8 +61,7 @@ def collect_files(paths: Iterable[str | Path]) -> list[Path]:
     files: list[Path] = []
     for path in map(Path, paths):
         if path.is_dir():
-            files.extend(sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
-                                and not p.name.startswith(".")))
+            files.extend(list_images(path))
         else:
             files.append(path)
     return files
