@@ -84,3 +84,35 @@ def test_torchrun_two_processes_train_without_code_change(tmp_path):
     # 27 training images over 2 ranks: 14 per rank, 4 per batch, 4 steps an epoch.
     assert [r["step"] for r in rows if r["event"] == "train"] == list(range(1, 9))
     load_model_dir(out)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ["clip", "dinov2"])
+def test_train_from_a_local_pretrained_folder_with_lora(tmp_path, arch):
+    """The main use: a downloaded Hugging Face folder, LoRA on q/v, merged into the saved model."""
+    import torch
+    from transformers import CLIPConfig, CLIPModel, Dinov2Config, Dinov2Model
+
+    torch.manual_seed(0)
+    vision = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
+              "image_size": 32, "patch_size": 8}
+    if arch == "clip":  # a full CLIP folder, text tower included, as published
+        text = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
+                "vocab_size": 99}
+        CLIPModel(CLIPConfig(text_config=text, vision_config=vision)).save_pretrained(tmp_path / "hf")
+    else:
+        Dinov2Model(Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, mlp_ratio=2,
+                                 image_size=32, patch_size=8)).save_pretrained(tmp_path / "hf")
+    data = make_folders_dataset(tmp_path / "data", count=8, paired=True)
+    out = tmp_path / "model"
+    result = _run([*PPL, "train", "--config", "configs/clip-vit-l14.toml", "--data", str(data), "--out", str(out),
+                   "--set", f"model.arch={arch}", "--set", f"model.pretrained={tmp_path / 'hf'}",
+                   "--set", "model.input_size=32", "--set", "data.layout=paired", "--set", "data.workers=0",
+                   "--set", "train.batch_size=4", "--set", "train.amp=off", "--no-progress"])
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    start = rows[0]
+    assert start["trainable_params"] < start["total_params"] / 3 and start["rpr_pairs"] > 0
+    detector, info = load_model_dir(out)
+    assert info.arch == arch and info.grid == [4, 4] and info.backbone_config["hidden_size"] == 32
+    assert not any("lora" in key for key in detector.state_dict())
