@@ -10,7 +10,8 @@ import pytest
 from conftest import REPO, make_folders_dataset, noise_image
 from PIL import Image
 
-from ppl_model.evaluation.evaluate import eval_subsets, evaluate_model
+from ppl_model.data.datasets import evaluation_subsets
+from ppl_model.evaluation.evaluate import evaluate_model
 from ppl_model.evaluation.metrics import detection_metrics, threshold_for_fpr
 from ppl_model.evaluation.perturbations import ROBUSTNESS
 from ppl_model.model_dir import read_model_info
@@ -52,12 +53,12 @@ def test_subsets_per_layout(tmp_path):
             (tmp_path / "g" / gen / "val" / kind).mkdir(parents=True)
             for i in range(2):
                 noise_image(rng, (16, 16), kind == "ai").save(tmp_path / "g" / gen / "val" / kind / f"{i}.png")
-    layout, subsets = eval_subsets(tmp_path / "g")
+    layout, subsets = evaluation_subsets(tmp_path / "g")
     assert layout == "genimage" and sorted(subsets) == ["sd14", "wukong"]
-    assert sorted(label for _, label in subsets["sd14"]) == [0, 0, 1, 1]
+    assert sorted(s.label for s in subsets["sd14"]) == [0, 0, 1, 1]
     paired = make_folders_dataset(tmp_path / "p", count=3, paired=True)
     shutil.copytree(paired / "fake", paired / "other")
-    layout, subsets = eval_subsets(paired, "paired")
+    layout, subsets = evaluation_subsets(paired, "paired")
     assert sorted(subsets) == ["fake", "other"] and all(len(items) == 6 for items in subsets.values())
 
 

@@ -112,32 +112,57 @@ def _genimage(root: Path, cfg: DataConfig) -> DataSplits:
     return DataSplits("genimage", splits["train"], splits["val"])
 
 
-def _real_and_fakes(base: Path, paired: bool) -> tuple[list[Sample], list[tuple[str, Sample]]]:
-    """Real samples, and fakes with the relative key that decides their split."""
-    reals = {p.relative_to(base / "real").with_suffix("").as_posix(): p for p in list_images(base / "real")}
-    real_samples = [Sample(p, REAL, "real") for p in reals.values()]
-    fakes: list[tuple[str, Sample]] = []
+def _relative_key(path: Path, folder: Path) -> str:
+    """What pairs a reconstruction with its real image, and decides the split: the path without extension."""
+    return path.relative_to(folder).with_suffix("").as_posix()
+
+
+def _real_and_fakes(base: Path, paired: bool) -> list[tuple[str, Sample]]:
+    """Real samples, then fakes, each with the relative key that decides its split."""
+    reals = {_relative_key(p, base / "real"): p for p in list_images(base / "real")}
+    keyed = [(key, Sample(p, REAL, "real")) for key, p in reals.items()]
     for folder in sorted(d for d in base.iterdir() if d.is_dir() and d.name != "real"):
         for p in list_images(folder):
-            key = p.relative_to(folder).with_suffix("").as_posix()
-            partner = reals.get(key) if paired else None
-            fakes.append((key, Sample(p, FAKE, folder.name, partner)))
-    return real_samples, fakes
+            key = _relative_key(p, folder)
+            keyed.append((key, Sample(p, FAKE, folder.name, reals.get(key) if paired else None)))
+    return keyed
 
 
 def _two_folder(root: Path, cfg: DataConfig, layout: str) -> DataSplits:
     paired = layout == "paired"
     if (root / "train").is_dir():
-        train_real, train_fake = _real_and_fakes(root / "train", paired)
-        val_real, val_fake = _real_and_fakes(root / "val", paired) if (root / "val").is_dir() else ([], [])
-        return DataSplits(layout, train_real + [s for _, s in train_fake], val_real + [s for _, s in val_fake])
+        train = [s for _, s in _real_and_fakes(root / "train", paired)]
+        val = [s for _, s in _real_and_fakes(root / "val", paired)] if (root / "val").is_dir() else []
+        return DataSplits(layout, train, val)
     if not (root / "real").is_dir():
         raise DataLayoutError(f"{root}: the {layout} layout needs a real/ folder")
-    reals, fakes = _real_and_fakes(root, paired)
-    keyed = [(s.path.relative_to(root / "real").with_suffix("").as_posix(), s) for s in reals] + fakes
+    keyed = _real_and_fakes(root, paired)
     train = [s for key, s in keyed if not _in_val(key, cfg.val_fraction)]
     val = [s for key, s in keyed if _in_val(key, cfg.val_fraction)]
     return DataSplits(layout, train, val)
+
+
+def evaluation_subsets(root: str | Path, layout: str = "auto") -> tuple[str, dict[str, list[Sample]]]:
+    """What ``ppl eval`` judges, per subset: each GenImage generator's val split with its own real images;
+    otherwise each folder beside ``real/`` (under ``val/`` when there is one) together with all of ``real/``."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DataLayoutError(f"data folder not found: {root}")
+    layout = detect_layout(root) if layout == "auto" else layout
+    subsets: dict[str, list[Sample]] = {}
+    if layout == "genimage":
+        for sample in _genimage(root, DataConfig()).val:
+            subsets.setdefault(sample.subset, []).append(sample)
+    else:
+        base = root / "val" if (root / "val" / "real").is_dir() else root
+        samples = [s for _, s in _real_and_fakes(base, paired=False)]
+        reals = [s for s in samples if s.label == REAL]
+        for sample in samples:
+            if sample.label == FAKE:
+                subsets.setdefault(sample.subset, list(reals)).append(sample)
+    if not subsets:
+        raise DataLayoutError(f"{root} ({layout} layout): nothing to evaluate")
+    return layout, subsets
 
 
 def index_dataset(root: str | Path, cfg: DataConfig) -> DataSplits:

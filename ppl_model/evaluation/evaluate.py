@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from ppl_model.data.datasets import DataLayoutError, detect_layout, list_images
+from ppl_model.data.datasets import Sample, evaluation_subsets
 from ppl_model.evaluation.metrics import detection_metrics, mean_over_subsets, threshold_for_fpr
 from ppl_model.evaluation.perturbations import ROBUSTNESS
 from ppl_model.inference.backends import load_backend
@@ -24,29 +24,7 @@ from ppl_model.inference.preprocess import Perturbation, Preprocessing
 from ppl_model.inference.scan import scan
 from ppl_model.model_dir import write_threshold
 
-Subsets = dict[str, list[tuple[Path, int]]]  # subset → (file, label 0 real / 1 fake)
-
-
-def eval_subsets(root: str | Path, layout: str = "auto") -> tuple[str, Subsets]:
-    root = Path(root)
-    if not root.is_dir():
-        raise DataLayoutError(f"data folder not found: {root}")
-    layout = detect_layout(root) if layout == "auto" else layout
-    subsets: Subsets = {}
-    if layout == "genimage":
-        for gen in sorted(d for d in root.iterdir() if (d / "val").is_dir()):
-            items = [(p, 0) for p in list_images(gen / "val" / "nature")] + \
-                    [(p, 1) for p in list_images(gen / "val" / "ai")]
-            if items:
-                subsets[gen.name] = items
-    else:
-        base = root / "val" if (root / "val" / "real").is_dir() else root
-        reals = [(p, 0) for p in list_images(base / "real")]
-        for folder in sorted(d for d in base.iterdir() if d.is_dir() and d.name != "real"):
-            subsets[folder.name] = reals + [(p, 1) for p in list_images(folder)]
-    if not subsets:
-        raise DataLayoutError(f"{root} ({layout} layout): nothing to evaluate")
-    return layout, subsets
+Subsets = dict[str, list[Sample]]
 
 
 def score_files(files: list[Path], backend, prep: Preprocessing, *, perturb: Perturbation | None = None,
@@ -62,13 +40,14 @@ def score_files(files: list[Path], backend, prep: Preprocessing, *, perturb: Per
     return scores, skipped
 
 
+def judged(items: list[Sample], scores: dict[Path, float]) -> tuple[np.ndarray, np.ndarray]:
+    """Scores and labels of a subset's readable files."""
+    pairs = [(scores[s.path], s.label) for s in items if s.path in scores]
+    return np.array([score for score, _ in pairs]), np.array([label for _, label in pairs], dtype=np.int64)
+
+
 def subset_metrics(subsets: Subsets, scores: dict[Path, float], threshold: float) -> dict[str, dict[str, float]]:
-    result = {}
-    for name, items in subsets.items():
-        judged = [(scores[path], label) for path, label in items if path in scores]
-        values, labels = (np.array(v) for v in zip(*judged, strict=True)) if judged else (np.array([]),) * 2
-        result[name] = detection_metrics(values, labels, threshold)
-    return result
+    return {name: detection_metrics(*judged(items, scores), threshold) for name, items in subsets.items()}
 
 
 def evaluate_model(model_dir: str | Path, data: str | Path, *, layout: str = "auto", backend: str = "auto",
@@ -79,14 +58,14 @@ def evaluate_model(model_dir: str | Path, data: str | Path, *, layout: str = "au
     engine = load_backend(backend, model_dir, max_batch=batch_size)
     info = engine.info
     prep = Preprocessing.for_model(info)
-    layout, subsets = eval_subsets(data, layout)
-    files = sorted({path for items in subsets.values() for path, _ in items})
+    layout, subsets = evaluation_subsets(data, layout)
+    files = sorted({sample.path for items in subsets.values() for sample in items})
     options = {"batch_size": batch_size, "workers": workers, "progress": progress}
     scores, skipped = score_files(files, engine, prep, **options)
     threshold = info.threshold
     result: dict[str, Any] = {"model": info.version_id, "backend": engine.name, "layout": layout}
     if target_fpr is not None:
-        reals = [scores[p] for items in subsets.values() for p, label in items if label == 0 and p in scores]
+        reals = [scores[s.path] for items in subsets.values() for s in items if s.label == 0 and s.path in scores]
         threshold = threshold_for_fpr(np.unique(reals), target_fpr)
         write_threshold(model_dir, threshold)
         result["calibrated"] = {"target_fpr": target_fpr, "previous_threshold": info.threshold}
@@ -115,10 +94,9 @@ def plot_roc(subsets: Subsets, scores: dict[Path, float], path: Path, title: str
 
     fig, ax = plt.subplots(figsize=(5, 5))
     for name, items in subsets.items():
-        judged = [(scores[p], label) for p, label in items if p in scores]
-        labels = [label for _, label in judged]
-        if len(set(labels)) == 2:
-            fpr, tpr, _ = roc_curve(labels, [score for score, _ in judged])
+        values, labels = judged(items, scores)
+        if len(set(labels.tolist())) == 2:
+            fpr, tpr, _ = roc_curve(labels, values)
             ax.plot(fpr, tpr, label=name)
     ax.plot([0, 1], [0, 1], linestyle=":", color="grey")
     ax.set(xlabel="false-positive rate (real called fake)", ylabel="true-positive rate", title=title)
