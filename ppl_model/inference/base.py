@@ -7,6 +7,7 @@ probability of each patch on the ViT grid. Backends split batches larger than th
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import NamedTuple, Protocol
 
 import numpy as np
@@ -38,3 +39,11 @@ def logits_to_prediction(image_logit: torch.Tensor, patch_logits: torch.Tensor) 
     """Sigmoid in float32 on the host: the one place logits become the probabilities every backend returns."""
     return Prediction(torch.sigmoid(image_logit.float()).cpu().numpy(),
                       torch.sigmoid(patch_logits.float()).cpu().numpy())
+
+
+def predict_in_chunks(run: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]], pixels: torch.Tensor,
+                      max_batch: int) -> Prediction:
+    """Run ``run`` (crops → image logits, patch logits) on chunks of at most ``max_batch`` rows and join the
+    results: how every backend takes a batch larger than it accepts at once."""
+    logits = [run(chunk) for chunk in pixels.split(max_batch)]
+    return logits_to_prediction(torch.cat([image for image, _ in logits]), torch.cat([patch for _, patch in logits]))

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from ppl_model.inference.base import BackendError, Prediction, logits_to_prediction
+from ppl_model.inference.base import BackendError, Prediction, predict_in_chunks
 from ppl_model.inference.export import INPUT_NAME, ONNX_FILE, OUTPUT_NAMES, onnx_version_id
 from ppl_model.model_dir import read_model_info
 
@@ -32,9 +32,8 @@ class OnnxRuntimeBackend:
         self.max_batch = max_batch
 
     def predict(self, pixels: torch.Tensor) -> Prediction:
-        image, patch = [], []
-        for chunk in pixels.split(self.max_batch):
-            logit, patch_logit = self.session.run(list(OUTPUT_NAMES), {INPUT_NAME: chunk.cpu().numpy()})
-            image.append(torch.from_numpy(logit))
-            patch.append(torch.from_numpy(patch_logit))
-        return logits_to_prediction(torch.cat(image), torch.cat(patch))
+        return predict_in_chunks(self._run, pixels, self.max_batch)
+
+    def _run(self, chunk: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logit, patch_logit = self.session.run(list(OUTPUT_NAMES), {INPUT_NAME: chunk.cpu().numpy()})
+        return torch.from_numpy(logit), torch.from_numpy(patch_logit)

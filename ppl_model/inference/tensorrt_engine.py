@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from ppl_model.inference.base import BackendError, Prediction, logits_to_prediction
+from ppl_model.inference.base import BackendError, Prediction, predict_in_chunks
 from ppl_model.inference.export import FP16_ONNX_FILE, INPUT_NAME, ONNX_FILE, OUTPUT_NAMES, onnx_version_id
 from ppl_model.model_dir import ModelDirError, ModelInfo, read_model_info
 
@@ -266,21 +266,20 @@ class TensorRTBackend:
         size, side = self.sidecar.input_size, self.sidecar
         if pixels.ndim != 4 or tuple(pixels.shape[1:]) != (3, size, size) or pixels.shape[0] < 1:
             raise ValueError(f"expected a batch of shape (N >= 1, 3, {size}, {size}), got {tuple(pixels.shape)}")
-        image_parts: list[torch.Tensor] = []
-        patch_parts: list[torch.Tensor] = []
+        def run_chunk(chunk: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            rows = chunk.shape[0]
+            x = chunk.to(self._device, self._dtypes[INPUT_NAME]).contiguous()
+            if rows < side.min_batch:
+                x = torch.cat([x, x.new_zeros((side.min_batch - rows, *x.shape[1:]))])
+            image, patch = self._run(x)
+            return image[:rows], patch[:rows]
+
         current = torch.cuda.current_stream(self._device)
         self._stream.wait_stream(current)  # inputs made on the caller's stream must be ready
         with torch.cuda.device(self._device), torch.cuda.stream(self._stream):
-            for chunk in torch.split(pixels, side.max_batch):
-                rows = chunk.shape[0]
-                x = chunk.to(self._device, self._dtypes[INPUT_NAME]).contiguous()
-                if rows < side.min_batch:
-                    x = torch.cat([x, x.new_zeros((side.min_batch - rows, *x.shape[1:]))])
-                outputs = self._run(x)
-                image_parts.append(outputs[0][:rows])
-                patch_parts.append(outputs[1][:rows])
+            prediction = predict_in_chunks(run_chunk, pixels, side.max_batch)
         current.wait_stream(self._stream)
-        return logits_to_prediction(torch.cat(image_parts), torch.cat(patch_parts))
+        return prediction
 
     def _run(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """One enqueue on the backend's stream; synchronised so the buffers can be reused or freed afterwards."""

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from ppl_model.inference.base import BackendError, Prediction, logits_to_prediction
+from ppl_model.inference.base import BackendError, Prediction, predict_in_chunks
 from ppl_model.model_dir import load_model_dir
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -76,10 +76,6 @@ class TorchBackend:
         return static_out[0][:rows].clone(), static_out[1][:rows].clone()
 
     def predict(self, pixels: torch.Tensor) -> Prediction:
-        image, patch = [], []
-        for chunk in pixels.split(self.max_batch):
-            chunk = chunk.to(self.device, non_blocking=True)
-            logits = self._graph_forward(chunk) if self.cuda_graphs else self._forward(chunk)
-            image.append(logits[0])
-            patch.append(logits[1])
-        return logits_to_prediction(torch.cat(image), torch.cat(patch))
+        forward = self._graph_forward if self.cuda_graphs else self._forward
+        return predict_in_chunks(lambda chunk: forward(chunk.to(self.device, non_blocking=True)), pixels,
+                                 self.max_batch)
