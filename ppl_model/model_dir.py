@@ -64,14 +64,16 @@ def _weights_digest(path: Path, architecture: dict[str, Any]) -> str:
     return digest.hexdigest()[:16]
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
+def atomic_write_bytes(path: Path, data: bytes | memoryview) -> None:
+    """Write beside ``path`` and rename into place, so a reader never sees a half-written file."""
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("wb") as fh:
+        fh.write(data)
     os.replace(tmp, path)
 
 
 def _write_info(model_dir: Path, info: ModelInfo) -> None:
-    _atomic_write_text(model_dir / MODEL_JSON, json.dumps(asdict(info), indent=2) + "\n")
+    atomic_write_bytes(model_dir / MODEL_JSON, (json.dumps(asdict(info), indent=2) + "\n").encode())
 
 
 def describe(detector: PPLDetector) -> ModelInfo:

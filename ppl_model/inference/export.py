@@ -7,6 +7,7 @@ model directory. The model's version id is stored in the ONNX metadata so a stal
 
 from __future__ import annotations
 
+import copy
 import os
 from pathlib import Path
 from typing import NamedTuple
@@ -76,7 +77,7 @@ def export_onnx(model_dir: str | Path, *, fp16: bool = False, batch_sizes: tuple
     model_dir = Path(model_dir)
     detector, info = load_model_dir(model_dir)
     reference = LogitsOnly(detector).eval()
-    model = LogitsOnly(load_model_dir(model_dir)[0], torch.float16).eval() if fp16 else reference
+    model = LogitsOnly(copy.deepcopy(detector), torch.float16).eval() if fp16 else reference
     tolerance = tolerance if tolerance is not None else FP16_TOLERANCE if fp16 else TOLERANCE
     target = model_dir / (FP16_ONNX_FILE if fp16 else ONNX_FILE)
     example = torch.zeros(2, 3, info.input_size, info.input_size)

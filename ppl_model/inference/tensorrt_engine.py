@@ -10,7 +10,6 @@ imported only inside functions: the rest of the package (and this module's pure-
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -19,7 +18,7 @@ import torch
 
 from ppl_model.inference.base import BackendError, Prediction, predict_in_chunks
 from ppl_model.inference.export import FP16_ONNX_FILE, INPUT_NAME, ONNX_FILE, OUTPUT_NAMES, onnx_version_id
-from ppl_model.model_dir import ModelDirError, ModelInfo, read_model_info
+from ppl_model.model_dir import ModelDirError, ModelInfo, atomic_write_bytes, read_model_info
 
 ENGINE_FILE = "model.plan"
 SIDECAR_FILE = "model.plan.json"
@@ -122,13 +121,6 @@ def _gpu_facts(dev: torch.device) -> tuple[str, str]:
     return torch.cuda.get_device_name(dev), f"{major}.{minor}"
 
 
-def _atomic_write_bytes(path: Path, data: bytes | memoryview) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("wb") as fh:
-        fh.write(data)
-    os.replace(tmp, path)
-
-
 def _check_onnx(onnx_path: Path, info: ModelInfo, model_dir: Path) -> None:
     """A model.onnx exported from other weights would give a plan whose sidecar claims the wrong model."""
     if not onnx_path.is_file():
@@ -211,12 +203,12 @@ def build_engine(model_dir: str | Path, *, precision: str = "fp16", min_batch: i
     if serialized is None:
         raise BackendError(f"TensorRT could not build an engine from {onnx_path} (precision {precision}, batch "
                            f"{min_batch}/{opt_batch}/{max_batch}); the TensorRT log above says why")
-    _atomic_write_bytes(model_dir / ENGINE_FILE, memoryview(serialized))
-    _atomic_write_bytes(cache_path, memoryview(config.get_timing_cache().serialize()))
+    atomic_write_bytes(model_dir / ENGINE_FILE, memoryview(serialized))
+    atomic_write_bytes(cache_path, memoryview(config.get_timing_cache().serialize()))
     sidecar = EngineSidecar(tensorrt_version=str(trt.__version__), gpu_name=gpu_name, compute_capability=capability,
                             precision=precision, min_batch=min_batch, opt_batch=opt_batch, max_batch=max_batch,
                             input_size=size, model_version_id=info.version_id)
-    _atomic_write_bytes(model_dir / SIDECAR_FILE, sidecar.to_json().encode())
+    atomic_write_bytes(model_dir / SIDECAR_FILE, sidecar.to_json().encode())
     return sidecar
 
 
