@@ -14,6 +14,7 @@ from torch import nn
 from tqdm import tqdm
 
 from ppl_model.config import LossConfig
+from ppl_model.evaluation.metrics import detection_metrics
 from ppl_model.losses import ppl_loss, scheduled
 
 
@@ -146,24 +147,21 @@ def train_one_epoch(model: nn.Module, loader: Iterable[dict[str, Any]], optimize
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: Iterable[dict[str, Any]], device: torch.device,
              autocast_dtype: torch.dtype | None = None, show_progress: bool = False) -> dict[str, float]:
-    """Image-level BCE and accuracy on real, on fake and their mean, at logit 0 (probability 0.5)."""
+    """Image-level BCE, and ``ppl eval``'s metrics at probability 0.5: accuracy on real, on fake and their
+    mean, AP and AUROC."""
     model.eval()
-    loss_sum, correct, count, skipped = 0.0, [0, 0], [0, 0], 0
+    logits, labels, skipped = [], [], 0
     for batch in tqdm(loader, desc="validate", disable=not show_progress, leave=False):
         skipped += len(batch["skipped"])
         if batch["size"] == 0:
             continue
-        labels = batch["labels"].to(device)
         with autocast(device, autocast_dtype):
-            logits = model(batch["pixel_values"].to(device)).image_logit.float()
-        loss_sum += float(F.binary_cross_entropy_with_logits(logits, labels, reduction="sum"))
-        hits = (logits > 0).float() == labels
-        for cls in (0, 1):
-            chosen = labels == cls
-            correct[cls] += int(hits[chosen].sum())
-            count[cls] += int(chosen.sum())
-    total = sum(count)
-    acc_real = correct[0] / count[0] if count[0] else float("nan")
-    acc_fake = correct[1] / count[1] if count[1] else float("nan")
-    return {"loss": loss_sum / total if total else float("nan"), "acc_real": acc_real, "acc_fake": acc_fake,
-            "acc": (acc_real + acc_fake) / 2, "images": total, "skipped_files": skipped}
+            logits.append(model(batch["pixel_values"].to(device)).image_logit.float().cpu())
+        labels.append(batch["labels"])
+    if not logits:
+        nan = float("nan")
+        return {"loss": nan, "acc_real": nan, "acc_fake": nan, "acc": nan, "images": 0, "skipped_files": skipped}
+    logit, label = torch.cat(logits), torch.cat(labels)
+    metrics = detection_metrics(torch.sigmoid(logit).numpy(), label.numpy(), threshold=0.5)
+    loss = float(F.binary_cross_entropy_with_logits(logit, label))
+    return {"loss": loss, **metrics, "images": int(label.numel()), "skipped_files": skipped}
