@@ -1,0 +1,156 @@
+"""PostgreSQL fixtures for the worker tests: a reachable server, and a fresh migrated database per test.
+
+Integration tests talk to a real server (DESIGN.md §5). When none answers they fail, never skip: a CI
+run without its database must not pass by testing nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import secrets
+import shutil
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from sqlalchemy import create_engine, text
+from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.exc import OperationalError
+from sqlalchemy.pool import NullPool
+
+from worker.db import VerdictRow, make_engine, migrate, quantise_patch_grid
+
+DEFAULT_PG_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
+LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1", None}
+START_WAIT_S = 30.0
+
+
+def _reachable(url: str) -> str | None:
+    """None when the server answers, else why not."""
+    engine = create_engine(url, poolclass=NullPool, connect_args={"connect_timeout": 3})
+    try:
+        with engine.connect() as conn:
+            conn.execute(text("SELECT 1"))
+        return None
+    except OperationalError as exc:
+        return str(exc.orig).strip()
+    finally:
+        engine.dispose()
+
+
+def _start_local_clusters() -> None:
+    """What `pg_ctlcluster --skip-systemctl-redirect <version> main start` does for each installed version."""
+    pg_ctlcluster = shutil.which("pg_ctlcluster")
+    versions = Path("/etc/postgresql")
+    if pg_ctlcluster is None or not versions.is_dir():
+        return
+    for version in sorted(p.name for p in versions.iterdir() if (p / "main").is_dir()):
+        subprocess.run([pg_ctlcluster, "--skip-systemctl-redirect", version, "main", "start"],
+                       check=False, capture_output=True, timeout=60)
+
+
+@pytest.fixture(scope="session")
+def pg_server_url() -> str:
+    """URL of a database on the test server (``PPL_TEST_PG_URL``), starting the local cluster if need be."""
+    url = os.environ.get("PPL_TEST_PG_URL", DEFAULT_PG_URL)
+    error = _reachable(url)
+    if error is None:
+        return url
+    if make_url(url).host in LOCAL_HOSTS:
+        _start_local_clusters()
+        deadline = time.monotonic() + START_WAIT_S
+        while (error := _reachable(url)) is not None and time.monotonic() < deadline:
+            time.sleep(0.5)
+        if error is None:
+            return url
+    pytest.fail(f"PostgreSQL at {make_url(url).render_as_string(hide_password=True)} does not answer ({error}). "
+                "The worker's database tests need a real server: start one, or point PPL_TEST_PG_URL at one.",
+                pytrace=False)
+
+
+@contextmanager
+def temporary_database(server_url: str, migrated: bool = True) -> Iterator[str]:
+    """A new database ``ppl_test_<hex>`` on the server, dropped afterwards even if connections linger."""
+    name = f"ppl_test_{secrets.token_hex(6)}"
+    admin = create_engine(server_url, poolclass=NullPool, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    try:
+        url = make_url(server_url).set(database=name).render_as_string(hide_password=False)
+        if migrated:
+            migrate(url)
+        yield url
+    finally:
+        with admin.connect() as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
+@pytest.fixture
+def empty_database_url(pg_server_url: str) -> Iterator[str]:
+    """A fresh database with no schema (for migration tests)."""
+    with temporary_database(pg_server_url, migrated=False) as url:
+        yield url
+
+
+@pytest.fixture
+def database_url(pg_server_url: str) -> Iterator[str]:
+    """A fresh database migrated to head, private to one test."""
+    with temporary_database(pg_server_url) as url:
+        yield url
+
+
+@pytest.fixture
+def engine(database_url: str) -> Iterator[Engine]:
+    engine = make_engine(database_url)
+    try:
+        yield engine
+    finally:
+        engine.dispose()
+
+
+@pytest.fixture(scope="module")
+def module_engine(pg_server_url: str) -> Iterator[Engine]:
+    """One migrated database shared by a module's tests, for read-only tests over an expensive fixture."""
+    with temporary_database(pg_server_url) as url:
+        engine = make_engine(url)
+        try:
+            yield engine
+        finally:
+            engine.dispose()
+
+
+def sha_of(name: str) -> str:
+    """A stable content hash for a test image name."""
+    return hashlib.sha256(name.encode()).hexdigest()
+
+
+def build_verdict_row(name: str, model_version: str, score: float = 0.25, threshold: float = 0.5,
+                      grid: np.ndarray | None = None, **overrides: Any) -> VerdictRow:
+    """A valid verdict row for image ``name``; the label follows score and threshold, as in make_verdict."""
+    patch_grid = np.full((4, 4), score, dtype=np.float32) if grid is None else grid
+    data, rows, cols = quantise_patch_grid(patch_grid)
+    values: dict[str, Any] = {
+        "sha256": sha_of(name), "model_version": model_version, "score": score,
+        "label": "fake" if score >= threshold else "real", "threshold": threshold,
+        "source": f"https://images.example.com/{name}.jpg", "external_id": f"ext-{name}", "metadata": {"name": name},
+        "width": 640, "height": 480, "format": "JPEG", "patch_mean": float(patch_grid.mean()),
+        "patch_max": float(patch_grid.max()), "patch_p90": float(np.percentile(patch_grid, 90)),
+        "patch_frac_above": float((patch_grid >= threshold).mean()), "top_patch_row": 0, "top_patch_col": 0,
+        "patch_grid": data, "grid_rows": rows, "grid_cols": cols,
+        "timings_ms": {"fetch": 12.5, "decode": 3.0, "infer": 8.25, "db": 1.5},
+    }
+    values.update(overrides)
+    return VerdictRow(**values)
+
+
+@pytest.fixture(scope="session")
+def verdict_row() -> Callable[..., VerdictRow]:
+    """``verdict_row(name, model_version, score=..., **column_overrides)`` builds a valid VerdictRow."""
+    return build_verdict_row

@@ -1,0 +1,525 @@
+"""worker.db against a real PostgreSQL: migrations, idempotent writes, failures, model versions, rescans."""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import subprocess
+import sys
+import threading
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import numpy as np
+import pytest
+from alembic import command
+from alembic.autogenerate import compare_metadata
+from alembic.runtime.migration import MigrationContext
+from sqlalchemy import event, inspect, text
+from sqlalchemy.engine import Engine
+from sqlalchemy.exc import IntegrityError
+
+from worker import db
+from worker.db import FailureRow, RescanFilters, VerdictRow
+
+OLD, OLDER, NEW = "0a0a0a0a0a0a0a0a", "0b0b0b0b0b0b0b0b", "1c1c1c1c1c1c1c1c"
+TABLES = {"model_versions", "verdicts", "detection_failures", "rescan_runs"}
+T0 = datetime(2025, 3, 1, tzinfo=UTC)
+MakeRow = Callable[..., VerdictRow]
+
+
+def sha_of(name: str) -> str:
+    """The content hash the ``verdict_row`` fixture gives image ``name``."""
+    return hashlib.sha256(name.encode()).hexdigest()
+
+
+def register(engine: Engine, *versions: str) -> None:
+    for version in versions:
+        db.register_model_version(engine, version, {"arch": "clip", "size": "large"}, 0.5, {"ap": 0.97},
+                                  activate=False)
+
+
+def set_created_at(engine: Engine, times: dict[tuple[str, str], datetime]) -> None:
+    """Back-date verdicts: {(image name, model version): created_at}."""
+    with engine.begin() as conn:
+        for (name, version), when in times.items():
+            conn.execute(text("UPDATE verdicts SET created_at = :t WHERE sha256 = :s AND model_version = :v"),
+                         {"t": when, "s": sha_of(name), "v": version})
+
+
+def count_statements(engine: Engine) -> tuple[list[str], Callable[[], None]]:
+    statements: list[str] = []
+
+    def record(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        statements.append(statement)
+
+    event.listen(engine, "before_cursor_execute", record)
+    return statements, lambda: event.remove(engine, "before_cursor_execute", record)
+
+
+# ------------------------------------------------------------------------------------------ migrations
+
+
+def test_migrations_go_up_down_and_up_again(empty_database_url: str) -> None:
+    engine = db.make_engine(empty_database_url)
+    try:
+        with engine.connect() as conn:
+            assert db.schema_revision(conn) is None
+        db.migrate(empty_database_url)
+        with engine.connect() as conn:
+            assert db.schema_revision(conn) == db.head_revision() == "0001"
+            assert set(inspect(conn).get_table_names()) >= TABLES
+            assert inspect(conn).get_view_names() == ["latest_verdicts"]
+
+        command.downgrade(db.alembic_config(empty_database_url), "base")
+        with engine.connect() as conn:
+            assert db.schema_revision(conn) is None
+            assert set(inspect(conn).get_table_names()) <= {"alembic_version"}  # Alembic's own, left empty
+            assert inspect(conn).get_view_names() == []
+            assert conn.execute(text("SELECT count(*) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+                                     "WHERE n.nspname = 'public' AND c.relname <> 'alembic_version' "
+                                     "AND c.relname NOT LIKE 'alembic_version%'")).scalar_one() == 0
+
+        db.migrate(empty_database_url)
+        with engine.connect() as conn:
+            assert db.schema_revision(conn) == "0001"
+            assert set(inspect(conn).get_table_names()) >= TABLES
+    finally:
+        engine.dispose()
+
+
+def test_models_match_the_hand_written_migration(engine: Engine) -> None:
+    """What `alembic check` does: the models in worker/db.py and revision 0001 describe the same schema."""
+    with engine.connect() as conn:
+        context = MigrationContext.configure(conn, opts={"compare_type": True, "compare_server_default": True})
+        assert compare_metadata(context, db.metadata) == []
+
+
+def test_migrate_is_safe_from_concurrent_processes(empty_database_url: str) -> None:
+    """Every worker may migrate at start-up; the advisory lock makes the later ones no-ops, not errors.
+    (Processes, not threads: Alembic's `context` is process-global.)"""
+    code = "import sys; from worker.db import migrate; migrate(sys.argv[1])"
+    processes = [subprocess.Popen([sys.executable, "-c", code, empty_database_url], stderr=subprocess.PIPE, text=True)
+                 for _ in range(3)]
+    errors = [p.communicate(timeout=120)[1] for p in processes]
+    assert [p.returncode for p in processes] == [0, 0, 0], errors
+    engine = db.make_engine(empty_database_url)
+    try:
+        with engine.connect() as conn:
+            assert db.schema_revision(conn) == "0001"
+    finally:
+        engine.dispose()
+
+
+def test_migrate_accepts_a_plain_postgresql_url(database_url: str) -> None:
+    plain = database_url.replace("postgresql+psycopg://", "postgresql://")
+    db.migrate(plain)  # already at head: nothing to do, and no psycopg2 needed
+    assert db.normalise_url(plain) == database_url
+
+
+# ------------------------------------------------------------------------------------------- verdicts
+
+
+def test_a_thousand_rows_go_in_one_statement_and_a_repeat_inserts_nothing(verdict_row: MakeRow, engine: Engine) -> None:
+    register(engine, NEW)
+    rows = [verdict_row(f"img{i}", NEW, score=(i % 100) / 100) for i in range(1000)]
+    statements, stop = count_statements(engine)
+    try:
+        assert db.upsert_verdicts(engine, rows) == 1000
+    finally:
+        stop()
+    inserts = [s for s in statements if s.lstrip().upper().startswith("INSERT")]
+    assert len(inserts) == 1 and "ON CONFLICT" in inserts[0].upper()
+    assert db.upsert_verdicts(engine, rows) == 0
+    assert db.count_rows(engine)["verdicts"] == 1000
+
+
+def test_duplicates_inside_one_call_are_written_once(verdict_row: MakeRow, engine: Engine) -> None:
+    register(engine, NEW)
+    first = verdict_row("a", NEW, score=0.75, source="https://x.example/first.jpg")
+    again = verdict_row("a", NEW, score=0.75, source="https://x.example/second.jpg")
+    other = verdict_row("b", NEW)
+    assert db.upsert_verdicts(engine, [first, other, again, first]) == 2
+    assert db.find_verdicts(engine, [sha_of("a")], NEW)[sha_of("a")].source == "https://x.example/first.jpg"
+    assert db.upsert_verdicts(engine, []) == 0
+
+
+def test_writes_join_the_callers_transaction(verdict_row: MakeRow, engine: Engine) -> None:
+    register(engine, NEW)
+    with engine.connect() as conn:
+        assert db.upsert_verdicts(conn, [verdict_row("a", NEW)]) == 1
+        db.record_failures(conn, [FailureRow("https://x.example/broken", None, "not_an_image", "HTML")])
+        conn.rollback()
+    assert db.count_rows(engine) == {"verdicts": 0, "failures": 0, "model_versions": 1, "rescan_runs": 0}
+
+
+def test_find_verdicts_returns_the_stored_rows_of_one_version(verdict_row: MakeRow, engine: Engine) -> None:
+    register(engine, OLD, NEW)
+    rows = [verdict_row("a", NEW, score=0.9), verdict_row("b", NEW, external_id=None, metadata=None),
+            verdict_row("a", OLD, score=0.1)]
+    db.upsert_verdicts(engine, rows)
+    found = db.find_verdicts(engine, {sha_of("a"), sha_of("b"), sha_of("unknown")}, NEW)
+    assert found == {sha_of("a"): rows[0], sha_of("b"): rows[1]}
+    assert db.find_verdicts(engine, [sha_of("a")], OLD) == {sha_of("a"): rows[2]}
+    assert db.find_verdicts(engine, [], NEW) == {}
+    with engine.connect() as conn:  # None is SQL NULL, not the JSON value null
+        assert conn.execute(text("SELECT metadata IS NULL FROM verdicts WHERE sha256 = :s"),
+                            {"s": sha_of("b")}).scalar_one()
+
+
+def test_patch_grid_round_trip_is_within_half_a_quantisation_step(verdict_row: MakeRow, engine: Engine) -> None:
+    register(engine, NEW)
+    rng = np.random.default_rng(0)
+    grids = {"square": rng.random((16, 16)).astype(np.float32), "wide": rng.random((3, 5)).astype(np.float32),
+             "edges": np.array([[0.0, 1.0], [1 / 510, 0.5]], dtype=np.float32)}
+    db.upsert_verdicts(engine, [verdict_row(name, NEW, grid=grid) for name, grid in grids.items()])
+    found = db.find_verdicts(engine, [sha_of(name) for name in grids], NEW)
+    for name, grid in grids.items():
+        row = found[sha_of(name)]
+        assert (row.grid_rows, row.grid_cols) == grid.shape
+        assert len(row.patch_grid) == grid.size
+        restored = db.dequantise_patch_grid(row.patch_grid, row.grid_rows, row.grid_cols)
+        assert restored.shape == grid.shape and restored.dtype == np.float32
+        assert np.abs(restored - grid).max() <= 1 / 510 + 1e-6
+    assert np.frombuffer(found[sha_of("edges")].patch_grid, np.uint8).tolist() == [0, 255, 1, 128]
+
+
+@pytest.mark.parametrize("grid", [np.zeros(16), np.zeros((0, 4)), np.array([[0.5, np.nan]]), np.array([[1.5]]),
+                                  np.array([[-0.1]])])
+def test_quantise_rejects_what_is_not_a_probability_grid(grid: np.ndarray) -> None:
+    with pytest.raises(ValueError):
+        db.quantise_patch_grid(grid)
+
+
+def test_dequantise_rejects_a_wrong_size() -> None:
+    with pytest.raises(ValueError, match="needs 16 bytes"):
+        db.dequantise_patch_grid(bytes(15), 4, 4)
+
+
+@pytest.mark.parametrize("overrides", [
+    {"label": "maybe", "score": 0.9},  # not a label
+    {"label": "real", "score": 0.9},  # disagrees with score >= threshold
+    {"sha256": "ABC"},  # not a lowercase hex sha256
+    {"score": 1.5, "label": "fake"},
+    {"score": float("nan"), "label": "real"},
+    {"patch_grid": bytes(15)},  # 4×4 grid needs 16 bytes
+    {"model_version": "never-registered"},  # foreign key
+])
+def test_constraints_reject_bad_rows(verdict_row: MakeRow, engine: Engine, overrides: dict[str, Any]) -> None:
+    register(engine, NEW)
+    values = {"score": 0.25, "grid": np.zeros((4, 4), np.float32)} | overrides
+    with pytest.raises(IntegrityError):
+        db.upsert_verdicts(engine, [verdict_row("bad", values.pop("model_version", NEW), **values)])
+    assert db.count_rows(engine)["verdicts"] == 0
+
+
+def test_check_constraint_rejects_a_bad_label_written_by_hand(verdict_row: MakeRow, engine: Engine) -> None:
+    register(engine, NEW)
+    db.upsert_verdicts(engine, [verdict_row("a", NEW)])
+    with pytest.raises(IntegrityError, match="ck_verdicts_label"), engine.begin() as conn:
+        conn.execute(text("UPDATE verdicts SET label = 'unsure'"))
+
+
+# ------------------------------------------------------------------------------------------- failures
+
+
+def test_record_failures_counts_attempts_per_source_and_reason(engine: Engine) -> None:
+    long_url = "https://x.example/" + "p" * 10_000  # longer than a btree entry may be
+    db.record_failures(engine, [FailureRow(long_url, "e1", "not_an_image", "got text/html"),
+                                FailureRow(long_url, None, "not_an_image", "got text/plain"),
+                                FailureRow(long_url, "e1", "too_large", "40 MB")])
+    db.record_failures(engine, [FailureRow(long_url, None, "not_an_image", "got image/svg+xml" + "!" * 5000)])
+    with engine.connect() as conn:
+        rows = conn.execute(text("SELECT reason, attempts, detail, external_id, source, source_sha256, "
+                                 "last_seen >= first_seen AS ordered FROM detection_failures ORDER BY reason")).all()
+    assert [(r.reason, r.attempts) for r in rows] == [("not_an_image", 3), ("too_large", 1)]
+    not_an_image = rows[0]
+    assert not_an_image.detail.startswith("got image/svg+xml")
+    assert len(not_an_image.detail) == db.MAX_FAILURE_DETAIL_CHARS
+    assert not_an_image.external_id == "e1"  # kept when a later report lacks it
+    assert not_an_image.source == long_url and not_an_image.source_sha256 == db.source_sha256(long_url)
+    assert all(r.ordered for r in rows)
+    assert db.count_rows(engine)["failures"] == 2
+    db.record_failures(engine, [])
+
+
+def test_answered_sources_covers_verdicts_and_failures(verdict_row: MakeRow, engine: Engine) -> None:
+    register(engine, OLD, NEW)
+    db.upsert_verdicts(engine, [verdict_row("a", NEW), verdict_row("b", OLD)])
+    db.record_failures(engine, [FailureRow("https://x.example/broken", None, "not_an_image", "")])
+    asked = [verdict_row("a", NEW).source, verdict_row("b", NEW).source, "https://x.example/broken",
+             "https://x.example/pending"]
+    assert db.answered_sources(engine, asked, NEW) == {asked[0], asked[2]}
+    assert db.answered_sources(engine, [], NEW) == set()
+
+
+# ------------------------------------------------------------------------------------- model versions
+
+
+def test_one_model_version_is_active(engine: Engine) -> None:
+    assert db.active_model_version(engine) is None
+    db.register_model_version(engine, OLD, {"arch": "clip"}, 0.5, {"ap": 0.9})
+    db.register_model_version(engine, NEW, {"arch": "dinov2"}, 0.6, {"ap": 0.95})
+    assert db.active_model_version(engine) == NEW
+    db.register_model_version(engine, OLDER, {"arch": "clip"}, 0.5, None, activate=False)
+    assert db.active_model_version(engine) == NEW
+    db.register_model_version(engine, NEW, {"arch": "dinov2"}, 0.55, {"ap": 0.96}, activate=False)  # recalibrated
+    assert db.active_model_version(engine) == NEW
+    db.register_model_version(engine, OLD, {"arch": "clip"}, 0.5, {"ap": 0.9})
+    assert db.active_model_version(engine) == OLD
+    with engine.connect() as conn:
+        rows = {r.id: r for r in conn.execute(text("SELECT * FROM model_versions"))}
+        assert [v for v, r in rows.items() if r.active] == [OLD]
+        assert rows[NEW].threshold == 0.55 and rows[NEW].metrics == {"ap": 0.96}
+        assert rows[OLDER].metrics == {}
+    with pytest.raises(IntegrityError, match="uq_model_versions_one_active"), engine.begin() as conn:
+        conn.execute(text("UPDATE model_versions SET active = true"))
+
+
+def test_concurrent_activations_leave_exactly_one_active(engine: Engine) -> None:
+    versions = [f"{i:016x}" for i in range(6)]
+    errors: list[BaseException] = []
+
+    def activate(version: str) -> None:
+        try:
+            db.register_model_version(engine, version, {"arch": "clip"}, 0.5, {})
+        except BaseException as exc:  # reported by the assertion below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=activate, args=(v,)) for v in versions]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert errors == []
+    with engine.connect() as conn:
+        assert conn.execute(text("SELECT count(*) FROM model_versions WHERE active")).scalar_one() == 1
+
+
+# -------------------------------------------------------------------------------------------- rescans
+
+# The hand-built case: which images a rescan to NEW must re-judge.
+#   a: judged by OLD only                -> stale
+#   b: judged by OLD and NEW             -> not stale
+#   c: judged by NEW only                -> not stale
+#   d: judged by OLD, later by OLDER     -> stale, once, through its latest (OLDER) verdict
+#   e: judged by OLDER, later by OLD and NEW -> not stale
+#   f: judged by OLD, fake               -> stale
+HAND_BUILT = {
+    ("a", OLD): (0.2, T0), ("b", OLD): (0.3, T0), ("b", NEW): (0.4, T0 + timedelta(days=2)),
+    ("c", NEW): (0.9, T0 + timedelta(days=1)), ("d", OLD): (0.8, T0), ("d", OLDER): (0.7, T0 + timedelta(days=1)),
+    ("e", OLDER): (0.6, T0), ("e", OLD): (0.5, T0 + timedelta(hours=1)), ("e", NEW): (0.4, T0 + timedelta(hours=2)),
+    ("f", OLD): (0.95, T0 + timedelta(hours=5)),
+}
+
+
+def load(engine: Engine, verdict_row: MakeRow, dataset: dict[tuple[str, str], tuple[float, datetime]],
+         shuffle_seed: int = 0) -> None:
+    """Insert in a shuffled order, so ids and created_at disagree the way they can in production."""
+    register(engine, OLD, OLDER, NEW)
+    keys = list(dataset)
+    random.Random(shuffle_seed).shuffle(keys)
+    for start in range(0, len(keys), 50):
+        db.upsert_verdicts(engine, [verdict_row(name, version, score=dataset[name, version][0])
+                                    for name, version in keys[start:start + 50]])
+    set_created_at(engine, {key: when for key, (_, when) in dataset.items()})
+
+
+def all_candidates(engine: Engine, filters: RescanFilters, limit: int, target: str = NEW,
+                   up_to_id: int | None = None) -> list[tuple[int, str, str | None, dict | None]]:
+    out: list[tuple[int, str, str | None, dict | None]] = []
+    after = 0
+    while page := db.rescan_candidates(engine, filters, target, after, limit, up_to_id=up_to_id):
+        assert len(page) <= limit
+        out += page
+        after = page[-1][0]
+    return out
+
+
+def expected_candidates(engine: Engine, dataset: dict[tuple[str, str], tuple[float, datetime]],
+                        filters: RescanFilters, target: str = NEW) -> list[int]:
+    """The same selection, computed the slow obvious way in Python."""
+    with engine.connect() as conn:
+        ids = {(r.sha256, r.model_version): r.id for r in conn.execute(text("SELECT id, sha256, model_version "
+                                                                            "FROM verdicts"))}
+    by_image: dict[str, list[tuple[str, float, datetime, int]]] = {}
+    for (name, version), (score, when) in dataset.items():
+        by_image.setdefault(name, []).append((version, score, when, ids[sha_of(name), version]))
+    chosen = []
+    for judged in by_image.values():
+        if filters.stale_only and any(version == target for version, *_ in judged):
+            continue
+        version, score, when, row_id = max(judged, key=lambda j: (j[2], j[3]))
+        label = "fake" if score >= 0.5 else "real"
+        if ((filters.since is None or when >= filters.since) and (filters.until is None or when < filters.until)
+                and (filters.label is None or label == filters.label)
+                and (filters.min_score is None or score >= filters.min_score)
+                and (filters.max_score is None or score <= filters.max_score)):
+            chosen.append(row_id)
+    return sorted(chosen)
+
+
+def test_rescan_candidates_are_exactly_the_stale_images(verdict_row: MakeRow, engine: Engine) -> None:
+    load(engine, verdict_row, HAND_BUILT)
+    found = all_candidates(engine, RescanFilters(), limit=10)
+    sources = sorted(source for _, source, _, _ in found)
+    assert sources == sorted(verdict_row(n, OLD).source for n in ("a", "d", "f"))
+    latest_d = db.find_verdicts(engine, [sha_of("d")], OLDER)[sha_of("d")]
+    assert any(external_id == latest_d.external_id and metadata == {"name": "d"} for _, _, external_id, metadata
+               in found)
+    with engine.connect() as conn:
+        d_ids = conn.execute(text("SELECT id FROM verdicts WHERE sha256 = :s AND model_version = :v"),
+                             {"s": sha_of("d"), "v": OLDER}).scalar_one()
+    assert d_ids in [row_id for row_id, *_ in found]
+    assert [row_id for row_id, *_ in found] == expected_candidates(engine, HAND_BUILT, RescanFilters())
+    assert db.count_rescan_candidates(engine, RescanFilters(), NEW) == 3
+
+
+def random_dataset(images: int, seed: int) -> dict[tuple[str, str], tuple[float, datetime]]:
+    rng = random.Random(seed)
+    dataset = {}
+    for i in range(images):
+        versions = [v for v in (OLDER, OLD, NEW) if rng.random() < 0.55] or [OLD]
+        for version in versions:
+            dataset[f"r{i}", version] = (round(rng.random(), 3), T0 + timedelta(hours=rng.randrange(0, 24 * 10)))
+    return dataset
+
+
+FILTERS = [
+    RescanFilters(),
+    RescanFilters(label="fake"),
+    RescanFilters(label="real", max_score=0.3),
+    RescanFilters(min_score=0.25, max_score=0.75),
+    RescanFilters(since=T0 + timedelta(days=3)),
+    RescanFilters(since=T0 + timedelta(days=2), until=T0 + timedelta(days=6), label="fake"),
+    RescanFilters(stale_only=False),
+    RescanFilters(stale_only=False, label="real", until=T0 + timedelta(days=5)),
+]
+
+
+@pytest.mark.parametrize("filters", FILTERS, ids=lambda f: repr(f.to_json()))
+def test_rescan_pages_match_a_brute_force_selection_without_gaps_or_repeats(verdict_row: MakeRow, engine: Engine,
+                                                                            filters: RescanFilters) -> None:
+    dataset = random_dataset(300, seed=1)
+    load(engine, verdict_row, dataset, shuffle_seed=2)
+    expected = expected_candidates(engine, dataset, filters)
+    assert expected  # the dataset exercises every filter
+    for limit in (1, 7, 64, 10_000):
+        ids = [row_id for row_id, *_ in all_candidates(engine, filters, limit)]
+        assert ids == expected, f"limit {limit}"
+    assert db.count_rescan_candidates(engine, filters, NEW) == len(expected)
+    middle = expected[len(expected) // 2]
+    assert db.count_rescan_candidates(engine, filters, NEW, after_id=middle) == len([i for i in expected if i > middle])
+
+
+def test_a_run_ignores_verdicts_written_after_it_started(verdict_row: MakeRow, engine: Engine) -> None:
+    load(engine, verdict_row, HAND_BUILT)
+    run = db.create_rescan_run(engine, RescanFilters(stale_only=False), NEW)
+    before = [row_id for row_id, *_ in all_candidates(engine, RescanFilters(stale_only=False), 2,
+                                                      up_to_id=run.max_verdict_id)]
+    assert len(before) == 6  # every image once
+    # The rescan's own output: new verdicts for a and f. They are not candidates of this run, and a and f drop
+    # out (their latest verdict is now one the run does not cover), which is right: they have been re-judged.
+    db.upsert_verdicts(engine, [verdict_row("a", NEW), verdict_row("f", NEW, score=0.97)])
+    after = [row_id for row_id, *_ in all_candidates(engine, RescanFilters(stale_only=False), 2,
+                                                     up_to_id=run.max_verdict_id)]
+    assert set(after) < set(before) and len(after) == 4
+    unbounded = all_candidates(engine, RescanFilters(stale_only=False), 2)
+    assert len(unbounded) == 6 and max(row_id for row_id, *_ in unbounded) > run.max_verdict_id
+
+
+def test_rescan_filters_validate_and_round_trip_through_json() -> None:
+    filters = RescanFilters(stale_only=False, since=datetime(2025, 1, 1, 12, tzinfo=UTC),
+                            until=datetime(2025, 1, 2, 9, tzinfo=UTC) + timedelta(hours=5), label="fake",
+                            min_score=0.2, max_score=0.9)
+    assert RescanFilters.from_json(filters.to_json()) == filters
+    for bad in ({"since": datetime(2025, 1, 1)}, {"label": "unsure"}, {"min_score": 1.5},
+                {"min_score": 0.8, "max_score": 0.2}, {"since": T0, "until": T0}):
+        with pytest.raises(ValueError):
+            RescanFilters(**bad)
+    with pytest.raises(ValueError):
+        db.rescan_candidates(None, RescanFilters(), NEW, 0, 0)  # type: ignore[arg-type]
+
+
+def test_rescan_runs_record_progress_and_resume(verdict_row: MakeRow, engine: Engine) -> None:
+    load(engine, verdict_row, HAND_BUILT)
+    filters = RescanFilters(label="fake", since=T0)
+    assert db.latest_unfinished_rescan_run(engine, NEW, filters) is None
+    run = db.create_rescan_run(engine, filters, NEW, total=2)
+    assert (run.cursor, run.enqueued, run.total, run.status, run.finished_at) == (0, 0, 2, "running", None)
+    assert run.filters == filters and run.target_model_version == NEW
+    assert run.max_verdict_id == db.count_rows(engine)["verdicts"]  # ids from 1, none deleted
+
+    db.update_rescan_run(engine, run.id, cursor=5, enqueued=1, status="paused")
+    # Same filters written another way (another time zone) find the same run.
+    same = RescanFilters(label="fake", since=T0.astimezone(__import__("zoneinfo").ZoneInfo("Europe/Paris")))
+    resumed = db.latest_unfinished_rescan_run(engine, NEW, same)
+    assert resumed is not None and (resumed.id, resumed.cursor, resumed.enqueued, resumed.status) == (
+        run.id, 5, 1, "paused")
+    assert resumed.updated_at >= run.updated_at
+    assert db.latest_unfinished_rescan_run(engine, NEW, RescanFilters(label="fake")) is None
+    assert db.latest_unfinished_rescan_run(engine, OLD, filters) is None
+
+    db.update_rescan_run(engine, run.id, cursor=9, enqueued=2, status="done", total=2)
+    finished = db.get_rescan_run(engine, run.id)
+    assert finished is not None and finished.status == "done" and finished.finished_at is not None
+    assert db.latest_unfinished_rescan_run(engine, NEW, filters) is None
+    assert db.get_rescan_run(engine, run.id + 100) is None
+    with pytest.raises(ValueError):
+        db.update_rescan_run(engine, run.id, cursor=9, enqueued=2, status="finished")
+    with pytest.raises(LookupError):
+        db.update_rescan_run(engine, run.id + 100, cursor=9, enqueued=2, status="done")
+
+
+# ------------------------------------------------------------------------------ view, listings, counts
+
+
+def test_latest_verdicts_view_has_each_images_newest_verdict(verdict_row: MakeRow, engine: Engine) -> None:
+    dataset = random_dataset(120, seed=3) | HAND_BUILT
+    load(engine, verdict_row, dataset, shuffle_seed=4)
+    with engine.connect() as conn:
+        view = {r.sha256: r for r in conn.execute(text("SELECT * FROM latest_verdicts"))}
+        table_columns = [c["name"] for c in inspect(conn).get_columns("verdicts")]
+        view_columns = [c["name"] for c in inspect(conn).get_columns("latest_verdicts")]
+    images = {name for name, _ in dataset}
+    assert set(view) == {sha_of(name) for name in images}
+    for name in images:
+        newest = max(((v, when) for (n, v), (_, when) in dataset.items() if n == name), key=lambda x: x[1])
+        assert view[sha_of(name)].model_version == newest[0], name
+    assert view_columns == table_columns
+    assert view[sha_of("d")].model_version == OLDER and view[sha_of("e")].model_version == NEW
+
+
+def test_query_verdicts_lists_latest_verdicts_newest_first(verdict_row: MakeRow, engine: Engine) -> None:
+    load(engine, verdict_row, HAND_BUILT)
+    rows = db.query_verdicts(engine, flagged_only=False, since=None, limit=100)
+    assert len(rows) == 6 and "patch_grid" not in rows[0]
+    with engine.connect() as conn:
+        expected = conn.execute(text("SELECT id FROM latest_verdicts ORDER BY created_at DESC, id DESC")).scalars()
+        assert [r["id"] for r in rows] == list(expected)
+    flagged = db.query_verdicts(engine, flagged_only=True, since=None, limit=100)
+    # c (NEW 0.9), d (latest OLDER 0.7) and f (0.95) are flagged; d's older fake OLD verdict is not listed.
+    assert {(r["sha256"], r["model_version"]) for r in flagged} == {(sha_of("c"), NEW), (sha_of("d"), OLDER),
+                                                                   (sha_of("f"), OLD)}
+    assert all(r["label"] == "fake" for r in flagged)
+    recent = db.query_verdicts(engine, flagged_only=False, since=T0 + timedelta(days=1), limit=100)
+    assert {r["sha256"] for r in recent} == {sha_of("b"), sha_of("c"), sha_of("d")}
+    assert len(db.query_verdicts(engine, flagged_only=False, since=None, limit=2)) == 2
+    with pytest.raises(ValueError, match="time zone"):
+        db.query_verdicts(engine, flagged_only=False, since=datetime(2025, 3, 1), limit=2)
+    assert rows[0]["timings_ms"] == verdict_row("x", NEW).timings_ms
+
+
+def test_count_rows(verdict_row: MakeRow, engine: Engine) -> None:
+    assert db.count_rows(engine) == {"verdicts": 0, "failures": 0, "model_versions": 0, "rescan_runs": 0}
+    load(engine, verdict_row, HAND_BUILT)
+    db.record_failures(engine, [FailureRow("file:///x", None, "missing", "")])
+    assert db.count_rows(engine) == {"verdicts": len(HAND_BUILT), "failures": 1, "model_versions": 3,
+                                     "rescan_runs": 0}
+
+
+def test_verdict_row_has_every_column_but_id_and_created_at(verdict_row: MakeRow, engine: Engine) -> None:
+    with engine.connect() as conn:
+        columns = {c["name"] for c in inspect(conn).get_columns("verdicts")}
+    assert {f for f in VerdictRow.__dataclass_fields__} == columns - {"id", "created_at"}

@@ -1,0 +1,155 @@
+"""Every setting of the worker side, read once from ``PPL_*`` environment variables into one typed object.
+
+``Settings.from_env()`` is the only place that reads the environment; everything else takes a
+``Settings``. The README's settings table lists the same names (a test checks they agree).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, get_type_hints
+
+PREFIX = "PPL_"
+
+
+class SettingsError(ValueError):
+    """An environment variable that cannot be parsed into its setting."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    # Services
+    broker_url: str = "redis://localhost:6379/0"
+    database_url: str = "postgresql+psycopg://localhost/ppl"
+
+    # Model: a model directory (see ppl_model.model_dir); the backend is chosen by name or "auto"
+    model_dir: Path | None = None
+    backend: str = "auto"  # auto | tensorrt | torch | onnxruntime
+    precision: str = "fp32"  # torch on CUDA: fp32 | bf16 | fp16
+    device: str | None = None  # e.g. "cuda:0"; None = the backend's choice
+    tiles: int = 1  # crops judged per image (1 = the centre crop; more cover large images, max-aggregated)
+
+    # Micro-batching: up to batch_size jobs or batch_timeout_ms, whichever comes first
+    batch_size: int = 32
+    batch_timeout_ms: int = 200
+    decode_threads: int = 8
+    # Redis redelivers an unacknowledged job after this long. It must exceed the worst time a job
+    # waits in a worker: prefetch buffer + one batch's fetch, inference and database write (README).
+    visibility_timeout_s: int = 3600
+
+    # Sources
+    file_roots: tuple[Path, ...] = ()  # file:// sources must resolve inside one of these
+    url_allowlist: tuple[str, ...] = ()  # hosts or CIDRs that the SSRF guard lets through
+    fetch_connect_timeout_s: float = 5.0
+    fetch_read_timeout_s: float = 15.0
+    max_download_bytes: int = 32 * 1024 * 1024
+    max_redirects: int = 3
+    max_pixels: int = 64_000_000  # decompression-bomb cap
+    max_metadata_bytes: int = 4096
+
+    # Retries of transient failures (HTTP 5xx, database down), with exponential back-off
+    max_retries: int = 5
+    retry_backoff_s: float = 2.0
+    # A batch whose database write fails keeps retrying this long before it hands its jobs back to the
+    # queue unacknowledged (so an outage shorter than this loses and re-runs nothing)
+    database_retry_s: float = 120.0
+
+    # Rescans
+    rescan_interval_s: int = 0  # celery beat runs a stale-model rescan this often; 0 = never
+    rescan_chunk: int = 1000  # jobs enqueued per chunk
+    rescan_max_queue: int = 20_000  # pause enqueueing while the detect queue is longer
+
+    # Observability
+    metrics_port: int = 9100  # Prometheus endpoint of each worker process; 0 = off
+    log_level: str = "INFO"
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+        """Defaults, overridden by ``PPL_<NAME>`` variables, overridden by keyword arguments."""
+        environ = os.environ if environ is None else environ
+        hints = get_type_hints(cls)
+        values: dict[str, Any] = {}
+        for f in dataclasses.fields(cls):
+            raw = environ.get(env_name(f.name))
+            if raw is not None:
+                values[f.name] = _parse(f.name, raw, hints[f.name])
+        values.update(overrides)
+        return cls(**values)
+
+    def __post_init__(self) -> None:
+        positive = ("batch_size", "batch_timeout_ms", "decode_threads", "visibility_timeout_s", "max_download_bytes",
+                    "max_pixels", "max_metadata_bytes", "rescan_chunk", "rescan_max_queue", "tiles")
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise SettingsError(f"{env_name(name)} must be positive, got {getattr(self, name)}")
+        if self.backend not in ("auto", "tensorrt", "torch", "onnxruntime"):
+            raise SettingsError(f"{env_name('backend')} must be auto, tensorrt, torch or onnxruntime, "
+                                f"got {self.backend!r}")
+
+    @property
+    def prefetch_multiplier(self) -> int:
+        """Celery prefetches this many messages per process: enough to fill one batch while the previous
+        one is in flight, and no more, so a crashed worker holds few jobs hostage until redelivery."""
+        return 2 * self.batch_size
+
+    def redacted(self) -> dict[str, Any]:
+        """The settings as JSON-friendly values, with passwords in URLs hidden (for logs and `doctor`)."""
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, tuple):
+                value = [str(v) for v in value]
+            elif isinstance(value, Path):
+                value = str(value)
+            if f.name.endswith("_url") and isinstance(value, str):
+                value = _hide_password(value)
+            out[f.name] = value
+        return out
+
+
+def env_name(field_name: str) -> str:
+    return PREFIX + field_name.upper()
+
+
+def env_names() -> list[str]:
+    return [env_name(f.name) for f in dataclasses.fields(Settings)]
+
+
+def _split_list(raw: str) -> list[str]:
+    # Comma-separated; os.pathsep also accepted for the path lists (PPL_FILE_ROOTS=/a:/b).
+    parts = raw.replace(os.pathsep, ",").split(",")
+    return [p.strip() for p in parts if p.strip()]
+
+
+def _parse(name: str, raw: str, hint: Any) -> Any:
+    text = raw.strip()
+    try:
+        if hint in (int,):
+            return int(text)
+        if hint in (float,):
+            return float(text)
+        if hint == Path | None:
+            return Path(text) if text else None
+        if hint == str | None:
+            return text or None
+        if hint == tuple[Path, ...]:
+            return tuple(Path(p) for p in _split_list(text))
+        if hint == tuple[str, ...]:
+            return tuple(_split_list(text))
+        return text
+    except ValueError:
+        raise SettingsError(f"{env_name(name)}={raw!r} is not a valid {getattr(hint, '__name__', hint)}") from None
+
+
+def _hide_password(url: str) -> str:
+    scheme, sep, rest = url.partition("://")
+    if not sep or "@" not in rest:
+        return url
+    credentials, _, host = rest.rpartition("@")
+    user = credentials.split(":", 1)[0]
+    return f"{scheme}://{user}:***@{host}" if ":" in credentials else url
+
