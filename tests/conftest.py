@@ -1,68 +1,12 @@
-"""Shared test fixtures: tiny model configs and small image folders the tests make themselves."""
+"""Shared test fixtures: tiny models, image folders, and the machine's Redis (helpers live in tests/helpers.py)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import pytest
-from PIL import Image
 
-from ppl_model.config import ExperimentConfig, ModelConfig, from_dict
-
-REPO = Path(__file__).resolve().parent.parent
-PHOTOS = REPO.parent / "shared" / "data" / "photos"
-
-
-def tiny_model_config(arch: str = "clip", finetune: str = "lora", **overrides) -> ModelConfig:
-    """A 2-layer ViT on 32×32 crops with 8-pixel patches: a 4×4 grid."""
-    values = {"arch": arch, "size": "tiny", "input_size": 32, "patch_size": 8, "finetune": finetune} | overrides
-    return ModelConfig(**values)
-
-
-def noise_image(rng: np.random.Generator, size: tuple[int, int], smooth: bool) -> Image.Image:
-    """'Real' images are per-pixel noise; 'fake' ones are blocky (2×2 nearest upsampling), a trace in
-    every patch that a tiny model learns within a few steps."""
-    width, height = size
-    if smooth:
-        small = rng.integers(0, 256, ((height + 1) // 2, (width + 1) // 2, 3), dtype=np.uint8)
-        array = np.repeat(np.repeat(small, 2, axis=0), 2, axis=1)[:height, :width]
-    else:
-        array = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
-    return Image.fromarray(array)
-
-
-def make_folders_dataset(root: Path, count: int = 24, size: tuple[int, int] = (40, 40), seed: int = 0,
-                         paired: bool = False) -> Path:
-    """``root/real`` and ``root/fake`` with ``count`` PNGs each. ``paired``: each fake is a reconstruction
-    of the real image of the same name (its 2×2 block means), pixel-aligned, as RPR needs."""
-    rng = np.random.default_rng(seed)
-    (root / "real").mkdir(parents=True, exist_ok=True)
-    (root / "fake").mkdir(parents=True, exist_ok=True)
-    for i in range(count):
-        real = noise_image(rng, size, smooth=False)
-        if paired:
-            small = real.resize(((size[0] + 1) // 2, (size[1] + 1) // 2), Image.Resampling.BOX)
-            real.save(root / "real" / f"img_{i:03d}.png")
-            small.resize(size, Image.Resampling.NEAREST).save(root / "fake" / f"img_{i:03d}.png")
-        else:
-            real.save(root / "real" / f"real_{i:03d}.png")
-            noise_image(rng, size, smooth=True).save(root / "fake" / f"fake_{i:03d}.png")
-    return root
-
-
-def tiny_experiment(**sections) -> ExperimentConfig:
-    """A fast training config for the tiny model; ``sections`` override whole-key values per section."""
-    values = {
-        "model": {"arch": "clip", "size": "tiny", "input_size": 32, "patch_size": 8, "finetune": "full"},
-        "data": {"layout": "paired", "workers": 0, "val_fraction": 0.2},
-        "train": {"epochs": 2, "batch_size": 8, "seed": 0, "checkpoint_every": 1000},
-        "optim": {"lr": 1e-3, "warmup_fraction": 0.1},
-        "loss": {"patches_per_image": 8, "pairs_per_patch": 8},
-    }
-    for section, updates in sections.items():
-        values.setdefault(section, {}).update(updates)
-    return from_dict(values)
+from tests.helpers import PHOTOS, make_folders_dataset, tiny_model_config
 
 
 @pytest.fixture
@@ -95,6 +39,21 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A tiny random-initialised model directory (no ONNX file): what the worker tests serve."""
+    import torch
+
+    from ppl_model.detector import build_detector
+    from ppl_model.model_dir import save_model_dir
+
+    torch.manual_seed(1)
+    detector = build_detector(tiny_model_config(finetune="full"))
+    path = tmp_path_factory.mktemp("served") / "model"
+    save_model_dir(detector, path, threshold=0.5)
+    return path
+
+
+@pytest.fixture(scope="session")
 def exported_model(tmp_path_factory) -> Path:
     """A tiny random-initialised model directory with its model.onnx."""
     import torch
@@ -113,3 +72,51 @@ def exported_model(tmp_path_factory) -> Path:
     save_model_dir(detector, path)
     export_onnx(path)
     return path
+
+
+REDIS_HOST, REDIS_PORT = "127.0.0.1", 6379
+REDIS_TEST_DB = 13  # the tests' own database number on the machine's Redis, flushed around each test
+
+
+def _redis_client():
+    import redis
+
+    return redis.Redis(REDIS_HOST, REDIS_PORT, db=REDIS_TEST_DB, socket_connect_timeout=2)
+
+
+def _redis_answers() -> bool:
+    import redis
+
+    try:
+        return bool(_redis_client().ping())
+    except redis.RedisError:
+        return False
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> None:
+    """The machine's Redis, started if it is down; the tests fail (never skip) when there is none."""
+    import shutil
+    import subprocess
+    import time
+
+    if _redis_answers():
+        return
+    server = shutil.which("redis-server")
+    if server:
+        subprocess.run([server, "--daemonize", "yes", "--bind", REDIS_HOST, "--port", str(REDIS_PORT), "--save", "",
+                        "--appendonly", "no"], check=False, timeout=30)
+        for _ in range(30):
+            if _redis_answers():
+                return
+            time.sleep(0.5)
+    pytest.fail(f"Redis is not reachable on {REDIS_HOST}:{REDIS_PORT} and could not be started "
+                "(run `make services`, or install it: sudo apt-get install -y redis-server)")
+
+
+@pytest.fixture
+def redis_url(redis_server) -> str:
+    client = _redis_client()
+    client.flushdb()
+    yield f"redis://{REDIS_HOST}:{REDIS_PORT}/{REDIS_TEST_DB}"
+    client.flushdb()

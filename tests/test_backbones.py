@@ -4,11 +4,11 @@ import json
 
 import pytest
 import torch
-from conftest import tiny_model_config
 from transformers import CLIPConfig, CLIPModel, CLIPVisionConfig, CLIPVisionModel, Dinov2Config, Dinov2Model
 
 from ppl_model.backbones import BackboneError, build_backbone
 from ppl_model.config import LoRAConfig
+from tests.helpers import tiny_model_config
 
 TINY_VISION = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
                "image_size": 32, "patch_size": 8}

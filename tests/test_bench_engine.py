@@ -2,12 +2,12 @@
 
 import pytest
 import torch
-from conftest import tiny_model_config
 from torch.utils.flop_counter import FlopCounterMode
 
 from ppl_model.bench.engine import markdown_table, run_engine_bench, vit_flops_per_image
 from ppl_model.detector import build_detector
 from ppl_model.model_dir import save_model_dir
+from tests.helpers import tiny_model_config
 
 
 @pytest.mark.parametrize("arch", ["clip", "dinov2"])

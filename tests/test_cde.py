@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import REPO, make_folders_dataset, noise_image, tiny_model_config
 from PIL import Image
 from torch import nn
 
@@ -27,6 +26,7 @@ from ppl_model.analysis.cde import (
 from ppl_model.detector import build_detector
 from ppl_model.inference.preprocess import Preprocessing, prepare
 from ppl_model.model_dir import load_model_dir, save_model_dir, write_threshold
+from tests.helpers import REPO, make_folders_dataset, noise_image, tiny_model_config
 
 S, P, G = 32, 8, 4
 

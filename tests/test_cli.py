@@ -7,10 +7,10 @@ import subprocess
 import sys
 
 import pytest
-from conftest import REPO, make_folders_dataset
 
 from ppl_model.data.toy import make_toy_dataset
 from ppl_model.model_dir import load_model_dir
+from tests.helpers import REPO, make_folders_dataset
 
 PPL = [sys.executable, "-m", "ppl_model.cli"]
 FAST = ["--set", "train.epochs=1", "--set", "data.workers=2", "--no-progress"]

@@ -3,7 +3,6 @@
 import numpy as np
 import pytest
 import torch
-from conftest import make_folders_dataset, noise_image
 from PIL import Image
 from torch.utils.data import DataLoader
 
@@ -18,6 +17,7 @@ from ppl_model.data.datasets import (
     index_dataset,
 )
 from ppl_model.data.transforms import UnreadableImage, load_rgb
+from tests.helpers import make_folders_dataset, noise_image
 
 NO_AUG = AugmentConfig(flip_prob=0.0, jpeg_prob=0.0, blur_prob=0.0)
 IDENTITY = {"mean": (0.0, 0.0, 0.0), "std": (1 / 255, 1 / 255, 1 / 255)}  # tensor values = pixel values
@@ -229,3 +229,125 @@ def test_load_rgb_gives_reasons(tmp_path):
 def test_collate_of_only_skipped_items_is_empty():
     batch = collate([Skipped("a", "missing")])
     assert batch["size"] == 0 and "pixel_values" not in batch
+
+
+# -- decode_rgb: limits, formats, frames and colour modes ---------------------------------------------------------
+
+
+def _encoded(image, format, **params):
+    import io
+
+    buffer = io.BytesIO()
+    image.save(buffer, format=format, **params)
+    return buffer.getvalue()
+
+
+def test_decode_rgb_keeps_its_positional_signature_and_format_name(tmp_path):
+    from ppl_model.data.transforms import decode_rgb
+
+    Image.new("RGB", (3, 2), (4, 5, 6)).save(tmp_path / "a.png")
+    image, image_format = decode_rgb(tmp_path / "a.png", "named.png")
+    assert (image.mode, image.size, image_format) == ("RGB", (3, 2), "PNG")
+    with pytest.raises(UnreadableImage) as info:
+        decode_rgb(b"not an image", "named.bin")
+    assert (info.value.reason, info.value.path) == ("not_an_image", "named.bin")
+
+
+def test_decode_rgb_formats_and_pixel_cap_are_checked_before_decoding():
+    from ppl_model.data.transforms import decode_rgb
+
+    ico = _encoded(Image.new("RGB", (16, 16)), "ICO")
+    with pytest.raises(UnreadableImage) as info:
+        decode_rgb(ico, formats={"PNG", "JPEG"})
+    assert info.value.reason == "unsupported_format"
+    assert decode_rgb(ico)[1] == "ICO"  # no formats given: anything Pillow reads
+    png = _encoded(Image.new("RGB", (100, 10)), "PNG")
+    with pytest.raises(UnreadableImage) as info:
+        decode_rgb(png, max_pixels=999)
+    assert info.value.reason == "too_large" and "100x10" in info.value.detail
+    assert decode_rgb(png, max_pixels=1000)[0].size == (100, 10)
+
+
+def test_decode_rgb_truncated_data_is_corrupt():
+    from ppl_model.data.transforms import decode_rgb
+
+    data = _encoded(noise_image(np.random.default_rng(3), (48, 48), smooth=False), "JPEG")
+    with pytest.raises(UnreadableImage) as info:
+        decode_rgb(data[: len(data) // 3])
+    assert info.value.reason == "corrupt"
+
+
+def test_decode_rgb_takes_the_first_frame_of_multi_frame_files():
+    from ppl_model.data.transforms import decode_rgb
+
+    frames = [Image.new("RGB", (4, 4), c) for c in ((255, 0, 0), (0, 0, 255))]
+    gif = _encoded(frames[0], "GIF", save_all=True, append_images=frames[1:])
+    tiff = _encoded(frames[1], "TIFF", save_all=True, append_images=frames[:1])
+    assert decode_rgb(gif)[0].getpixel((1, 1)) == (255, 0, 0)
+    assert decode_rgb(tiff)[0].getpixel((1, 1)) == (0, 0, 255)
+
+
+@pytest.mark.parametrize("mode", ["I;16", "I;16B", "I;16L"])
+def test_to_rgb_scales_sixteen_bit_modes(mode):
+    from ppl_model.data.transforms import to_rgb
+
+    image = Image.new(mode, (4, 1))
+    for x, value in enumerate((0, 255, 32768, 65535)):
+        image.putpixel((x, 0), value)
+    rgb = np.asarray(to_rgb(image))
+    assert rgb.shape == (1, 4, 3)
+    assert rgb[0, :, 0].tolist() == [0, 0, 128, 255]
+    assert (rgb[..., 0] == rgb[..., 2]).all()
+
+
+def test_to_rgb_scales_32_bit_integer_and_float_modes():
+    from ppl_model.data.transforms import to_rgb
+
+    sixteen_in_i = Image.fromarray(np.array([[0, 32768, 65535]], dtype=np.int32))
+    assert sixteen_in_i.mode == "I"
+    assert np.asarray(to_rgb(sixteen_in_i))[0, :, 0].tolist() == [0, 128, 255]
+    wide = Image.fromarray(np.array([[0, 500_000, 1_000_000]], dtype=np.int32))  # beyond 16 bits: by its max
+    assert np.asarray(to_rgb(wide))[0, :, 0].tolist() == [0, 128, 255]
+    unit = Image.fromarray(np.array([[0.0, 0.5, 1.0]], dtype=np.float32))
+    assert unit.mode == "F"
+    assert np.asarray(to_rgb(unit))[0, :, 0].tolist() == [0, 128, 255]
+    hdr = Image.fromarray(np.array([[0.0, 2.0, 4.0, np.nan]], dtype=np.float32))
+    assert np.asarray(to_rgb(hdr))[0, :, 0].tolist() == [0, 128, 255, 0]
+    flat = Image.fromarray(np.zeros((2, 2), dtype=np.float32) - 5.0)
+    assert np.asarray(to_rgb(flat)).max() == 0
+
+
+@pytest.mark.parametrize(("mode", "value", "expected"), [
+    ("1", 1, (255, 255, 255)),
+    ("L", 77, (77, 77, 77)),
+    ("CMYK", (0, 255, 255, 0), (255, 0, 0)),
+    ("YCbCr", (76, 85, 255), (254, 0, 0)),
+    ("HSV", (0, 255, 255), (255, 0, 0)),
+    ("LAB", (255, 128, 128), (254, 255, 254)),
+    ("RGBX", (1, 2, 3, 0), (1, 2, 3)),
+])
+def test_to_rgb_colour_modes(mode, value, expected):
+    from ppl_model.data.transforms import to_rgb
+
+    rgb = to_rgb(Image.new(mode, (2, 2), value))
+    assert rgb.mode == "RGB"
+    assert all(abs(a - b) <= 1 for a, b in zip(rgb.getpixel((1, 1)), expected, strict=True)), rgb.getpixel((1, 1))
+
+
+def test_to_rgb_composites_every_kind_of_transparency_onto_mid_grey():
+    from ppl_model.data.transforms import decode_rgb, to_rgb
+
+    grey = (128, 128, 128)
+    rgba = Image.new("RGBA", (2, 1), (0, 255, 0, 0))
+    rgba.putpixel((1, 0), (10, 20, 30, 255))
+    assert [to_rgb(rgba).getpixel((x, 0)) for x in (0, 1)] == [grey, (10, 20, 30)]
+    assert to_rgb(Image.new("LA", (1, 1), (255, 0))).getpixel((0, 0)) == grey
+    pa = Image.new("PA", (1, 1), (0, 0))
+    pa.putpalette([255, 0, 0] * 256)
+    assert to_rgb(pa).getpixel((0, 0)) == grey
+    # tRNS chunks: a transparent colour in RGB, a transparent value in L and in 16-bit greyscale
+    rgb = _encoded(Image.new("RGB", (1, 1), (9, 9, 9)), "PNG", transparency=(9, 9, 9))
+    assert decode_rgb(rgb)[0].getpixel((0, 0)) == grey
+    sixteen = Image.fromarray(np.array([[1000, 65535]], dtype=np.uint16))
+    decoded = decode_rgb(_encoded(sixteen, "PNG", transparency=1000))[0]
+    assert [decoded.getpixel((x, 0)) for x in (0, 1)] == [grey, (255, 255, 255)]

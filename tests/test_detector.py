@@ -2,12 +2,12 @@
 
 import pytest
 import torch
-from conftest import tiny_model_config
 
 from ppl_model.config import LossConfig, OptimConfig
 from ppl_model.detector import build_detector
 from ppl_model.losses import ppl_loss
 from ppl_model.training.runner import build_optimizer
+from tests.helpers import tiny_model_config
 
 
 @pytest.mark.parametrize("arch", ["clip", "dinov2"])

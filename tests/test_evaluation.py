@@ -7,7 +7,6 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import REPO, make_folders_dataset, noise_image
 from PIL import Image
 
 from ppl_model.data.datasets import evaluation_subsets
@@ -15,6 +14,7 @@ from ppl_model.evaluation.evaluate import evaluate_model
 from ppl_model.evaluation.metrics import detection_metrics, threshold_for_fpr
 from ppl_model.evaluation.perturbations import ROBUSTNESS
 from ppl_model.model_dir import read_model_info
+from tests.helpers import REPO, make_folders_dataset, noise_image
 
 
 def test_metrics_match_hand_computed_values():

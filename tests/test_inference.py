@@ -12,7 +12,6 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from conftest import REPO, noise_image, tiny_model_config
 from PIL import Image
 
 from ppl_model.detector import build_detector
@@ -23,6 +22,7 @@ from ppl_model.inference.preprocess import Preprocessing, aggregate, prepare, ti
 from ppl_model.inference.scan import collect_files, scan
 from ppl_model.inference.verdict import make_verdict
 from ppl_model.model_dir import load_model_dir, read_model_info, save_model_dir
+from tests.helpers import REPO, noise_image, tiny_model_config
 
 
 def test_export_writes_a_verified_graph_tagged_with_the_version(exported_model):

@@ -4,10 +4,10 @@ import json
 
 import pytest
 import torch
-from conftest import tiny_model_config
 
 from ppl_model.detector import build_detector
 from ppl_model.model_dir import MODEL_JSON, WEIGHTS_FILE, ModelDirError, load_model_dir, read_model_info, save_model_dir
+from tests.helpers import tiny_model_config
 
 
 def _trained_like_detector(arch="clip", seed=0):

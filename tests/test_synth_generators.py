@@ -8,7 +8,6 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import PHOTOS
 from PIL import Image
 from torch import nn
 
@@ -25,6 +24,7 @@ from ppl_model.synthbench.generators import (
     to_uint8_images,
     train_autoencoder,
 )
+from tests.helpers import PHOTOS
 
 TRAIN_STEPS = 100
 UPSAMPLER_LAYER = {"transposed": nn.ConvTranspose2d, "pixel_shuffle": nn.PixelShuffle}

@@ -4,11 +4,11 @@ import json
 
 import pytest
 import torch
-from conftest import make_folders_dataset, tiny_experiment
 
 from ppl_model.model_dir import load_model_dir
 from ppl_model.training import runner
 from ppl_model.training.runner import EpochSampler, TrainingError, run_training
+from tests.helpers import make_folders_dataset, tiny_experiment
 
 
 def _paired(tmp_path, count):
