@@ -8,7 +8,7 @@ DEMO ?= runs/demo
 
 BIN := $(VENV)/bin
 
-.PHONY: install test lint demo clean
+.PHONY: install test lint demo clean services
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,6 +18,11 @@ $(BIN)/.installed: pyproject.toml
 	touch $@
 
 install: $(BIN)/.installed
+
+# PostgreSQL and Redis on their standard local ports: the running ones, else the machine's own servers
+# started, else the exact command to install them.
+services:
+	@sh deploy/local/ensure-services.sh
 
 lint: install
 	$(BIN)/ruff check .

@@ -1,0 +1,54 @@
+from pathlib import Path
+
+import pytest
+
+from worker.settings import Settings, SettingsError, env_names
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_defaults_follow_the_design_contract():
+    settings = Settings.from_env({})
+    assert settings.broker_url == "redis://localhost:6379/0"
+    assert settings.database_url == "postgresql+psycopg://localhost/ppl"
+    assert settings.model_dir is None
+
+
+def test_environment_values_are_parsed_into_their_types(tmp_path):
+    settings = Settings.from_env({
+        "PPL_BATCH_SIZE": "48", "PPL_FETCH_READ_TIMEOUT_S": "2.5", "PPL_MODEL_DIR": str(tmp_path),
+        "PPL_FILE_ROOTS": f"{tmp_path}/a:{tmp_path}/b", "PPL_URL_ALLOWLIST": "10.0.0.0/8, images.internal",
+        "PPL_DEVICE": "", "UNRELATED": "x",
+    })
+    assert settings.batch_size == 48 and settings.prefetch_multiplier == 96
+    assert settings.fetch_read_timeout_s == 2.5
+    assert settings.model_dir == tmp_path
+    assert settings.file_roots == (tmp_path / "a", tmp_path / "b")
+    assert settings.url_allowlist == ("10.0.0.0/8", "images.internal")
+    assert settings.device is None
+
+
+def test_keyword_overrides_win_over_the_environment():
+    assert Settings.from_env({"PPL_BATCH_SIZE": "8"}, batch_size=4).batch_size == 4
+
+
+@pytest.mark.parametrize(("name", "value", "message"), [
+    ("PPL_BATCH_SIZE", "many", "PPL_BATCH_SIZE='many' is not a valid int"),
+    ("PPL_BATCH_SIZE", "0", "PPL_BATCH_SIZE must be positive"),
+    ("PPL_BACKEND", "tpu", "PPL_BACKEND must be"),
+])
+def test_bad_values_name_the_variable(name, value, message):
+    with pytest.raises(SettingsError, match=message):
+        Settings.from_env({name: value})
+
+
+def test_passwords_are_hidden_when_settings_are_shown():
+    shown = Settings.from_env({"PPL_DATABASE_URL": "postgresql+psycopg://ppl:s3cret@db/ppl"}).redacted()
+    assert shown["database_url"] == "postgresql+psycopg://ppl:***@db/ppl"
+    assert "s3cret" not in str(shown)
+
+
+def test_every_setting_is_documented_in_the_readme():
+    readme = (REPO / "README.md").read_text()
+    missing = [name for name in env_names() if f"`{name}`" not in readme]
+    assert not missing, f"README does not document {missing}"

@@ -1,0 +1,271 @@
+"""``ppl-worker``: operations. Each subcommand parses its arguments and calls the worker library.
+
+Settings come from ``PPL_*`` environment variables (worker.settings); nothing here reads them directly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import hashlib
+import json
+import re
+import sys
+import time
+from collections.abc import Sequence
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from worker.settings import Settings, SettingsError
+
+_AGO = re.compile(r"^(\d+)([smhd])$")
+_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}
+
+
+class CliError(RuntimeError):
+    """Reported in one line with exit status 2."""
+
+
+def parse_when(text: str) -> datetime:
+    """``24h``, ``30m``, ``7d`` (ago) or an ISO date-time (UTC when no zone is given)."""
+    match = _AGO.match(text.strip())
+    if match:
+        return datetime.now(UTC) - timedelta(**{_UNITS[match[2]]: int(match[1])})
+    try:
+        when = datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is neither a duration like 24h nor an ISO date-time") from None
+    return when if when.tzinfo else when.replace(tzinfo=UTC)
+
+
+def source_uris(items: Sequence[str]) -> list[str]:
+    """URLs as given; files and folders (recursively, image files only) as absolute file:// URIs."""
+    from ppl_model.data.datasets import list_images
+
+    uris: list[str] = []
+    for item in items:
+        if "://" in item:
+            uris.append(item)
+            continue
+        path = Path(item)
+        if path.is_dir():
+            uris.extend(p.resolve().as_uri() for p in list_images(path))
+        elif path.exists():
+            uris.append(path.resolve().as_uri())
+        else:
+            raise CliError(f"{item}: no such file or folder")
+    return uris
+
+
+def _submit(args: argparse.Namespace, settings: Settings) -> int:
+    from worker.app import DETECT_QUEUE, DETECT_TASK, make_app
+
+    uris = source_uris(args.sources)
+    if not uris:
+        raise CliError("nothing to submit: no image files found")
+    metadata = json.loads(args.metadata) if args.metadata else None
+    app = make_app(settings)
+    started = time.monotonic()
+    with app.producer_or_acquire() as producer:
+        for index, uri in enumerate(uris):
+            kwargs: dict[str, Any] = {"source": uri}
+            if args.external_id_prefix:
+                kwargs["external_id"] = f"{args.external_id_prefix}{index}"
+            if metadata is not None:
+                kwargs["metadata"] = metadata
+            app.send_task(DETECT_TASK, kwargs=kwargs, queue=DETECT_QUEUE, producer=producer)
+    print(f"submitted {len(uris)} job(s) to queue {DETECT_QUEUE} in {time.monotonic() - started:.2f} s")
+    if args.wait:
+        return _wait_for(uris, settings, args.timeout)
+    return 0
+
+
+def _content_hashes(uris: list[str]) -> dict[str, str]:
+    """sha256 of each local file submitted: a file whose content was judged under another name is answered
+    by that verdict, which keeps the other name as its source."""
+    from urllib.parse import unquote, urlparse
+
+    hashes = {}
+    for uri in uris:
+        if uri.startswith("file://"):
+            with contextlib.suppress(OSError):  # the worker records it as missing
+                hashes[uri] = hashlib.sha256(Path(unquote(urlparse(uri).path)).read_bytes()).hexdigest()
+    return hashes
+
+
+def _wait_for(uris: list[str], settings: Settings, timeout: float) -> int:
+    """Until every submitted source has a verdict from the served model or a failure row."""
+    from worker import db
+    from worker.rescan import target_version
+
+    engine = db.make_engine(settings.database_url)
+    version = target_version(settings, engine, None)
+    hashes = _content_hashes(uris)
+    pending = set(uris)
+    deadline = time.monotonic() + timeout
+    while True:
+        with engine.connect() as conn:
+            pending -= db.answered_sources(conn, pending, version)
+            judged = db.find_verdicts(conn, {hashes[u] for u in pending if u in hashes}, version)
+        pending = {u for u in pending if hashes.get(u) not in judged}
+        if not pending:
+            print(f"all {len(set(uris))} source(s) answered")
+            return 0
+        if time.monotonic() > deadline:
+            print(f"timed out after {timeout:.0f} s: {len(pending)} source(s) not answered yet", file=sys.stderr)
+            return 1
+        time.sleep(0.5)
+
+
+VERDICT_COLUMNS = ("created_at", "label", "score", "patch_max", "patch_frac_above", "top_patch_row", "top_patch_col",
+                   "width", "height", "format", "external_id", "source", "model_version")
+
+
+def _verdicts(args: argparse.Namespace, settings: Settings) -> int:
+    from worker import db
+
+    engine = db.make_engine(settings.database_url)
+    with engine.connect() as conn:
+        rows = db.query_verdicts(conn, flagged_only=args.flagged, since=args.since, limit=args.limit)
+    if args.format == "json":
+        print(json.dumps(rows, default=str, indent=2))
+    elif args.format == "csv":
+        writer = csv.DictWriter(sys.stdout, fieldnames=VERDICT_COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    else:
+        print(format_table(rows, VERDICT_COLUMNS))
+        print(f"({len(rows)} row(s))")
+    return 0
+
+
+def format_table(rows: list[dict[str, Any]], columns: Sequence[str]) -> str:
+    def cell(value: Any) -> str:
+        if isinstance(value, float):
+            return f"{value:.4f}"
+        if isinstance(value, datetime):
+            return value.strftime("%Y-%m-%d %H:%M:%S")
+        text = "" if value is None else str(value)
+        return text if len(text) <= 60 else "…" + text[-59:]
+
+    table = [[cell(row.get(c)) for c in columns] for row in rows]
+    widths = [max([len(c)] + [len(r[i]) for r in table]) for i, c in enumerate(columns)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True)),
+             "  ".join("-" * w for w in widths)]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)) for r in table]
+    return "\n".join(lines)
+
+
+def _migrate(args: argparse.Namespace, settings: Settings) -> int:
+    from worker import db
+
+    db.migrate(settings.database_url)
+    print(f"database at revision {db.head_revision()}")
+    return 0
+
+
+def _rescan(args: argparse.Namespace, settings: Settings) -> int:
+    from worker.app import make_app
+    from worker.rescan import RescanRequest, run_rescan
+
+    request = RescanRequest(stale_only=not args.all, since=args.since, until=args.until, label=args.label,
+                            min_score=args.min_score, max_score=args.max_score,
+                            target_model_version=args.model_version, resume=not args.restart, limit=args.limit)
+    result = run_rescan(settings, request, app=make_app(settings), progress=not args.no_progress)
+    print(json.dumps(result.as_dict(), default=str))
+    return 0
+
+
+def _doctor(args: argparse.Namespace, settings: Settings) -> int:
+    from worker.doctor import run_checks
+
+    failed = 0
+    for check in run_checks(settings, check_model=not args.skip_model):
+        print(f"[{'ok' if check.ok else 'FAIL':4s}] {check.name}: {check.detail}")
+        failed += not check.ok
+    if failed:
+        print(f"{failed} check(s) failed", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _run(args: argparse.Namespace, settings: Settings) -> int:
+    from worker.app import app
+
+    argv = ["worker", "--queues", args.queues, "--pool", "threads", "--concurrency", str(args.concurrency),
+            "--loglevel", settings.log_level]
+    if args.hostname:
+        argv += ["--hostname", args.hostname]
+    app.worker_main(argv)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ppl-worker", description="PPL moderation worker: operations")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    run = commands.add_parser("run", help="start a worker process (Celery, threads pool)")
+    run.add_argument("--queues", default="detect,rescan")
+    run.add_argument("--concurrency", type=int, default=1, help="batches in flight at once (1 per GPU is right)")
+    run.add_argument("--hostname", help="Celery node name, e.g. gpu0@%%h")
+    run.set_defaults(handler=_run)
+
+    submit = commands.add_parser("submit", help="enqueue detect_image jobs for files, folders or URLs")
+    submit.add_argument("sources", nargs="+", help="image files, folders (recursively) or http(s):// URLs")
+    submit.add_argument("--external-id-prefix", help="external_id of each job: PREFIX + its index")
+    submit.add_argument("--metadata", help="a small JSON object attached to every job")
+    submit.add_argument("--wait", action="store_true", help="wait until every job has a verdict or a failure")
+    submit.add_argument("--timeout", type=float, default=600.0, help="seconds --wait waits at most")
+    submit.set_defaults(handler=_submit)
+
+    verdicts = commands.add_parser("verdicts", help="the latest verdicts, newest first")
+    verdicts.add_argument("--flagged", action="store_true", help="only images judged fake")
+    verdicts.add_argument("--since", type=parse_when, help="24h, 30m, 7d or an ISO date-time")
+    verdicts.add_argument("--limit", type=int, default=50)
+    verdicts.add_argument("--format", default="table", choices=["table", "json", "csv"])
+    verdicts.set_defaults(handler=_verdicts)
+
+    migrate = commands.add_parser("migrate", help="upgrade the database schema to the newest revision")
+    migrate.set_defaults(handler=_migrate)
+
+    rescan = commands.add_parser("rescan", help="re-enqueue stored images the current model has not judged")
+    rescan.add_argument("--all", action="store_true", help="every matching image, not only stale ones")
+    rescan.add_argument("--since", type=parse_when, help="verdicts created from (24h, 7d or ISO)")
+    rescan.add_argument("--until", type=parse_when, help="verdicts created before")
+    rescan.add_argument("--label", choices=["real", "fake"])
+    rescan.add_argument("--min-score", type=float)
+    rescan.add_argument("--max-score", type=float)
+    rescan.add_argument("--model-version", help="target version (default: PPL_MODEL_DIR's model, else the active)")
+    rescan.add_argument("--restart", action="store_true", help="start afresh instead of resuming an unfinished run")
+    rescan.add_argument("--limit", type=int, help="enqueue at most this many jobs")
+    rescan.add_argument("--no-progress", action="store_true")
+    rescan.set_defaults(handler=_rescan)
+
+    doctor = commands.add_parser("doctor", help="check broker, database, migrations and model; exit 1 on failure")
+    doctor.add_argument("--skip-model", action="store_true", help="do not load the model (for non-worker hosts)")
+    doctor.set_defaults(handler=_doctor)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        settings = Settings.from_env()
+        return args.handler(args, settings)
+    except (CliError, SettingsError, json.JSONDecodeError) as exc:
+        print(f"ppl-worker {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except Exception as exc:  # services down etc.: one clear line, not a traceback, unless asked
+        from worker.rescan import RescanError
+
+        if isinstance(exc, RescanError):
+            print(f"ppl-worker {args.command}: error: {exc}", file=sys.stderr)
+            return 2
+        print(f"ppl-worker {args.command}: failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

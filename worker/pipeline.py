@@ -1,0 +1,312 @@
+"""One micro-batch of ``detect_image`` jobs, from task arguments to committed rows.
+
+validate arguments → fetch + decode + preprocess (thread pool) → answer already-judged content from the
+database → one inference call for the new content → one transaction: verdict upsert + failure upsert →
+re-send transient failures with a delay. The Celery task (``worker.tasks``) acknowledges the batch's
+messages only after ``process`` returns, so a batch that dies anywhere before the commit is redelivered.
+
+Nothing here imports Celery: the processor is tested with plain job lists.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from typing import Any, TypeVar
+
+import torch
+from sqlalchemy.engine import Engine
+from sqlalchemy.exc import DBAPIError, OperationalError
+
+from ppl_model.inference.preprocess import Prepared, aggregate, prepare_image
+from ppl_model.inference.verdict import make_verdict
+from worker import db, metrics
+from worker.decoding import decode_image
+from worker.model import ServedModel, load_model
+from worker.settings import Settings
+from worker.sources import SourceError, fetch_source
+
+log = logging.getLogger(__name__)
+
+TASK_KWARGS = frozenset({"source", "external_id", "metadata"})
+INVALID_ARGUMENTS = "invalid_arguments"  # reason code: the task was called with arguments it cannot take
+MAX_EXTERNAL_ID = 256
+MAX_SOURCE_CHARS = 4096
+T = TypeVar("T")
+
+
+class InvalidJob(ValueError):
+    """Task arguments that no retry can fix."""
+
+
+class DatabaseUnavailable(RuntimeError):
+    """The database stayed unreachable for PPL_DATABASE_RETRY_S: the batch goes back to the queue."""
+
+
+@dataclass(frozen=True)
+class JobRequest:
+    """One delivered message, as the task receives it (arguments not yet checked)."""
+
+    task_id: str
+    args: Sequence[Any] = ()
+    kwargs: Any = field(default_factory=dict)
+    retries: int = 0
+
+
+@dataclass(frozen=True)
+class Job:
+    task_id: str
+    source: str
+    external_id: str | None
+    metadata: dict[str, Any] | None
+    retries: int
+
+
+@dataclass
+class BatchReport:
+    batch_id: str
+    jobs: int = 0
+    inferred: int = 0  # images the model judged in this batch (after de-duplication)
+    cached: int = 0  # jobs answered from a stored verdict or from a duplicate in the batch
+    inserted: int = 0  # verdict rows new in the database
+    failed: dict[str, int] = field(default_factory=dict)  # reason → jobs recorded in detection_failures
+    retried: int = 0  # jobs sent back with a delay
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+def parse_job(request: JobRequest, settings: Settings) -> Job:
+    """The job's arguments, checked against the task's contract (DESIGN.md §4)."""
+    if request.args:
+        raise InvalidJob(f"detect_image takes keyword arguments only, got {len(request.args)} positional")
+    kwargs = request.kwargs
+    if not isinstance(kwargs, dict):
+        raise InvalidJob(f"keyword arguments must be an object, got {type(kwargs).__name__}")
+    unknown = sorted(set(kwargs) - TASK_KWARGS)
+    if unknown:
+        raise InvalidJob(f"unknown keyword argument(s): {', '.join(map(str, unknown))[:200]}")
+    source = kwargs.get("source")
+    if not isinstance(source, str) or not source.strip():
+        raise InvalidJob(f"source must be a non-empty string, got {type(source).__name__}")
+    if len(source) > MAX_SOURCE_CHARS:
+        raise InvalidJob(f"source is {len(source)} characters long; the limit is {MAX_SOURCE_CHARS}")
+    external_id = kwargs.get("external_id")
+    if external_id is not None and (not isinstance(external_id, str) or len(external_id) > MAX_EXTERNAL_ID):
+        raise InvalidJob(f"external_id must be a string of at most {MAX_EXTERNAL_ID} characters")
+    metadata = kwargs.get("metadata")
+    if metadata is not None:
+        if not isinstance(metadata, dict):
+            raise InvalidJob(f"metadata must be a JSON object, got {type(metadata).__name__}")
+        size = len(json.dumps(metadata, separators=(",", ":")).encode())
+        if size > settings.max_metadata_bytes:
+            raise InvalidJob(f"metadata is {size} bytes of JSON; the limit is {settings.max_metadata_bytes}")
+    return Job(request.task_id, source, external_id, metadata, max(0, int(request.retries or 0)))
+
+
+def _failure_source(request: JobRequest) -> tuple[str, str | None]:
+    """What to record as the source of a job whose arguments are invalid: whatever can be shown of it."""
+    kwargs = request.kwargs if isinstance(request.kwargs, dict) else {}
+    source = kwargs.get("source")
+    shown = source if isinstance(source, str) and source else f"<task {request.task_id}>"
+    external_id = kwargs.get("external_id")
+    return shown[:MAX_SOURCE_CHARS], external_id if isinstance(external_id, str) else None
+
+
+@dataclass
+class _Loaded:
+    """A job after fetch and decode: its crops and what the verdict row records, or its error. The decoded
+    pixels are not kept: a batch of large photos would otherwise hold gigabytes until the commit."""
+
+    job: Job
+    sha256: str = ""
+    width: int = 0
+    height: int = 0
+    format: str = ""
+    prepared: Prepared | None = None
+    error: SourceError | None = None
+    fetch_ms: float = 0.0
+    decode_ms: float = 0.0
+
+
+Resend = Callable[[Job, float], None]  # (job, countdown seconds): re-enqueue with a delay
+
+
+class BatchProcessor:
+    """Turns a batch of job requests into committed rows; one per worker process (holds a thread pool)."""
+
+    def __init__(self, settings: Settings, engine: Engine, resend: Resend,
+                 model_loader: Callable[[Settings], ServedModel] = load_model,
+                 sleep: Callable[[float], None] = time.sleep):
+        self.settings = settings
+        self.engine = engine
+        self.resend = resend
+        self.model_loader = model_loader
+        self.sleep = sleep
+        self.pool = ThreadPoolExecutor(max_workers=settings.decode_threads, thread_name_prefix="ppl-fetch")
+        self._registered: set[str] = set()
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True)
+
+    def process(self, requests: Sequence[JobRequest]) -> BatchReport:
+        report = BatchReport(batch_id=uuid.uuid4().hex[:12], jobs=len(requests))
+        metrics.BATCH_SIZE.observe(len(requests))
+        failures: list[db.FailureRow] = []
+        jobs: list[Job] = []
+        for request in requests:
+            try:
+                jobs.append(parse_job(request, self.settings))
+            except InvalidJob as exc:
+                source, external_id = _failure_source(request)
+                failures.append(db.FailureRow(source, external_id, INVALID_ARGUMENTS, str(exc)))
+
+        model = self.model_loader(self.settings)
+        self._with_database(lambda: self._register(model))
+        loaded = self._fetch_all(jobs, model, report)
+
+        retry: list[tuple[Job, SourceError]] = []
+        good: list[_Loaded] = []
+        for item in loaded:
+            if item.error is None:
+                good.append(item)
+            elif item.error.transient and item.job.retries < self.settings.max_retries:
+                retry.append((item.job, item.error))
+            else:
+                failures.append(db.FailureRow(item.job.source, item.job.external_id, item.error.reason,
+                                              item.error.detail))
+
+        rows = self._judge(good, model, report)
+        started = time.perf_counter()
+        report.inserted = self._with_database(lambda: self._write(rows, failures))
+        report.seconds["database"] = report.seconds.get("database", 0.0) + time.perf_counter() - started
+        metrics.STAGE_SECONDS.labels("database").observe(report.seconds["database"])
+
+        for job, error in retry:  # after the commit, before the acknowledgement: nothing is lost either way
+            delay = self.settings.retry_backoff_s * 2**job.retries
+            self.resend(job, delay)
+            metrics.RETRIES.labels(error.reason).inc()
+        report.retried = len(retry)
+        for failure in failures:
+            report.failed[failure.reason] = report.failed.get(failure.reason, 0) + 1
+            metrics.FAILURES.labels(failure.reason).inc()
+        log.info("batch done", extra={"batch_id": report.batch_id, "report": asdict(report)})
+        return report
+
+    # -- stages ---------------------------------------------------------------------------------------
+
+    def _load_one(self, job: Job, model: ServedModel) -> _Loaded:
+        item = _Loaded(job)
+        started = time.perf_counter()
+        try:
+            data = fetch_source(job.source, self.settings).data
+            item.fetch_ms = 1000 * (time.perf_counter() - started)
+            started = time.perf_counter()
+            decoded = decode_image(data, self.settings)
+            item.prepared = prepare_image(decoded.image, model.preprocessing, decoded.format)
+            item.sha256, item.width, item.height, item.format = (decoded.sha256, decoded.width, decoded.height,
+                                                                 decoded.format)
+        except SourceError as exc:
+            item.error = exc
+        except Exception as exc:  # a decoder bug must not take the other jobs of the batch down with it
+            log.exception("unexpected error loading %s", job.source[:200])
+            item.error = SourceError("decode_error", f"{type(exc).__name__}: {exc}"[:500], transient=False)
+        if item.fetch_ms:
+            item.decode_ms = 1000 * (time.perf_counter() - started)
+        return item
+
+    def _fetch_all(self, jobs: list[Job], model: ServedModel, report: BatchReport) -> list[_Loaded]:
+        started = time.perf_counter()
+        loaded = list(self.pool.map(lambda job: self._load_one(job, model), jobs))
+        report.seconds["fetch_decode"] = time.perf_counter() - started
+        for item in loaded:
+            metrics.STAGE_SECONDS.labels("fetch").observe(item.fetch_ms / 1000)
+            metrics.STAGE_SECONDS.labels("decode").observe(item.decode_ms / 1000)
+        return loaded
+
+    def _judge(self, good: list[_Loaded], model: ServedModel, report: BatchReport) -> list[db.VerdictRow]:
+        """Verdict rows for content this model version has not judged yet; one inference call for all."""
+        if not good:
+            return []
+        version = model.version_id
+        started = time.perf_counter()
+        known = self._with_database(lambda: self._known(version, {item.sha256 for item in good}))
+        report.seconds["database"] = time.perf_counter() - started
+        first: dict[str, _Loaded] = {}
+        for item in good:
+            if item.sha256 not in known:
+                first.setdefault(item.sha256, item)
+        report.cached = len(good) - len(first)
+        metrics.IMAGES.labels("cached").inc(report.cached)
+        if not first:
+            return []
+        started = time.perf_counter()
+        items = list(first.values())
+        crops = torch.cat([item.prepared.crops for item in items]).to(model.backend.device)
+        predictions = aggregate(model.backend.predict(crops), [len(item.prepared.crops) for item in items])
+        infer_s = time.perf_counter() - started
+        report.seconds["infer"] = infer_s
+        report.inferred = len(items)
+        metrics.STAGE_SECONDS.labels("infer").observe(infer_s)
+        metrics.IMAGES.labels("inferred").inc(len(items))
+        rows = []
+        for item, prediction in zip(items, predictions, strict=True):
+            grid = prediction.patch_prob[0]
+            verdict = make_verdict(float(prediction.image_prob[0]), grid, model.threshold)
+            packed, grid_rows, grid_cols = db.quantise_patch_grid(grid)
+            rows.append(db.VerdictRow(
+                sha256=item.sha256, model_version=version, score=verdict.score, label=verdict.label,
+                threshold=verdict.threshold, source=item.job.source, external_id=item.job.external_id,
+                metadata=item.job.metadata, width=item.width, height=item.height,
+                format=item.format, patch_mean=verdict.patch_mean, patch_max=verdict.patch_max,
+                patch_p90=verdict.patch_p90, patch_frac_above=verdict.patch_frac_above,
+                top_patch_row=verdict.top_patch_row, top_patch_col=verdict.top_patch_col, patch_grid=packed,
+                grid_rows=grid_rows, grid_cols=grid_cols,
+                timings_ms={"fetch": round(item.fetch_ms, 2), "decode": round(item.decode_ms, 2),
+                            "infer": round(1000 * infer_s, 2), "batch_images": len(items)}))
+        return rows
+
+    # -- database -------------------------------------------------------------------------------------
+
+    def _register(self, model: ServedModel) -> None:
+        if model.version_id in self._registered:
+            return
+        info = model.info
+        with self.engine.begin() as conn:
+            db.register_model_version(conn, info.version_id, info.architecture(), info.threshold,
+                                      info.training.get("validation") or {}, activate=True)
+        self._registered.add(model.version_id)
+
+    def _known(self, version: str, digests: set[str]) -> set[str]:
+        with self.engine.connect() as conn:
+            return set(db.find_verdicts(conn, digests, version))
+
+    def _write(self, rows: list[db.VerdictRow], failures: list[db.FailureRow]) -> int:
+        if not rows and not failures:
+            return 0
+        with self.engine.begin() as conn:
+            inserted = db.upsert_verdicts(conn, rows) if rows else 0
+            if failures:
+                db.record_failures(conn, failures)
+        return inserted
+
+    def _with_database(self, action: Callable[[], T]) -> T:
+        """Run ``action``, retrying with back-off while the database is unreachable (PPL_DATABASE_RETRY_S)."""
+        deadline = time.monotonic() + self.settings.database_retry_s
+        delay = 0.25
+        while True:
+            try:
+                return action()
+            except (OperationalError, DBAPIError) as exc:
+                if isinstance(exc, DBAPIError) and not (exc.connection_invalidated
+                                                        or isinstance(exc, OperationalError)):
+                    raise  # a real SQL error, not an outage: retrying would not help
+                if time.monotonic() + delay > deadline:
+                    raise DatabaseUnavailable(f"database unreachable for {self.settings.database_retry_s:.0f} s: "
+                                              f"{exc.orig or exc}") from exc
+                log.warning("database unreachable (%s); retrying in %.1f s", type(exc.orig or exc).__name__, delay)
+                self.sleep(delay)
+                delay = min(2 * delay, 5.0)

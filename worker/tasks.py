@@ -1,0 +1,106 @@
+"""The Celery tasks: ``detect_image`` (micro-batched, queue ``detect``) and ``rescan`` (queue ``rescan``).
+
+Thin on purpose: the work is in ``worker.pipeline`` and ``worker.rescan``, which know nothing of Celery.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Collection
+from typing import Any
+
+from celery.worker.request import Request
+from celery_batches import Batches, SimpleRequest
+from celery_batches.trace import apply_batches_task
+
+from worker import db, metrics
+from worker.app import DETECT_QUEUE, DETECT_TASK, RESCAN_TASK, app
+from worker.pipeline import BatchProcessor, DatabaseUnavailable, Job, JobRequest
+from worker.settings import Settings
+
+log = logging.getLogger(__name__)
+BATCH_DONE = "batch-done"  # what a batch returns once its rows are committed
+
+_processor_lock = threading.Lock()
+_processor: BatchProcessor | None = None
+
+
+def _settings() -> Settings:
+    return app.ppl_settings
+
+
+def processor() -> BatchProcessor:
+    """This process's batch processor (database engine, thread pool, metrics endpoint), made on first use."""
+    global _processor
+    with _processor_lock:
+        if _processor is None:
+            settings = _settings()
+            metrics.serve(settings.metrics_port)
+            _processor = BatchProcessor(settings, db.make_engine(settings.database_url), resend=resend)
+        return _processor
+
+
+def resend(job: Job, countdown: float) -> None:
+    """Re-enqueue a job after a transient failure, counting the attempt in Celery's ``retries`` header."""
+    kwargs: dict[str, Any] = {"source": job.source}
+    if job.external_id is not None:
+        kwargs["external_id"] = job.external_id
+    if job.metadata is not None:
+        kwargs["metadata"] = job.metadata
+    app.send_task(DETECT_TASK, kwargs=kwargs, queue=DETECT_QUEUE, countdown=countdown, retries=job.retries + 1)
+
+
+class DetectBatches(Batches):
+    """celery-batches, acknowledging a batch's messages only when the batch says its rows are committed.
+
+    Stock ``Batches`` acknowledges late-ack messages whenever the batch function returns, even after an
+    exception (it logs and returns None): a database outage would then lose the batch. Here anything but
+    ``BATCH_DONE`` hands every message back to the queue unacknowledged, for this or another worker.
+    """
+
+    abstract = True
+
+    def flush(self, requests: Collection[Request]) -> Any:
+        requests = list(requests)
+        simple = ([SimpleRequest.from_request(r) for r in requests],)
+
+        def on_return(result: Any) -> None:
+            if result == BATCH_DONE:
+                for request in requests:
+                    request.acknowledge()
+            else:
+                metrics.BATCHES_REQUEUED.inc()
+                for request in requests:
+                    request.reject(requeue=True)
+
+        return self._pool.apply_async(apply_batches_task, (self, simple, 0, None), callback=on_return)
+
+
+@app.task(base=DetectBatches, name=DETECT_TASK, acks_late=True, flush_every=_settings().batch_size,
+          flush_interval=_settings().batch_timeout_ms / 1000)
+def detect_image(requests: list[SimpleRequest]) -> str | None:
+    """Judge a micro-batch of images; keyword arguments per job: source, external_id, metadata."""
+    jobs = [JobRequest(task_id=r.id, args=tuple(r.args or ()), kwargs=r.kwargs,
+                       retries=int((r.request_dict or {}).get("retries") or 0)) for r in requests]
+    try:
+        processor().process(jobs)
+    except DatabaseUnavailable as exc:
+        log.error("batch handed back to the queue: %s", exc, extra={"jobs": len(jobs)})
+        return None
+    except Exception:
+        # Model missing, broker down while re-sending, a bug: the jobs go back to the queue, after a pause
+        # so that a worker that cannot work does not spin on them.
+        log.exception("batch failed; its %d job(s) go back to the queue", len(jobs))
+        time.sleep(_settings().retry_backoff_s)
+        return None
+    return BATCH_DONE
+
+
+@app.task(name=RESCAN_TASK, acks_late=True)
+def rescan(**filters: Any) -> dict[str, Any]:
+    """Re-enqueue ``detect_image`` for stored images the current model has not judged (see worker.rescan)."""
+    from worker.rescan import RescanRequest, run_rescan
+
+    return run_rescan(_settings(), RescanRequest.from_kwargs(filters), app=app).as_dict()
