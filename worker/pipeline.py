@@ -163,6 +163,8 @@ class BatchProcessor:
             except InvalidJob as exc:
                 source, external_id = _failure_source(request)
                 failures.append(db.FailureRow(source, external_id, INVALID_ARGUMENTS, str(exc)))
+                log.warning("job refused", extra={"batch_id": report.batch_id, "task_id": request.task_id,
+                                                  "reason": INVALID_ARGUMENTS, "detail": str(exc)})
 
         model = self.model_loader(self.settings)
         self._with_database(lambda: self._register(model))
@@ -178,6 +180,8 @@ class BatchProcessor:
             else:
                 failures.append(db.FailureRow(item.job.source, item.job.external_id, item.error.reason,
                                               item.error.detail))
+                log.warning("job failed", extra={"batch_id": report.batch_id, "task_id": item.job.task_id,
+                                                 "reason": item.error.reason, "source": item.job.source[:200]})
 
         rows = self._judge(good, model, report)
         started = time.perf_counter()
@@ -193,7 +197,8 @@ class BatchProcessor:
         for failure in failures:
             report.failed[failure.reason] = report.failed.get(failure.reason, 0) + 1
             metrics.FAILURES.labels(failure.reason).inc()
-        log.info("batch done", extra={"batch_id": report.batch_id, "report": asdict(report)})
+        log.info("batch done", extra={"batch_id": report.batch_id, "task_ids": [r.task_id for r in requests],
+                                      "report": asdict(report)})
         return report
 
     # -- stages ---------------------------------------------------------------------------------------

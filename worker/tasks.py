@@ -23,8 +23,11 @@ from worker.settings import Settings
 log = logging.getLogger(__name__)
 BATCH_DONE = "batch-done"  # what a batch returns once its rows are committed
 
+QUEUE_DEPTH_EVERY_S = 5.0  # how often a worker samples the detect queue's length for its metrics
+
 _processor_lock = threading.Lock()
 _processor: BatchProcessor | None = None
+_queue_depth_sampled = 0.0
 
 
 def _settings() -> Settings:
@@ -86,6 +89,7 @@ def detect_image(requests: list[SimpleRequest]) -> str | None:
                        retries=int((r.request_dict or {}).get("retries") or 0)) for r in requests]
     try:
         processor().process(jobs)
+        _sample_queue_depth()
     except DatabaseUnavailable as exc:
         log.error("batch handed back to the queue: %s", exc, extra={"jobs": len(jobs)})
         return None
@@ -96,6 +100,20 @@ def detect_image(requests: list[SimpleRequest]) -> str | None:
         time.sleep(_settings().retry_backoff_s)
         return None
     return BATCH_DONE
+
+
+def _sample_queue_depth() -> None:
+    global _queue_depth_sampled
+    now = time.monotonic()
+    if now - _queue_depth_sampled < QUEUE_DEPTH_EVERY_S:
+        return
+    _queue_depth_sampled = now
+    from worker.rescan import queue_length
+
+    try:
+        metrics.QUEUE_DEPTH.labels(DETECT_QUEUE).set(queue_length(app))
+    except Exception as exc:  # a metric is not worth failing a committed batch for
+        log.warning("could not sample the queue depth: %s", exc)
 
 
 @app.task(name=RESCAN_TASK, acks_late=True)

@@ -113,11 +113,20 @@ def test_jobs_from_another_process_become_verdicts_and_failures(running_worker, 
     assert reasons == {"not_an_image": 1, "corrupt": 1, "path_forbidden": 2, "blocked_address": 1,
                        "invalid_arguments": 2}
 
-    # The worker is still healthy: a new job after all that is answered.
+    # The worker is still healthy: a new job after all that is answered (submitted and awaited by the CLI).
     Image.new("RGB", (50, 50), (10, 200, 30)).save(image_root / "late.png")
-    produce(worker_env["PPL_BROKER_URL"], [{"source": (image_root / "late.png").as_uri()}])
-    wait_until(lambda: counts(engine)[0] == 7, what="the late job's verdict")
-    assert running_worker.poll() is None
+    submit = subprocess.run([sys.executable, "-m", "worker.cli", "submit", str(image_root / "late.png"), "--wait",
+                             "--timeout", "60"], env=worker_env, capture_output=True, text=True, timeout=120)
+    assert submit.returncode == 0, submit.stdout + submit.stderr
+    assert counts(engine)[0] == 7 and running_worker.poll() is None
+
+    listed = subprocess.run([sys.executable, "-m", "worker.cli", "verdicts", "--format", "json", "--since", "1h"],
+                            env=worker_env, capture_output=True, text=True, timeout=60, check=True)
+    shown = json.loads(listed.stdout)
+    assert len(shown) == 7 and {r["source"] for r in shown} >= {g["source"] for g in good}
+    flagged = subprocess.run([sys.executable, "-m", "worker.cli", "verdicts", "--flagged", "--format", "csv"],
+                             env=worker_env, capture_output=True, text=True, timeout=60, check=True)
+    assert len(flagged.stdout.strip().splitlines()) - 1 == sum(r["label"] == "fake" for r in shown)
 
 
 def test_rescan_enqueues_exactly_the_stale_images(running_worker, worker_env, image_root, database_url):

@@ -1,0 +1,46 @@
+"""The Celery app's configuration and the metrics endpoint."""
+
+from __future__ import annotations
+
+import socket
+import urllib.request
+
+from worker import metrics
+from worker.app import DETECT_QUEUE, DETECT_TASK, RESCAN_QUEUE, RESCAN_TASK, make_app
+from worker.settings import Settings
+
+
+def test_app_accepts_json_only_and_acknowledges_late():
+    conf = make_app(Settings.from_env({}, batch_size=16, visibility_timeout_s=900)).conf
+    assert conf.accept_content == ["json"] and conf.task_serializer == "json"
+    assert conf.task_acks_late and conf.task_reject_on_worker_lost
+    assert conf.worker_prefetch_multiplier == 32
+    assert conf.broker_transport_options["visibility_timeout"] == 900
+    assert conf.task_routes[DETECT_TASK]["queue"] == DETECT_QUEUE
+    assert conf.task_routes[RESCAN_TASK]["queue"] == RESCAN_QUEUE
+
+
+def test_beat_schedules_a_stale_rescan_only_when_asked():
+    assert make_app(Settings.from_env({})).conf.beat_schedule == {}
+    schedule = make_app(Settings.from_env({"PPL_RESCAN_INTERVAL_S": "3600"})).conf.beat_schedule
+    (entry,) = schedule.values()
+    assert entry["task"] == RESCAN_TASK and entry["schedule"] == 3600.0
+    assert entry["kwargs"] == {"stale_only": True} and entry["options"]["queue"] == RESCAN_QUEUE
+
+
+def test_the_registered_task_batches_as_configured():
+    from worker.tasks import detect_image
+
+    assert detect_image.name == DETECT_TASK and detect_image.acks_late
+    assert detect_image.flush_every >= 1 and detect_image.flush_interval > 0
+
+
+def test_metrics_are_served_over_http():
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    metrics.serve(port)
+    metrics.FAILURES.labels("corrupt").inc()
+    body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    assert 'ppl_failures_total{reason="corrupt"}' in body
+    assert "ppl_stage_seconds_bucket" in body or "ppl_stage_seconds" in body
