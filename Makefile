@@ -3,7 +3,6 @@ PYTHON ?= python3
 VENV ?= .venv
 # The CPU wheel on these machines; on a GPU box use e.g. TORCH_SPEC="torch" to get a CUDA build.
 TORCH_SPEC ?= torch==2.13.0
-PHOTOS ?= ../shared/data/photos
 DEMO ?= runs/demo
 
 BIN := $(VENV)/bin
@@ -30,15 +29,10 @@ lint: install
 test: lint
 	$(BIN)/python -m pytest
 
-# Builds a small real/fake folder from the photos (each fake aligned with the real crop of the same
-# name, so the paired layout feeds RPR), then trains PPL and the baseline on it with the tiny CPU config.
-demo: install
-	rm -rf $(DEMO)
-	$(BIN)/python -m ppl_model.data.toy --photos $(PHOTOS) --out $(DEMO)/data
-	$(BIN)/ppl train --config configs/tiny.toml --data $(DEMO)/data --out $(DEMO)/ppl --set data.layout=paired
-	$(BIN)/ppl train --config configs/tiny.toml --data $(DEMO)/data --out $(DEMO)/baseline --set data.layout=paired \
-		--baseline
-	@echo "model directories: $(DEMO)/ppl $(DEMO)/baseline (metrics in metrics.jsonl)"
+# The main job end to end (deploy/local/demo.sh): demo data and model (cached after the first run), export,
+# PostgreSQL + Redis, migrations, a worker in the background, jobs from a separate producer, the verdicts.
+demo: install services
+	BIN=$(BIN) DEMO=$(DEMO) sh deploy/local/demo.sh
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache *.egg-info

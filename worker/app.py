@@ -40,6 +40,7 @@ def make_app(settings: Settings | None = None) -> Celery:
         accept_content=["json"],
         result_accept_content=["json"],
         task_ignore_result=True,  # verdicts go to PostgreSQL, not to a result backend
+        result_expires=None,  # no results, so no daily celery.backend_cleanup task from beat
         task_acks_late=True,
         task_reject_on_worker_lost=True,
         task_acks_on_failure_or_timeout=True,

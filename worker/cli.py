@@ -121,6 +121,7 @@ def _wait_for(uris: list[str], settings: Settings, timeout: float) -> int:
 
 VERDICT_COLUMNS = ("created_at", "label", "score", "patch_max", "patch_frac_above", "top_patch_row", "top_patch_col",
                    "width", "height", "format", "external_id", "source", "model_version")
+TABLE_COLUMNS = tuple(c for c in VERDICT_COLUMNS if c != "model_version")  # the terminal is narrow
 
 
 def _verdicts(args: argparse.Namespace, settings: Settings) -> int:
@@ -136,7 +137,7 @@ def _verdicts(args: argparse.Namespace, settings: Settings) -> int:
         writer.writeheader()
         writer.writerows(rows)
     else:
-        print(format_table(rows, VERDICT_COLUMNS))
+        print(format_table(rows, TABLE_COLUMNS))
         print(f"({len(rows)} row(s))")
     return 0
 
@@ -161,6 +162,8 @@ def format_table(rows: list[dict[str, Any]], columns: Sequence[str]) -> str:
 def _migrate(args: argparse.Namespace, settings: Settings) -> int:
     from worker import db
 
+    if args.create_database and db.create_database_if_missing(settings.database_url):
+        print(f"created database {settings.redacted()['database_url']}")
     db.migrate(settings.database_url)
     print(f"database at revision {db.head_revision()}")
     return 0
@@ -207,7 +210,9 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     run = commands.add_parser("run", help="start a worker process (Celery, threads pool)")
-    run.add_argument("--queues", default="detect,rescan")
+    run.add_argument("--queues", default="detect",
+                     help="detect (default) or rescan: give rescans their own worker, or a long rescan task "
+                          "holds the slot that detection needs")
     run.add_argument("--concurrency", type=int, default=1, help="batches in flight at once (1 per GPU is right)")
     run.add_argument("--hostname", help="Celery node name, e.g. gpu0@%%h")
     run.set_defaults(handler=_run)
@@ -228,6 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
     verdicts.set_defaults(handler=_verdicts)
 
     migrate = commands.add_parser("migrate", help="upgrade the database schema to the newest revision")
+    migrate.add_argument("--create-database", action="store_true", help="create the database first if it is missing")
     migrate.set_defaults(handler=_migrate)
 
     rescan = commands.add_parser("rescan", help="re-enqueue stored images the current model has not judged")

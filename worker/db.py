@@ -282,6 +282,24 @@ def migrate(url: str, revision: str = "head") -> None:
     command.upgrade(alembic_config(url), revision)
 
 
+def create_database_if_missing(url: str) -> bool:
+    """CREATE DATABASE for the URL's database when there is none (``ppl-worker migrate --create-database``,
+    for the demo and development; production databases are made by their owners). True if it was created."""
+    from sqlalchemy.pool import NullPool
+
+    target = make_url(normalise_url(url))
+    admin = create_engine(target.set(database="postgres"), isolation_level="AUTOCOMMIT", poolclass=NullPool)
+    try:
+        with admin.connect() as conn:
+            if conn.execute(text("SELECT 1 FROM pg_database WHERE datname = :name"),
+                            {"name": target.database}).scalar():
+                return False
+            conn.execute(text(f"CREATE DATABASE {conn.dialect.identifier_preparer.quote(target.database)}"))
+            return True
+    finally:
+        admin.dispose()
+
+
 def head_revision() -> str:
     """The newest revision shipped with this code."""
     from alembic.script import ScriptDirectory

@@ -11,6 +11,7 @@ import time
 from collections.abc import Collection
 from typing import Any
 
+from celery import signals
 from celery.worker.request import Request
 from celery_batches import Batches, SimpleRequest
 from celery_batches.trace import apply_batches_task
@@ -43,6 +44,12 @@ def processor() -> BatchProcessor:
             metrics.serve(settings.metrics_port)
             _processor = BatchProcessor(settings, db.make_engine(settings.database_url), resend=resend)
         return _processor
+
+
+@signals.worker_ready.connect
+def _serve_metrics(**_: Any) -> None:
+    """Metrics from the start, so an idle or stuck worker is visible too (the model still loads lazily)."""
+    metrics.serve(_settings().metrics_port)
 
 
 def resend(job: Job, countdown: float) -> None:

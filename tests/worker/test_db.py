@@ -523,3 +523,21 @@ def test_verdict_row_has_every_column_but_id_and_created_at(verdict_row: MakeRow
     with engine.connect() as conn:
         columns = {c["name"] for c in inspect(conn).get_columns("verdicts")}
     assert {f for f in VerdictRow.__dataclass_fields__} == columns - {"id", "created_at"}
+
+
+def test_create_database_if_missing_creates_once(pg_server_url):
+    import uuid
+
+    from sqlalchemy import create_engine, text
+    from sqlalchemy.engine import make_url
+
+    name = f"ppl_test_create_{uuid.uuid4().hex[:8]}"
+    url = make_url(pg_server_url).set(database=name).render_as_string(hide_password=False)
+    try:
+        assert db.create_database_if_missing(url) is True
+        assert db.create_database_if_missing(url) is False
+    finally:
+        admin = create_engine(pg_server_url, isolation_level="AUTOCOMMIT")
+        with admin.connect() as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
