@@ -54,7 +54,7 @@ def _save(images: torch.Tensor, folder: Path, names: Sequence[str]) -> None:
 
 
 def make_demo_data(photos: Path, out: Path, *, crops_per_photo: int = 12, submit_per_photo: int = 2,
-                   generator_steps: int = 400, seed: int = 0) -> dict[str, int]:
+                   generator_steps: int = 300, seed: int = 0) -> dict[str, int]:
     loaded = []
     for path in list_images(photos):
         try:
@@ -87,7 +87,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--photos", required=True, type=Path, help="folder of real photos")
     parser.add_argument("--out", required=True, type=Path)
-    parser.add_argument("--generator-steps", type=int, default=400)
+    parser.add_argument("--generator-steps", type=int, default=300)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     if not args.photos.is_dir():
