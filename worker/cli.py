@@ -162,7 +162,8 @@ def format_table(rows: list[dict[str, Any]], columns: Sequence[str]) -> str:
 def _migrate(args: argparse.Namespace, settings: Settings) -> int:
     from worker import db
 
-    if args.create_database and db.create_database_if_missing(settings.database_url):
+    create = args.create_database or args.recreate_database
+    if create and db.create_database_if_missing(settings.database_url, drop_first=args.recreate_database):
         print(f"created database {settings.redacted()['database_url']}")
     db.migrate(settings.database_url)
     print(f"database at revision {db.head_revision()}")
@@ -234,6 +235,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     migrate = commands.add_parser("migrate", help="upgrade the database schema to the newest revision")
     migrate.add_argument("--create-database", action="store_true", help="create the database first if it is missing")
+    migrate.add_argument("--recreate-database", action="store_true",
+                         help="DROP the database, every verdict in it, and create it afresh (demo, development)")
     migrate.set_defaults(handler=_migrate)
 
     rescan = commands.add_parser("rescan", help="re-enqueue stored images the current model has not judged")

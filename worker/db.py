@@ -282,19 +282,23 @@ def migrate(url: str, revision: str = "head") -> None:
     command.upgrade(alembic_config(url), revision)
 
 
-def create_database_if_missing(url: str) -> bool:
+def create_database_if_missing(url: str, *, drop_first: bool = False) -> bool:
     """CREATE DATABASE for the URL's database when there is none (``ppl-worker migrate --create-database``,
-    for the demo and development; production databases are made by their owners). True if it was created."""
+    for the demo and development; production databases are made by their owners). ``drop_first`` drops it
+    first, rows and all (``--recreate-database``). True if it was created."""
     from sqlalchemy.pool import NullPool
 
     target = make_url(normalise_url(url))
     admin = create_engine(target.set(database="postgres"), isolation_level="AUTOCOMMIT", poolclass=NullPool)
     try:
         with admin.connect() as conn:
+            name = conn.dialect.identifier_preparer.quote(target.database)
+            if drop_first:
+                conn.execute(text(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
             if conn.execute(text("SELECT 1 FROM pg_database WHERE datname = :name"),
                             {"name": target.database}).scalar():
                 return False
-            conn.execute(text(f"CREATE DATABASE {conn.dialect.identifier_preparer.quote(target.database)}"))
+            conn.execute(text(f"CREATE DATABASE {name}"))
             return True
     finally:
         admin.dispose()

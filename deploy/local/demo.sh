@@ -20,9 +20,11 @@ export PPL_BATCH_SIZE="${PPL_BATCH_SIZE:-16}"
 
 step() { printf '\n== %s\n' "$*"; }
 
+FRESH_DATABASE=""
 if [ -f "$DEMO/model/model.onnx" ]; then
     step "demo model: cached in $DEMO/model (rm -rf $DEMO to rebuild)"
 else
+    FRESH_DATABASE=1  # a new demo model: start with an empty demo database, not an older model's verdicts
     rm -rf "$DEMO/data" "$DEMO/model"
     step "demo data: crops of $PHOTOS, and fakes from a generator trained on them"
     "$BIN/python" -m ppl_model.synthbench.demo --photos "$PHOTOS" --out "$DEMO/data"
@@ -34,7 +36,11 @@ else
 fi
 
 step "database: $PPL_DATABASE_URL"
-"$BIN/ppl-worker" migrate --create-database
+if [ -n "$FRESH_DATABASE" ]; then
+    "$BIN/ppl-worker" migrate --recreate-database
+else
+    "$BIN/ppl-worker" migrate --create-database
+fi
 
 step "worker: started in the background (log: $DEMO/worker.log)"
 "$BIN/ppl-worker" run --hostname "demo@%h" > "$DEMO/worker.log" 2>&1 &

@@ -53,7 +53,7 @@ def _save(images: torch.Tensor, folder: Path, names: Sequence[str]) -> None:
         image.save(folder / f"{name}.png")
 
 
-def make_demo_data(photos: Path, out: Path, *, crops_per_photo: int = 12, submit_per_photo: int = 2,
+def make_demo_data(photos: Path, out: Path, *, crops_per_photo: int = 32, submit_per_photo: int = 2,
                    generator_steps: int = 300, seed: int = 0) -> dict[str, int]:
     loaded = []
     for path in list_images(photos):

@@ -536,6 +536,15 @@ def test_create_database_if_missing_creates_once(pg_server_url):
     try:
         assert db.create_database_if_missing(url) is True
         assert db.create_database_if_missing(url) is False
+        db.migrate(url)
+        engine = db.make_engine(url)
+        db.register_model_version(engine, "m1", {}, 0.5, {})
+        engine.dispose()
+        assert db.create_database_if_missing(url, drop_first=True) is True
+        db.migrate(url)
+        engine = db.make_engine(url)
+        assert db.count_rows(engine)["model_versions"] == 0  # dropped with everything in it
+        engine.dispose()
     finally:
         admin = create_engine(pg_server_url, isolation_level="AUTOCOMMIT")
         with admin.connect() as conn:
