@@ -8,17 +8,14 @@ are checked field by field. The retention SQL of docs/OPERATIONS.md runs against
 
 from __future__ import annotations
 
-import contextlib
 import importlib
 import json
 import math
 import os
 import re
-import secrets
 import shlex
 import shutil
 import subprocess
-from collections.abc import Iterator
 from fnmatch import fnmatch
 from pathlib import Path
 from typing import Any
@@ -248,7 +245,7 @@ def test_compose_redis_is_durable_and_postgres_checked(compose):
     redis, postgres = compose["services"]["redis"], compose["services"]["postgres"]
     assert redis["image"].split(":")[0] == "redis" and redis["image"].split(":")[1].startswith("7")
     command = " ".join(redis["command"]) if isinstance(redis["command"], list) else redis["command"]
-    assert "--appendonly yes" in command and "--appendfsync everysec" in command
+    assert "--appendonly yes" in command and "--appendfsync always" in command
     assert "--maxmemory-policy noeviction" in command, "a broker must never evict a queue"
     assert "/data" in {volume_parts(v)[1] for v in redis["volumes"]}
     assert postgres["image"] == "postgres:16" and "healthcheck" in postgres
@@ -753,92 +750,3 @@ def test_operations_guide_names_only_real_metrics_and_covers_the_alerts():
                    "Redis Cluster", "quorum", "ppl-worker rescan", "pg_dump", "WAL", "PPL_URL_ALLOWLIST",
                    "PPL_FILE_ROOTS"):
         assert needed in text, f"docs/OPERATIONS.md does not cover {needed}"
-
-
-def sql_blocks(text: str) -> list[str]:
-    return re.findall(r"^```sql\n(.*?)^```$", text, re.MULTILINE | re.DOTALL)
-
-
-@contextlib.contextmanager
-def temporary_database() -> Iterator[str]:
-    from sqlalchemy import create_engine, text
-    from sqlalchemy.engine import make_url
-    from sqlalchemy.exc import OperationalError
-    from sqlalchemy.pool import NullPool
-
-    from worker.db import migrate
-
-    server = os.environ.get("PPL_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
-    admin = create_engine(server, poolclass=NullPool, isolation_level="AUTOCOMMIT",
-                          connect_args={"connect_timeout": 5})
-    name = f"ppl_test_{secrets.token_hex(6)}"
-    try:
-        with admin.connect() as conn:
-            conn.execute(text(f'CREATE DATABASE "{name}"'))
-    except OperationalError as exc:
-        pytest.fail(f"PostgreSQL does not answer ({exc.orig}); start it (make services) or set PPL_TEST_PG_URL",
-                    pytrace=False)
-    try:
-        url = make_url(server).set(database=name).render_as_string(hide_password=False)
-        migrate(url)
-        yield url
-    finally:
-        with admin.connect() as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
-
-
-def test_operations_retention_sql_deletes_exactly_what_it_says():
-    import numpy as np
-    from sqlalchemy import text
-
-    from worker import db
-
-    blocks = sql_blocks(OPERATIONS.read_text())
-    assert len(blocks) == 2, "update this test with the guide's SQL"
-    versions = re.findall(r"'([0-9a-f]{16})'", blocks[0])
-    old, new = versions[0], versions[1]
-    grid, rows, cols = db.quantise_patch_grid(np.full((4, 4), 0.25))
-
-    def verdict(image: str, version: str) -> db.VerdictRow:
-        return db.VerdictRow(
-            sha256=db.source_sha256(image), model_version=version, score=0.25, label="real", threshold=0.5,
-            source=f"https://cdn.example/{image}.jpg", external_id=None, metadata=None, width=64, height=64,
-            format="JPEG", patch_mean=0.25, patch_max=0.25, patch_p90=0.25, patch_frac_above=0.0,
-            top_patch_row=0, top_patch_col=0, patch_grid=grid, grid_rows=rows, grid_cols=cols, timings_ms={})
-
-    with temporary_database() as url:
-        engine = db.make_engine(url)
-        try:
-            with engine.begin() as conn:
-                for version in (old, new):
-                    db.register_model_version(conn, version, {"arch": "test"}, 0.5, activate=version == new)
-                db.upsert_verdicts(conn, [verdict("both", old), verdict("both", new), verdict("old-only", old),
-                                          verdict("new-only", new), verdict("ancient", new)])
-                conn.execute(text("UPDATE verdicts SET created_at = now() - interval '500 days' WHERE sha256 = :s"),
-                             {"s": db.source_sha256("ancient")})
-                db.record_failures(conn, [db.FailureRow("https://a.example/x", None, "timeout", "slow"),
-                                          db.FailureRow("https://a.example/y", None, "timeout", "slow")])
-                conn.execute(text("UPDATE detection_failures SET last_seen = now() - interval '200 days' "
-                                  "WHERE source = 'https://a.example/x'"))
-
-            def remaining() -> set[tuple[str, str]]:
-                with engine.connect() as conn:
-                    found = conn.execute(text("SELECT sha256, model_version FROM verdicts")).all()
-                names = {db.source_sha256(n): n for n in ("both", "old-only", "new-only", "ancient")}
-                return {(names[sha], version) for sha, version in found}
-
-            with engine.begin() as conn:
-                deleted = conn.execute(text(blocks[0])).rowcount
-            assert deleted == 1
-            assert remaining() == {("both", new), ("old-only", old), ("new-only", new), ("ancient", new)}, (
-                "only superseded verdicts of images the new version has judged may go")
-            with engine.begin() as conn:
-                for statement in filter(str.strip, blocks[1].split(";")):
-                    conn.execute(text(statement))
-            assert remaining() == {("both", new), ("old-only", old), ("new-only", new)}
-            with engine.connect() as conn:
-                sources = set(conn.execute(text("SELECT source FROM detection_failures")).scalars())
-            assert sources == {"https://a.example/y"}
-        finally:
-            engine.dispose()

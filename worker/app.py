@@ -20,19 +20,34 @@ Delivery guarantees, and the settings they rest on:
 
 from __future__ import annotations
 
+from typing import Any
+
 from celery import Celery, signals
 from kombu import Queue
 
 from worker import logs
+from worker.broker import transport_for
 from worker.settings import Settings
 
 DETECT_TASK, DETECT_QUEUE = "detect_image", "detect"
 RESCAN_TASK, RESCAN_QUEUE = "rescan", "rescan"
 
 
+def detect_kwargs(source: str, external_id: str | None = None, metadata: dict[str, Any] | None = None
+                  ) -> dict[str, Any]:
+    """The keyword arguments of one ``detect_image`` job, leaving out the optional ones that are unset."""
+    kwargs: dict[str, Any] = {"source": source}
+    if external_id is not None:
+        kwargs["external_id"] = external_id
+    if metadata is not None:
+        kwargs["metadata"] = metadata
+    return kwargs
+
+
 def make_app(settings: Settings | None = None) -> Celery:
     settings = settings or Settings.from_env()
     app = Celery("ppl", broker=settings.broker_url, include=["worker.tasks"])
+    app.conf.broker_transport = transport_for(settings.broker_url)  # Redis: worker.broker's safer delivery
     app.conf.update(
         task_serializer="json",
         result_serializer="json",
@@ -46,7 +61,7 @@ def make_app(settings: Settings | None = None) -> Celery:
         task_acks_on_failure_or_timeout=True,
         # Enough prefetched messages to fill the next batch while one is in flight, and no more.
         worker_prefetch_multiplier=settings.prefetch_multiplier,
-        broker_transport_options={"visibility_timeout": settings.visibility_timeout_s},
+        broker_transport_options=broker_transport_options(settings),
         broker_connection_retry_on_startup=True,
         task_queues=(Queue(DETECT_QUEUE), Queue(RESCAN_QUEUE)),
         task_default_queue=DETECT_QUEUE,
@@ -57,6 +72,17 @@ def make_app(settings: Settings | None = None) -> Celery:
     )
     app.ppl_settings = settings  # one settings object for the tasks of this app
     return app
+
+
+def broker_transport_options(settings: Settings) -> dict:
+    """Redis transport options. kombu sweeps for messages that a dead worker left unacknowledged every
+    ``unacked_restore_interval × unacked_restore_throttle`` seconds (100 s by default, whatever the
+    visibility timeout): sweep every quarter of the timeout instead, at most once a minute, so that a killed
+    worker's jobs come back about one visibility timeout after it died. The socket timeout keeps a publish
+    from waiting forever on a connection that a vanished broker left open (kombu's advice)."""
+    sweep_s = max(1, min(60, settings.visibility_timeout_s // 4))
+    return {"visibility_timeout": settings.visibility_timeout_s, "unacked_restore_interval": sweep_s,
+            "unacked_restore_throttle": 1, "socket_timeout": 30, "socket_connect_timeout": 10}
 
 
 def beat_schedule(settings: Settings) -> dict:

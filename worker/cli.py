@@ -10,6 +10,7 @@ import contextlib
 import csv
 import hashlib
 import json
+import os
 import re
 import sys
 import time
@@ -60,7 +61,7 @@ def source_uris(items: Sequence[str]) -> list[str]:
 
 
 def _submit(args: argparse.Namespace, settings: Settings) -> int:
-    from worker.app import DETECT_QUEUE, DETECT_TASK, make_app
+    from worker.app import DETECT_QUEUE, DETECT_TASK, detect_kwargs, make_app
 
     uris = source_uris(args.sources)
     if not uris:
@@ -70,12 +71,9 @@ def _submit(args: argparse.Namespace, settings: Settings) -> int:
     started = time.monotonic()
     with app.producer_or_acquire() as producer:
         for index, uri in enumerate(uris):
-            kwargs: dict[str, Any] = {"source": uri}
-            if args.external_id_prefix:
-                kwargs["external_id"] = f"{args.external_id_prefix}{index}"
-            if metadata is not None:
-                kwargs["metadata"] = metadata
-            app.send_task(DETECT_TASK, kwargs=kwargs, queue=DETECT_QUEUE, producer=producer)
+            external_id = f"{args.external_id_prefix}{index}" if args.external_id_prefix else None
+            app.send_task(DETECT_TASK, kwargs=detect_kwargs(uri, external_id, metadata), queue=DETECT_QUEUE,
+                          producer=producer)
     print(f"submitted {len(uris)} job(s) to queue {DETECT_QUEUE} in {time.monotonic() - started:.2f} s")
     if args.wait:
         return _wait_for(uris, settings, args.timeout)
@@ -196,6 +194,11 @@ def _doctor(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _run(args: argparse.Namespace, settings: Settings) -> int:
+    # torch's OpenMP threads spin-wait after every parallel region by default, taking the CPU that this
+    # process's decode threads need (docs/PERFORMANCE.md: up to 3× fewer images/s on a busy CPU host).
+    # OpenMP reads the variable when torch loads, so it is set before the app (and torch) is imported; a
+    # value set by the operator wins.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     from worker.app import app
 
     argv = ["worker", "--queues", args.queues, "--pool", "threads", "--concurrency", str(args.concurrency),

@@ -17,7 +17,7 @@ from celery_batches import Batches, SimpleRequest
 from celery_batches.trace import apply_batches_task
 
 from worker import db, metrics
-from worker.app import DETECT_QUEUE, DETECT_TASK, RESCAN_TASK, app
+from worker.app import DETECT_QUEUE, DETECT_TASK, RESCAN_TASK, app, detect_kwargs
 from worker.pipeline import BatchProcessor, DatabaseUnavailable, Job, JobRequest
 from worker.settings import Settings
 
@@ -54,12 +54,8 @@ def _serve_metrics(**_: Any) -> None:
 
 def resend(job: Job, countdown: float) -> None:
     """Re-enqueue a job after a transient failure, counting the attempt in Celery's ``retries`` header."""
-    kwargs: dict[str, Any] = {"source": job.source}
-    if job.external_id is not None:
-        kwargs["external_id"] = job.external_id
-    if job.metadata is not None:
-        kwargs["metadata"] = job.metadata
-    app.send_task(DETECT_TASK, kwargs=kwargs, queue=DETECT_QUEUE, countdown=countdown, retries=job.retries + 1)
+    app.send_task(DETECT_TASK, kwargs=detect_kwargs(job.source, job.external_id, job.metadata), queue=DETECT_QUEUE,
+                  countdown=countdown, retries=job.retries + 1)
 
 
 class DetectBatches(Batches):
@@ -92,8 +88,8 @@ class DetectBatches(Batches):
           flush_interval=_settings().batch_timeout_ms / 1000)
 def detect_image(requests: list[SimpleRequest]) -> str | None:
     """Judge a micro-batch of images; keyword arguments per job: source, external_id, metadata."""
-    jobs = [JobRequest(task_id=r.id, args=tuple(r.args or ()), kwargs=r.kwargs,
-                       retries=int((r.request_dict or {}).get("retries") or 0)) for r in requests]
+    jobs = [JobRequest(task_id=r.id, args=tuple(r.args or ()), kwargs=r.kwargs, retries=_retries(r))
+            for r in requests]
     try:
         processor().process(jobs)
         _sample_queue_depth()
@@ -107,6 +103,15 @@ def detect_image(requests: list[SimpleRequest]) -> str | None:
         time.sleep(_settings().retry_backoff_s)
         return None
     return BATCH_DONE
+
+
+def _retries(request: SimpleRequest) -> int:
+    """The ``retries`` header a resent job carries; a producer's garbage there counts as 0 instead of failing
+    the whole batch before its jobs are even parsed."""
+    try:
+        return max(0, int((request.request_dict or {}).get("retries") or 0))
+    except (TypeError, ValueError):
+        return 0
 
 
 def _sample_queue_depth() -> None:

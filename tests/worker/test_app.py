@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import urllib.request
 
@@ -18,6 +19,15 @@ def test_app_accepts_json_only_and_acknowledges_late():
     assert conf.broker_transport_options["visibility_timeout"] == 900
     assert conf.task_routes[DETECT_TASK]["queue"] == DETECT_QUEUE
     assert conf.task_routes[RESCAN_TASK]["queue"] == RESCAN_QUEUE
+
+
+def test_abandoned_messages_are_swept_within_a_fraction_of_the_visibility_timeout():
+    def sweep(visibility_s: int) -> int:
+        options = make_app(Settings.from_env({}, visibility_timeout_s=visibility_s)).conf.broker_transport_options
+        assert options["unacked_restore_throttle"] == 1  # else kombu scans only every 10th sweep
+        return options["unacked_restore_interval"]
+
+    assert sweep(8) == 2 and sweep(3600) == 60 and sweep(2) == 1
 
 
 def test_beat_schedules_a_stale_rescan_only_when_asked():
@@ -44,3 +54,21 @@ def test_metrics_are_served_over_http():
     body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
     assert 'ppl_failures_total{reason="corrupt"}' in body
     assert "ppl_stage_seconds_bucket" in body or "ppl_stage_seconds" in body
+
+
+def test_ppl_worker_run_starts_a_threads_worker_with_openmp_not_spinning(monkeypatch):
+    from worker import cli
+    from worker.app import app
+
+    started = []
+    monkeypatch.setattr(app, "worker_main", started.append)
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    assert cli.main(["run", "--hostname", "gpu0@%h"]) == 0
+    (argv,) = started
+    assert argv[argv.index("--pool") + 1] == "threads" and argv[argv.index("--queues") + 1] == "detect"
+    assert argv[argv.index("--hostname") + 1] == "gpu0@%h"
+    assert os.environ["OMP_WAIT_POLICY"] == "PASSIVE"
+
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")  # the operator's choice wins
+    assert cli.main(["run"]) == 0
+    assert os.environ["OMP_WAIT_POLICY"] == "ACTIVE"

@@ -9,39 +9,14 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
 from PIL import Image
 from sqlalchemy import text
 
+from tests.worker.processes import WorkerProcess, produce, wait_until
 from worker import db
-
-PRODUCER = """
-import json, sys
-from celery import Celery
-app = Celery(broker=sys.argv[1])
-app.conf.task_serializer = "json"
-for kwargs in json.loads(sys.stdin.read()):
-    app.send_task("detect_image", kwargs=kwargs, queue="detect")
-"""
-
-
-def produce(broker_url: str, jobs: list[dict]) -> None:
-    """Send jobs from a separate Python process that knows only Celery, the task name and the queue."""
-    subprocess.run([sys.executable, "-c", PRODUCER, broker_url], input=json.dumps(jobs), text=True, check=True,
-                   timeout=60, cwd="/")
-
-
-def wait_until(condition, timeout: float = 60.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.3)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
 @pytest.fixture
@@ -72,17 +47,9 @@ def worker_env(database_url, redis_url, tiny_model_dir, image_root):
 
 @pytest.fixture
 def running_worker(worker_env, tmp_path):
-    log = (tmp_path / "worker.log").open("w")
-    proc = subprocess.Popen([sys.executable, "-m", "worker.cli", "run", "--hostname", f"test{os.getpid()}@%h"],
-                            env=worker_env, stdout=log, stderr=subprocess.STDOUT)
-    yield proc
-    proc.terminate()
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-    log.close()
+    worker = WorkerProcess(worker_env, tmp_path / "worker.log").start()
+    yield worker.proc
+    worker.stop()
 
 
 def counts(engine) -> tuple[int, int]:
