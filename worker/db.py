@@ -23,6 +23,7 @@ Two invariants the rest of the system relies on (DESIGN.md §3):
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 from collections.abc import Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -63,6 +64,7 @@ from sqlalchemy.dialects.postgresql import ARRAY, JSONB
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.engine import Connection, Engine, make_url
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.sql.elements import TextClause
 
 if TYPE_CHECKING:
     from alembic.config import Config
@@ -385,14 +387,37 @@ def _chunks(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
         yield items[start:start + size]
 
 
+def _unnest_insert(table: Table, names: Sequence[str], conflict: Sequence[str]) -> TextClause:
+    """``INSERT INTO table (names) SELECT ... FROM unnest(:name::type[], ...) WITH ORDINALITY ... ON CONFLICT
+    (conflict) DO NOTHING RETURNING id``: the rows travel as one array per column, in parameter order.
+
+    One bind parameter per column whatever the row count, so the SQL text never changes: psycopg parses it
+    once and, after a few executions, runs it as a prepared statement. A multi-row ``VALUES`` list has one
+    parameter per cell instead, which SQLAlchemy compiles and psycopg re-parses on every call (at 32 rows,
+    4/5 of the time of an upsert; docs/PERFORMANCE.md). The array types come from the table's column types.
+    """
+    from sqlalchemy.dialects import postgresql
+
+    dialect = postgresql.dialect()
+    arrays = ", ".join(f"CAST(:{name} AS {table.c[name].type.compile(dialect=dialect)}[])" for name in names)
+    columns = ", ".join(names)
+    return text(f"INSERT INTO {table.name} ({columns}) "
+                f"SELECT {', '.join('t.' + name for name in names)} "
+                f"FROM unnest({arrays}) WITH ORDINALITY AS t({columns}, ordinality) ORDER BY t.ordinality "
+                f"ON CONFLICT ({', '.join(conflict)}) DO NOTHING RETURNING id")
+
+
+_INSERT_VERDICTS: Final = _unnest_insert(verdicts, _VERDICT_ROW_FIELDS, ("sha256", "model_version"))
+_JSON_FIELDS: Final = tuple(name for name in _VERDICT_ROW_FIELDS if isinstance(verdicts.c[name].type, JSONB))
+
+
 def upsert_verdicts(bind: Bind, rows: Sequence[VerdictRow]) -> int:
-    """Insert verdicts in one multi-row ``INSERT ... ON CONFLICT (sha256, model_version) DO NOTHING``; returns
-    how many rows were new. Already-stored verdicts (a redelivered job, a rescan racing a submit) are skipped,
-    never an error. Within one call the first row of a key wins.
+    """Insert verdicts in one ``INSERT ... ON CONFLICT (sha256, model_version) DO NOTHING`` statement whatever
+    their number; returns how many rows were new. Already-stored verdicts (a redelivered job, a rescan racing
+    a submit) are skipped, never an error. Within one call the first row of a key wins.
 
     Rows go in key order: two workers inserting overlapping batches then take the unique-index entries in the
-    same order, so one waits for the other instead of both deadlocking. Only a batch of more than ~3,000
-    rows is split into several statements (the driver's bind-parameter limit).
+    same order, so one waits for the other instead of both deadlocking.
     """
     unique: dict[tuple[str, str], VerdictRow] = {}
     for row in rows:
@@ -400,15 +425,11 @@ def upsert_verdicts(bind: Bind, rows: Sequence[VerdictRow]) -> int:
     if not unique:
         return 0
     ordered = [unique[key] for key in sorted(unique)]
-    inserted = 0
+    columns: dict[str, list[Any]] = {name: [getattr(row, name) for row in ordered] for name in _VERDICT_ROW_FIELDS}
+    for name in _JSON_FIELDS:  # JSON text cast to jsonb in SQL; None stays SQL NULL (not the JSON value null)
+        columns[name] = [None if value is None else json.dumps(value) for value in columns[name]]
     with _transaction(bind) as conn:
-        for chunk in _chunks(ordered, _rows_per_statement(len(_VERDICT_ROW_FIELDS))):
-            values = [{name: getattr(row, name) for name in _VERDICT_ROW_FIELDS} for row in chunk]
-            statement = (pg_insert(verdicts).values(values)
-                         .on_conflict_do_nothing(index_elements=["sha256", "model_version"])
-                         .returning(verdicts.c.id))  # only the rows inserted come back
-            inserted += len(conn.execute(statement).all())
-    return inserted
+        return len(conn.execute(_INSERT_VERDICTS, columns).all())  # only the rows inserted come back
 
 
 def find_verdicts(bind: Bind, sha256s: Collection[str], model_version: str) -> dict[str, VerdictRow]:
@@ -438,6 +459,14 @@ class FailureRow:
     detail: str
 
 
+def storable_text(text: str) -> str:
+    """``text`` as PostgreSQL's text type can hold it: NUL characters and unpaired surrogates (both can come
+    in a hostile job or HTTP response, and either would fail the whole batch's write) are backslash-escaped."""
+    if "\x00" in text:
+        text = text.replace("\x00", "\\x00")
+    return text if text.isascii() else text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def source_sha256(source: str) -> str:
     """The key ``detection_failures`` is unique on: sha256 of the source string's UTF-8 bytes."""
     return hashlib.sha256(source.encode("utf-8")).hexdigest()
@@ -450,6 +479,8 @@ def record_failures(bind: Bind, rows: Sequence[FailureRow]) -> None:
     ``upsert_verdicts`` on deadlocks)."""
     merged: dict[tuple[str, str], tuple[FailureRow, int]] = {}
     for row in rows:
+        row = FailureRow(storable_text(row.source), None if row.external_id is None else storable_text(row.external_id),
+                         row.reason, storable_text(row.detail))
         key = (source_sha256(row.source), row.reason)
         previous = merged.get(key)
         if previous is None:

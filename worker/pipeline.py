@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 
 TASK_KWARGS = frozenset({"source", "external_id", "metadata"})
 INVALID_ARGUMENTS = "invalid_arguments"  # reason code: the task was called with arguments it cannot take
+UNSTORABLE = "unstorable"  # reason code: the database refused the job's verdict row (not an outage)
 MAX_EXTERNAL_ID = 256
 MAX_SOURCE_CHARS = 4096
 T = TypeVar("T")
@@ -101,10 +102,41 @@ def parse_job(request: JobRequest, settings: Settings) -> Job:
     if metadata is not None:
         if not isinstance(metadata, dict):
             raise InvalidJob(f"metadata must be a JSON object, got {type(metadata).__name__}")
-        size = len(json.dumps(metadata, separators=(",", ":")).encode())
+        try:  # strict JSON: PostgreSQL's jsonb has no NaN or Infinity, which Python's json lets through
+            size = len(json.dumps(metadata, separators=(",", ":"), allow_nan=False).encode())
+        except (ValueError, RecursionError) as exc:
+            raise InvalidJob(f"metadata is not storable JSON: {exc}"[:200]) from None
         if size > settings.max_metadata_bytes:
             raise InvalidJob(f"metadata is {size} bytes of JSON; the limit is {settings.max_metadata_bytes}")
+    for name, value in (("source", source), ("external_id", external_id), ("metadata", metadata)):
+        if not _storable(value):
+            raise InvalidJob(f"{name} holds a NUL character or an unpaired surrogate, which the database cannot store")
     return Job(request.task_id, source, external_id, metadata, max(0, int(request.retries or 0)))
+
+
+def _storable(value: Any) -> bool:
+    """Whether every string in ``value`` (a JSON value; object keys included) fits PostgreSQL's text and jsonb:
+    no NUL character and valid UTF-8 (JSON's \\uXXXX escapes can carry both). Iterative, so depth cannot hurt."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            if "\x00" in item or not _utf8(item):
+                return False
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return True
+
+
+def _utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _failure_source(request: JobRequest) -> tuple[str, str | None]:
@@ -185,7 +217,12 @@ class BatchProcessor:
 
         rows = self._judge(good, model, report)
         started = time.perf_counter()
-        report.inserted = self._with_database(lambda: self._write(rows, failures))
+        try:
+            report.inserted = self._with_database(lambda: self._write(rows, failures))
+        except DBAPIError as exc:  # the database refused the batch (not an outage): find the row it refuses
+            log.error("batch write refused (%s); writing its rows one by one", type(exc.orig or exc).__name__,
+                      extra={"batch_id": report.batch_id})
+            report.inserted = self._write_one_by_one(rows, failures)
         report.seconds["database"] = report.seconds.get("database", 0.0) + time.perf_counter() - started
         metrics.STAGE_SECONDS.labels("database").observe(report.seconds["database"])
 
@@ -296,6 +333,28 @@ class BatchProcessor:
             inserted = db.upsert_verdicts(conn, rows) if rows else 0
             if failures:
                 db.record_failures(conn, failures)
+        return inserted
+
+    def _write_one_by_one(self, rows: list[db.VerdictRow], failures: list[db.FailureRow]) -> int:
+        """The slow path after the database refused a whole batch: each row in its own transaction, so one row
+        that cannot be stored neither blocks the others nor sends the batch back to the queue for ever. A
+        refused verdict becomes an ``unstorable`` failure row; a refused failure row (already escaped by
+        ``db.record_failures``) is logged with everything known about the job and dropped."""
+        inserted = 0
+        for row in rows:
+            try:
+                inserted += self._with_database(lambda row=row: self._write([row], []))
+            except DBAPIError as exc:
+                failures.append(db.FailureRow(row.source, row.external_id, UNSTORABLE,
+                                              f"{type(exc.orig or exc).__name__}: {exc.orig or exc}"[:500]))
+        for failure in list(failures):
+            try:
+                self._with_database(lambda failure=failure: self._write([], [failure]))
+            except DBAPIError as exc:
+                failures.remove(failure)
+                log.error("failure row refused by the database; job dropped", extra={
+                    "source": failure.source[:200], "external_id": failure.external_id, "reason": failure.reason,
+                    "detail": failure.detail[:500], "error": str(exc.orig or exc)[:500]})
         return inserted
 
     def _with_database(self, action: Callable[[], T]) -> T:

@@ -119,10 +119,12 @@ def env_names() -> list[str]:
     return [env_name(f.name) for f in dataclasses.fields(Settings)]
 
 
-def _split_list(raw: str) -> list[str]:
-    # Comma-separated; os.pathsep also accepted for the path lists (PPL_FILE_ROOTS=/a:/b).
-    parts = raw.replace(os.pathsep, ",").split(",")
-    return [p.strip() for p in parts if p.strip()]
+def _split_list(raw: str, separators: str = ",") -> list[str]:
+    # Comma-separated; os.pathsep also accepted for the path lists (PPL_FILE_ROOTS=/a:/b), and only there:
+    # the other lists hold IPv6 addresses and CIDRs (PPL_URL_ALLOWLIST=fd00::/8), whose colons are no separator.
+    for separator in separators[1:]:
+        raw = raw.replace(separator, separators[0])
+    return [p.strip() for p in raw.split(separators[0]) if p.strip()]
 
 
 def _parse(name: str, raw: str, hint: Any) -> Any:
@@ -137,7 +139,7 @@ def _parse(name: str, raw: str, hint: Any) -> Any:
         if hint == str | None:
             return text or None
         if hint == tuple[Path, ...]:
-            return tuple(Path(p) for p in _split_list(text))
+            return tuple(Path(p) for p in _split_list(text, "," + os.pathsep))
         if hint == tuple[str, ...]:
             return tuple(_split_list(text))
         return text

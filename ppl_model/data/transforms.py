@@ -71,7 +71,9 @@ def decode_rgb(source: Path | str | bytes, name: str = "", *, max_pixels: int | 
         raise UnreadableImage(path, "not_an_image", str(exc)) from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise UnreadableImage(path, "too_large", str(exc)) from None
-    except (OSError, ValueError, SyntaxError, EOFError, struct.error) as exc:  # truncated or corrupt data
+    # Truncated or corrupt data. Pillow's parsers also raise TypeError on a malformed field (a TIFF strip
+    # offset stored as a FLOAT fails in ImageFile.load's seek): damaged input too, not a bug to crash on.
+    except (OSError, ValueError, TypeError, SyntaxError, EOFError, struct.error) as exc:
         raise UnreadableImage(path, "corrupt", str(exc)) from None
 
 

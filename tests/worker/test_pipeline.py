@@ -154,3 +154,19 @@ def test_database_outage_hands_the_batch_back(tiny_model_dir, images):
 def test_malformed_arguments_are_refused_with_a_reason(kwargs, args, message):
     with pytest.raises(InvalidJob, match=message):
         parse_job(JobRequest("t", args=args, kwargs=kwargs), Settings.from_env({}))
+
+
+def test_a_row_the_database_refuses_fails_alone_instead_of_blocking_its_batch(make_processor, images, engine,
+                                                                              monkeypatch):
+    # parse_job refuses NUL characters; let one through, as a future gap in validation would.
+    monkeypatch.setattr("worker.pipeline._storable", lambda value: True)
+    processor, _, _ = make_processor()
+    batch = [request(i, source=uri(images / f"img{i}.png"), external_id=f"e{i}") for i in range(3)]
+    batch.append(request(3, source=uri(images / "img3.png"), external_id="bad\x00id"))
+    report = processor.process(batch)
+    assert report.inserted == 3 and report.failed == {"unstorable": 1}
+    with engine.connect() as conn:
+        ids = set(conn.execute(text("select external_id from verdicts")).scalars())
+        failure = conn.execute(text("select external_id, reason from detection_failures")).one()
+    assert ids == {"e0", "e1", "e2"}
+    assert tuple(failure) == ("bad\\x00id", "unstorable")

@@ -28,6 +28,11 @@ def test_environment_values_are_parsed_into_their_types(tmp_path):
     assert settings.device is None
 
 
+def test_ipv6_allowlist_entries_keep_their_colons():
+    settings = Settings.from_env({"PPL_URL_ALLOWLIST": "fd00::/8,::1, 10.0.0.0/8"})
+    assert settings.url_allowlist == ("fd00::/8", "::1", "10.0.0.0/8")
+
+
 def test_keyword_overrides_win_over_the_environment():
     assert Settings.from_env({"PPL_BATCH_SIZE": "8"}, batch_size=4).batch_size == 4
 
