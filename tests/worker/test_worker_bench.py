@@ -1,0 +1,114 @@
+"""``ppl bench worker`` at a tiny scale against the real services: every part runs, every job is accounted
+for, the ratios come from the measured figures, the JSON is written, and nothing is left behind (databases,
+Redis keys, worker processes). Timing targets are not checked here: they belong to the full-size run
+(docs/PERFORMANCE.md)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import redis
+from sqlalchemy import create_engine, text
+from sqlalchemy.pool import NullPool
+
+from ppl_model.cli import main
+from worker.benchmark import (
+    BenchError,
+    WorkerBenchConfig,
+    markdown_table,
+    run_soak,
+    run_worker_bench,
+    soak_table,
+    with_comment,
+)
+
+
+def bench_databases(server_url: str) -> list[str]:
+    engine = create_engine(server_url, poolclass=NullPool)
+    try:
+        with engine.connect() as conn:
+            names = conn.execute(text("SELECT datname FROM pg_database WHERE datname LIKE 'ppl_bench_%'"))
+            return names.scalars().all()
+    finally:
+        engine.dispose()
+
+
+@pytest.fixture
+def config(tmp_path, pg_server_url, redis_url) -> WorkerBenchConfig:
+    return WorkerBenchConfig(out=tmp_path / "bench", server_url=pg_server_url, broker_url=redis_url, images=40,
+                             image_size=64, batch_size=8, decode_threads=2, warmup_jobs=4, upsert_rows=400,
+                             upsert_context_batches=(1, 64), rescan_rows=2000, rescan_chunk=500, soak_jobs=200,
+                             soak_every=50, timeout_s=90)
+
+
+def test_every_part_runs_and_every_job_is_accounted_for(config, pg_server_url, redis_url):
+    before = set(bench_databases(pg_server_url))
+    messages: list[str] = []
+    result = run_worker_bench(config, log=messages.append)
+
+    for name in ("scan", "end_to_end", "naive"):
+        (run,) = result[name]["runs"]
+        assert run["images"] == 40 and run["seconds"] > 0 and result[name]["images_per_s"] == run["images_per_s"] > 0
+    assert result["end_to_end"]["runs"][0]["worker_rss_mib"] > 0
+    assert result["efficiency"] == pytest.approx(result["end_to_end"]["images_per_s"] / result["scan"]["images_per_s"])
+    assert result["speedup"] == pytest.approx(result["end_to_end"]["images_per_s"] / result["naive"]["images_per_s"])
+
+    upserts = result["upserts"]
+    assert [b["batch"] for b in upserts["by_batch"]] == [1, 8, 64]
+    assert upserts["rows_per_s"] == upserts["by_batch"][1]["rows_per_s"] > 0
+    assert upserts["by_batch"][1]["rows"] == 400
+
+    rescan = result["rescan"]
+    assert rescan["enqueued"] == rescan["queued"] == 2000 and rescan["jobs_per_s"] > 0
+    assert 0 < rescan["rss_start_mib"] <= rescan["rss_peak_mib"] and rescan["rss_end_mib"] <= rescan["rss_peak_mib"]
+
+    assert [t["met"] is not None for t in result["targets"]] == [True] * 5
+    assert json.loads((config.out / "worker-bench.json").read_text()) == json.loads(json.dumps(result))
+    table = markdown_table(result)
+    assert table.count("PASS") + table.count("MISS") == 5 and "rescan of 2,000 stale verdicts" in table
+    assert result["model"]["origin"].startswith("built") and (config.out / "model" / "model.json").is_file()
+    assert any("batched worker" in m for m in messages) and any("naive worker" in m for m in messages)
+
+    # Nothing left behind: the benchmark's databases are dropped and its Redis database is empty.
+    assert set(bench_databases(pg_server_url)) == before
+    assert redis.Redis.from_url(redis_url).dbsize() == 0
+
+
+def test_soak_reports_memory_and_throughput_per_block(config, redis_url):
+    result = run_soak(config)
+    assert result["jobs"] == 200 and result["images_per_s"] > 0
+    assert [b["jobs"] for b in result["blocks"]] == [50, 100, 150, 200]
+    assert all(b["images_per_s"] > 0 and b["worker_rss_mib"] > 0 for b in result["blocks"])
+    assert result["rss_start_mib"] > 0 and result["rss_end_mib"] > 0
+    assert result["memory_bounded"] == (result["rss_growth"] <= config.soak_rss_growth)
+    assert json.loads((config.out / "worker-soak.json").read_text())["blocks"] == result["blocks"]
+    assert "| 200 |" in soak_table(result)
+    assert not (config.out / "soak-images").exists() and redis.Redis.from_url(redis_url).dbsize() == 0
+
+
+def test_the_command_runs_a_part_and_refuses_a_shared_redis_database(tmp_path, pg_server_url, redis_url, capsys):
+    out = tmp_path / "cli"
+    assert main(["bench", "worker", "--out", str(out), "--parts", "upserts", "--upsert-rows", "200",
+                 "--images", "4", "--database-url", pg_server_url, "--broker-url", redis_url]) == 0
+    printed = capsys.readouterr().out
+    assert "PostgreSQL upserts, batch 32" in printed and "| rescan enqueue rate | – |" in printed
+    assert json.loads((out / "worker-bench.json").read_text())["upserts"]["batch"] == 32
+    with pytest.raises(BenchError, match="not /0"):
+        WorkerBenchConfig(out=out, broker_url="redis://127.0.0.1:6379/0").validate()
+    with pytest.raises(BenchError, match="unknown part"):
+        WorkerBenchConfig(out=out, parts=("scan", "gpu")).validate()
+
+
+def test_a_jpeg_comment_changes_the_bytes_not_the_pixels(tmp_path):
+    from PIL import Image
+
+    from worker.benchmark import make_images
+
+    (path,) = make_images(tmp_path, 1, 48, seed=3)
+    data = path.read_bytes()
+    copy = with_comment(data, b"soak job 7")
+    assert copy != data
+    (tmp_path / "copy.jpg").write_bytes(copy)
+    with Image.open(path) as a, Image.open(tmp_path / "copy.jpg") as b:
+        assert a.tobytes() == b.tobytes()

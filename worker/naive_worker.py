@@ -1,0 +1,91 @@
+"""Benchmark-only: ``detect_image`` served the naive way, the baseline ``ppl bench worker`` compares with.
+
+One image per task, one inference call per image and one transaction per verdict, with the same code as the
+real pipeline for everything else (``fetch_source``, ``decode_image``, ``prepare_image``, the served model's
+backend, ``make_verdict``, ``upsert_verdicts``) and the same settings (``PPL_*``). It has no verdict-cache
+lookup and no failure handling: the benchmark feeds it good, distinct images only, and leaving those steps
+out can only make the baseline faster. Nothing in the service imports this module; the benchmark runs it
+as ``python -m worker.naive_worker`` (one process, threads pool, concurrency 1, as ``ppl-worker run``).
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+from typing import Any
+
+from celery import Celery
+from kombu import Queue
+from sqlalchemy.engine import Engine
+
+from worker import db
+from worker.app import DETECT_QUEUE, DETECT_TASK
+from worker.decoding import decode_image
+from worker.model import ServedModel, load_model
+from worker.settings import Settings
+from worker.sources import fetch_source
+
+settings = Settings.from_env()
+app = Celery("ppl-naive", broker=settings.broker_url)
+app.conf.update(
+    task_serializer="json",
+    accept_content=["json"],
+    task_ignore_result=True,
+    task_acks_late=True,
+    worker_prefetch_multiplier=settings.prefetch_multiplier,  # the real worker's prefetch
+    broker_connection_retry_on_startup=True,
+    task_queues=(Queue(DETECT_QUEUE),),
+    task_default_queue=DETECT_QUEUE,
+    worker_hijack_root_logger=False,
+)
+
+_lock = threading.Lock()
+_engine: Engine | None = None
+
+
+def _database(model: ServedModel) -> Engine:
+    """The engine, made on first use (after the fork, like the real worker's), with the model registered."""
+    global _engine
+    with _lock:
+        if _engine is None:
+            engine = db.make_engine(settings.database_url)
+            info = model.info
+            with engine.begin() as conn:
+                db.register_model_version(conn, info.version_id, info.architecture(), info.threshold,
+                                          info.training.get("validation") or {}, activate=True)
+            _engine = engine
+        return _engine
+
+
+@app.task(name=DETECT_TASK, acks_late=True)
+def detect_image(source: str, external_id: str | None = None, metadata: dict[str, Any] | None = None) -> None:
+    from ppl_model.inference.preprocess import aggregate, prepare_image
+    from ppl_model.inference.verdict import make_verdict
+
+    model = load_model(settings)
+    engine = _database(model)
+    decoded = decode_image(fetch_source(source, settings).data, settings)
+    prepared = prepare_image(decoded.image, model.preprocessing, decoded.format)
+    prediction = aggregate(model.backend.predict(prepared.crops.to(model.backend.device)), [len(prepared.crops)])[0]
+    grid = prediction.patch_prob[0]
+    verdict = make_verdict(float(prediction.image_prob[0]), grid, model.threshold)
+    packed, grid_rows, grid_cols = db.quantise_patch_grid(grid)
+    row = db.VerdictRow(
+        sha256=decoded.sha256, model_version=model.version_id, score=verdict.score, label=verdict.label,
+        threshold=verdict.threshold, source=source, external_id=external_id, metadata=metadata,
+        width=decoded.width, height=decoded.height, format=decoded.format, patch_mean=verdict.patch_mean,
+        patch_max=verdict.patch_max, patch_p90=verdict.patch_p90, patch_frac_above=verdict.patch_frac_above,
+        top_patch_row=verdict.top_patch_row, top_patch_col=verdict.top_patch_col, patch_grid=packed,
+        grid_rows=grid_rows, grid_cols=grid_cols, timings_ms={})
+    with engine.begin() as conn:
+        db.upsert_verdicts(conn, [row])
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m worker.naive_worker [--hostname NAME]``: one worker process on the detect queue."""
+    app.worker_main(["worker", "--queues", DETECT_QUEUE, "--pool", "threads", "--concurrency", "1",
+                     "--loglevel", settings.log_level, *(sys.argv[1:] if argv is None else argv)])
+
+
+if __name__ == "__main__":
+    main()
