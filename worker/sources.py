@@ -164,10 +164,18 @@ def _fetch_file(parts: SplitResult, settings: Settings) -> FetchedImage:
         raise SourceError(INVALID_SOURCE, "file URI without an absolute path")
     if not settings.file_roots:
         raise SourceError(PATH_FORBIDDEN, "no file roots are configured (PPL_FILE_ROOTS)")
-    real = Path(os.path.realpath(path))  # resolves '..' and every symlink, the last one included
-    if not any(real.is_relative_to(os.path.realpath(root)) for root in settings.file_roots):
+    real = os.path.realpath(path)  # resolves '..' and every symlink, the last one included
+    if not any((real + os.sep).startswith(prefix) for prefix in _root_prefixes(settings.file_roots)):
         raise SourceError(PATH_FORBIDDEN, f"{path} is outside the configured file roots")
-    return FetchedImage(_read_file(real, settings.max_download_bytes), real.as_uri(), None)
+    return FetchedImage(_read_file(Path(real), settings.max_download_bytes), Path(real).as_uri(), None)
+
+
+@functools.lru_cache(maxsize=8)
+def _root_prefixes(roots: tuple[Path, ...]) -> tuple[str, ...]:
+    """``/real/root/`` for each configured root, its own symlinks resolved once per process rather than once
+    per file (a pure-Python realpath is a few percent of a worker's time); a root re-pointed while a worker
+    runs takes effect at its restart. A path is under a root when ``path + "/"`` starts with its prefix."""
+    return tuple(os.path.realpath(root).rstrip(os.sep) + os.sep for root in roots)
 
 
 def _read_file(path: Path, limit: int) -> bytes:
