@@ -24,7 +24,7 @@ import time
 import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +33,7 @@ import pytest
 from PIL import Image
 from sqlalchemy import text
 
+from tests.worker.http_server import QuietHandler
 from tests.worker.processes import WorkerProcess, produce, wait_until
 from worker import db
 
@@ -63,12 +64,8 @@ class World:
         return self.base + path
 
 
-class Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
+class Handler(QuietHandler):
     routes: dict[str, Route]  # set on a per-server subclass
-
-    def log_message(self, format: str, *args: Any) -> None:  # keep pytest output clean
-        pass
 
     def do_GET(self) -> None:
         route = self.routes.get(self.path.split("?", 1)[0])
@@ -76,16 +73,6 @@ class Handler(BaseHTTPRequestHandler):
             self.send_body(404, b"not found", "text/plain")
         else:
             route(self)
-
-    def send_body(self, status: int, body: bytes, content_type: str = "image/png",
-                  headers: dict[str, str] | None = None) -> None:
-        self.send_response(status)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(body)))
-        for name, value in (headers or {}).items():
-            self.send_header(name, value)
-        self.end_headers()
-        self.wfile.write(body)
 
 
 def body(data: bytes, content_type: str = "image/png", status: int = 200) -> Route:
@@ -130,7 +117,7 @@ def cut_short(h: Handler) -> None:
 def slow(h: Handler) -> None:
     time.sleep(2.5)  # over the worker's 1 s read timeout
     with contextlib.suppress(OSError):  # the worker has hung up by now
-        h.send_body(200, png_bytes(noise(8, 8, "slow")))
+        h.send_body(200, png_bytes(noise(8, 8, "slow")), "image/png")
 
 
 def nul_in_status_line(h: Handler) -> None:

@@ -13,13 +13,14 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import pytest
 from PIL import Image
 
+from tests.worker.http_server import QuietHandler
 from worker import sources
 from worker.settings import Settings
 from worker.sources import FetchedImage, SourceError, fetch_source, is_blocked
@@ -70,12 +71,8 @@ class Server:
         return [r["path"] for r in self.requests]
 
 
-class Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
+class Handler(QuietHandler):
     server_record: Server  # set on a per-server subclass
-
-    def log_message(self, format: str, *args: Any) -> None:  # keep pytest output clean
-        pass
 
     def do_GET(self) -> None:
         self.server_record.requests.append({"path": self.path, "host": self.headers.get("Host", ""),
@@ -86,22 +83,12 @@ class Handler(BaseHTTPRequestHandler):
         if route is None and path.startswith("/chain/"):
             route = _chain
         if route is None:
-            self._send(404, b"not found", "text/plain")
+            self.send_body(404, b"not found", "text/plain")
         else:
             route(self)
 
-    def _send(self, status: int, body: bytes, content_type: str = "application/octet-stream",
-              headers: dict[str, str] | None = None) -> None:
-        self.send_response(status)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(body)))
-        for name, value in (headers or {}).items():
-            self.send_header(name, value)
-        self.end_headers()
-        self.wfile.write(body)
-
     def redirect(self, location: str, status: int = 302) -> None:
-        self._send(status, b"", "text/plain", {"Location": location})
+        self.send_body(status, b"", "text/plain", {"Location": location})
 
     def write_for(self, seconds: float, chunk: bytes, pause: float) -> None:
         """Keep writing until the client goes away or ``seconds`` pass (so server threads always end)."""
@@ -119,7 +106,7 @@ def _chain(h: Handler) -> None:
     """/chain/N redirects N times before the image; hops alternate relative and absolute Locations."""
     n = int(h.path.rsplit("/", 1)[1])
     if n == 0:
-        h._send(200, PNG, "image/png")
+        h.send_body(200, PNG, "image/png")
     elif n % 2:
         h.redirect(str(n - 1), status=301)  # relative to /chain/
     else:
@@ -158,7 +145,7 @@ def _cut_short(h: Handler) -> None:
 
 def _slow(h: Handler) -> None:
     time.sleep(2.0)
-    h._send(200, PNG, "image/png")
+    h.send_body(200, PNG, "image/png")
 
 
 def _drip(h: Handler) -> None:
@@ -169,18 +156,18 @@ def _drip(h: Handler) -> None:
 
 
 ROUTES: dict[str, Callable[[Handler], None]] = {
-    "/image.png": lambda h: h._send(200, PNG, "image/png"),
-    "/exact-limit": lambda h: h._send(200, b"e" * LIMIT),
-    "/gone": lambda h: h._send(410, b"gone", "text/plain"),
-    "/unavailable": lambda h: h._send(503, b"try later", "text/plain"),
-    "/busy": lambda h: h._send(429, b"slow down", "text/plain", {"Retry-After": "1"}),
+    "/image.png": lambda h: h.send_body(200, PNG, "image/png"),
+    "/exact-limit": lambda h: h.send_body(200, b"e" * LIMIT, "application/octet-stream"),
+    "/gone": lambda h: h.send_body(410, b"gone", "text/plain"),
+    "/unavailable": lambda h: h.send_body(503, b"try later", "text/plain"),
+    "/busy": lambda h: h.send_body(429, b"slow down", "text/plain", {"Retry-After": "1"}),
     "/loop": lambda h: h.redirect("/loop"),
     "/to-private": lambda h: h.redirect("http://10.0.0.1/image.png"),
     "/to-metadata": lambda h: h.redirect("http://169.254.169.254/latest/meta-data/", status=301),
     "/to-loopback-neighbour": lambda h: h.redirect("http://127.0.0.2/image.png"),
     "/to-file": lambda h: h.redirect("file:///etc/passwd"),
     "/to-gopher": lambda h: h.redirect("gopher://127.0.0.1:70/"),
-    "/no-location": lambda h: h._send(302, b"", "text/plain"),
+    "/no-location": lambda h: h.send_body(302, b"", "text/plain"),
     "/huge-declared": _huge_declared,
     "/huge-close-delimited": _huge_close_delimited,
     "/huge-chunked": _huge_chunked,
