@@ -24,6 +24,17 @@ def _check(name: str, probe: Callable[[], str]) -> Check:
         return Check(name, False, f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc) else ''}")
 
 
+def delivery_mode(channel: object) -> str:
+    """How worker.broker hands out messages over this broker: atomically, or kombu's two steps (Redis < 6.2)."""
+    atomic = getattr(channel, "atomic_fetch", None)
+    if atomic is None:  # not Redis: the broker's own acknowledgements
+        return ""
+    if atomic:
+        return "; atomic delivery"
+    return ("; two-step delivery (Redis older than 6.2, or a key prefix): a worker killed mid-delivery can lose "
+            "a message, see docs/OPERATIONS.md")
+
+
 def run_checks(settings: Settings, *, check_model: bool = True) -> Iterator[Check]:
     redacted = settings.redacted()
 
@@ -35,9 +46,11 @@ def run_checks(settings: Settings, *, check_model: bool = True) -> Iterator[Chec
         try:
             with app.connection_for_write() as conn:
                 conn.ensure_connection(max_retries=1, timeout=CONNECT_TIMEOUT_S)
+                delivery = delivery_mode(conn.default_channel)
         except Exception as exc:
             raise ConnectionError(f"{redacted['broker_url']} unreachable: {exc}") from exc
-        return f"{redacted['broker_url']} reachable, {queue_length(app)} job(s) waiting in {DETECT_QUEUE}"
+        return (f"{redacted['broker_url']} reachable, {queue_length(app)} job(s) waiting in {DETECT_QUEUE}"
+                f"{delivery}")
 
     yield _check("broker", broker)
 

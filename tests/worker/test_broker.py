@@ -16,6 +16,7 @@ from kombu.transport import redis as kombu_redis
 
 from worker.app import make_app
 from worker.broker import FETCH_SCRIPT, Transport, transport_for
+from worker.doctor import delivery_mode
 from worker.settings import Settings
 
 
@@ -151,3 +152,5 @@ def test_old_redis_falls_back_to_kombus_two_step_delivery(redis_url, monkeypatch
         assert conn.default_channel.atomic_fetch is False
     got, held = consume(redis_url, 1, acknowledge="each")
     assert got == ["a"] and held == (1, 1) and unacked(redis_url) == (0, 0)
+    with Connection(redis_url, transport=Transport) as conn:  # and doctor says so
+        assert "two-step delivery" in delivery_mode(conn.default_channel)

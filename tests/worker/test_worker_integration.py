@@ -143,6 +143,7 @@ def test_doctor_passes_then_fails_clearly_when_the_database_is_down(worker_env, 
                         text=True, timeout=120)
     assert ok.returncode == 0, ok.stdout + ok.stderr
     assert "[ok  ] migrations" in ok.stdout and "[ok  ] model" in ok.stdout
+    assert "atomic delivery" in ok.stdout  # this machine's Redis has BLMOVE (worker/broker.py)
     down = dict(worker_env, PPL_DATABASE_URL="postgresql+psycopg://postgres@127.0.0.1:9/ppl")
     bad = subprocess.run([sys.executable, "-m", "worker.cli", "doctor", "--skip-model"], env=down,
                          capture_output=True, text=True, timeout=120)
