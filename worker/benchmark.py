@@ -43,16 +43,15 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from PIL import Image
-from sqlalchemy import create_engine, text
+from sqlalchemy import text
 from sqlalchemy.engine import Engine, make_url
-from sqlalchemy.pool import NullPool
 
 from worker import db
 
@@ -60,6 +59,7 @@ Log = Callable[[str], None]
 
 DEFAULT_SERVER_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
 DEFAULT_BROKER_URL = "redis://127.0.0.1:6379/14"
+BENCH_DATABASE_PREFIX = "ppl_bench_"  # each measurement's database: <prefix><hex>, dropped afterwards
 PARTS = ("scan", "end_to_end", "naive", "upserts", "rescan")
 MIB = 1024 * 1024
 
@@ -184,26 +184,9 @@ def with_comment(jpeg: bytes, comment: bytes) -> bytes:
 # ------------------------------------------------------------------------------------- services
 
 
-@contextmanager
-def bench_database(server_url: str) -> Iterator[str]:
-    """A new database ``ppl_bench_<hex>`` on the server, migrated; dropped afterwards even on error (FORCE:
-    a worker's pooled connections do not keep it alive)."""
-    name = f"ppl_bench_{secrets.token_hex(5)}"
-    server = make_url(db.normalise_url(server_url))
-    admin = create_engine(server, poolclass=NullPool, isolation_level="AUTOCOMMIT",
-                          connect_args={"connect_timeout": 10})
-    try:
-        with admin.connect() as conn:
-            conn.execute(text(f'CREATE DATABASE "{name}"'))
-        try:
-            url = server.set(database=name).render_as_string(hide_password=False)
-            db.migrate(url)
-            yield url
-        finally:
-            with admin.connect() as conn:
-                conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-    finally:
-        admin.dispose()
+def bench_database(server_url: str) -> AbstractContextManager[str]:
+    """A new migrated database ``ppl_bench_<hex>`` on the server, dropped afterwards even on error."""
+    return db.temporary_database(server_url, prefix=BENCH_DATABASE_PREFIX)
 
 
 @contextmanager

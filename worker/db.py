@@ -306,6 +306,35 @@ def create_database_if_missing(url: str, *, drop_first: bool = False) -> bool:
         admin.dispose()
 
 
+@contextmanager
+def temporary_database(server_url: str, *, prefix: str, migrated: bool = True,
+                       connect_timeout: float = 10) -> Iterator[str]:
+    """A new database ``<prefix><hex>`` on the server of ``server_url``, migrated unless asked not to; dropped
+    afterwards even on error (FORCE: pooled connections of workers that used it do not keep it alive). For
+    the tests and ``ppl bench worker``."""
+    import secrets
+
+    from sqlalchemy.pool import NullPool
+
+    name = f"{prefix}{secrets.token_hex(6)}"
+    server = make_url(normalise_url(server_url))
+    admin = create_engine(server, poolclass=NullPool, isolation_level="AUTOCOMMIT",
+                          connect_args={"connect_timeout": max(1, math.ceil(connect_timeout))})
+    try:
+        with admin.connect() as conn:
+            conn.execute(text(f'CREATE DATABASE "{name}"'))
+        try:
+            url = server.set(database=name).render_as_string(hide_password=False)
+            if migrated:
+                migrate(url)
+            yield url
+        finally:
+            with admin.connect() as conn:
+                conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    finally:
+        admin.dispose()
+
+
 def head_revision() -> str:
     """The newest revision shipped with this code."""
     from alembic.script import ScriptDirectory

@@ -8,12 +8,10 @@ from __future__ import annotations
 
 import hashlib
 import os
-import secrets
 import shutil
 import subprocess
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -24,9 +22,10 @@ from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.pool import NullPool
 
-from worker.db import VerdictRow, make_engine, migrate, quantise_patch_grid
+from worker.db import VerdictRow, make_engine, quantise_patch_grid, temporary_database
 
 DEFAULT_PG_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
+TEST_DATABASE_PREFIX = "ppl_test_"
 LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1", None}
 START_WAIT_S = 30.0
 
@@ -74,35 +73,17 @@ def pg_server_url() -> str:
                 pytrace=False)
 
 
-@contextmanager
-def temporary_database(server_url: str, migrated: bool = True) -> Iterator[str]:
-    """A new database ``ppl_test_<hex>`` on the server, dropped afterwards even if connections linger."""
-    name = f"ppl_test_{secrets.token_hex(6)}"
-    admin = create_engine(server_url, poolclass=NullPool, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    try:
-        url = make_url(server_url).set(database=name).render_as_string(hide_password=False)
-        if migrated:
-            migrate(url)
-        yield url
-    finally:
-        with admin.connect() as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
-
-
 @pytest.fixture
 def empty_database_url(pg_server_url: str) -> Iterator[str]:
     """A fresh database with no schema (for migration tests)."""
-    with temporary_database(pg_server_url, migrated=False) as url:
+    with temporary_database(pg_server_url, prefix=TEST_DATABASE_PREFIX, migrated=False) as url:
         yield url
 
 
 @pytest.fixture
 def database_url(pg_server_url: str) -> Iterator[str]:
     """A fresh database migrated to head, private to one test."""
-    with temporary_database(pg_server_url) as url:
+    with temporary_database(pg_server_url, prefix=TEST_DATABASE_PREFIX) as url:
         yield url
 
 
@@ -118,7 +99,7 @@ def engine(database_url: str) -> Iterator[Engine]:
 @pytest.fixture(scope="module")
 def module_engine(pg_server_url: str) -> Iterator[Engine]:
     """One migrated database shared by a module's tests, for read-only tests over an expensive fixture."""
-    with temporary_database(pg_server_url) as url:
+    with temporary_database(pg_server_url, prefix=TEST_DATABASE_PREFIX) as url:
         engine = make_engine(url)
         try:
             yield engine
