@@ -14,25 +14,17 @@ import signal
 import socket
 import subprocess
 import tempfile
-import time
 from pathlib import Path
 
 import redis
+
+from tests.worker.processes import wait_until
 
 
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
-
-
-def _wait_for(check, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():
-            return
-        time.sleep(0.1)
-    raise RuntimeError(f"{what} did not happen within {timeout:.0f} s")
 
 
 class RedisServer:
@@ -69,7 +61,7 @@ class RedisServer:
              "--appendonly", "yes", "--appendfsync", "always", "--save", "", "--daemonize", "no"],
             stdout=log, stderr=subprocess.STDOUT)
         log.close()
-        _wait_for(self.answers, 30, f"Redis on port {self.port} answering")
+        wait_until(self.answers, timeout=30, what=f"Redis on port {self.port} answering", every=0.1)
         return self
 
     def kill(self) -> None:

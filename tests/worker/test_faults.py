@@ -130,12 +130,19 @@ def wait_for_all(engine, jobs: list[dict], worker: WorkerProcess, timeout: float
         raise AssertionError(f"{exc}; {committed(engine)} committed; worker log tail:\n{tail}") from None
 
 
+def start_mid_run(make_worker, engine, broker: RedisServer, jobs: list[dict], **overrides: str) -> WorkerProcess:
+    """Queue ``jobs``, start a worker, and return once its first batch is committed: the run is under way, the
+    moment to break something."""
+    produce(broker.url, jobs)
+    worker = make_worker(**overrides).start()
+    wait_until(lambda: committed(engine) >= BATCH, timeout=120, what="the first batch", every=0.05)
+    return worker
+
+
 def test_kill_9_mid_batch_loses_and_duplicates_nothing(make_worker, database, broker, upload_root):
     _, engine = database
     jobs = jobs_for(upload_root, 1000)
-    produce(broker.url, jobs)
-    worker = make_worker().start()
-    wait_until(lambda: committed(engine) >= BATCH, timeout=120, what="the first batch", every=0.05)
+    worker = start_mid_run(make_worker, engine, broker, jobs)
     worker.kill()
     in_flight = len(jobs) - committed(engine)
     assert in_flight >= 500, f"only {in_flight} jobs were in flight when the worker was killed"
@@ -154,9 +161,7 @@ def test_kill_9_mid_batch_loses_and_duplicates_nothing(make_worker, database, br
 def test_redis_restart_mid_run_loses_nothing(make_worker, database, broker, upload_root):
     _, engine = database
     jobs = jobs_for(upload_root, 600)
-    produce(broker.url, jobs)
-    worker = make_worker().start()
-    wait_until(lambda: committed(engine) >= BATCH, timeout=120, what="the first batch", every=0.05)
+    worker = start_mid_run(make_worker, engine, broker, jobs)
     broker.kill()  # a crash, not a shutdown: only the append-only file (fsync always) survives
     time.sleep(3)
     broker.start()
@@ -176,11 +181,9 @@ def test_database_outage_of_30_s_retries_and_acknowledges_only_committed_jobs(ma
                                                                               postgres, upload_root):
     _, engine = database
     jobs = jobs_for(upload_root, 600)
-    produce(broker.url, jobs)
     # The visibility timeout exceeds the database retry (10 s), as docs/OPERATIONS.md asks: a batch waiting
     # out the outage hands its jobs back itself instead of having them redelivered under it.
-    worker = make_worker(PPL_VISIBILITY_TIMEOUT_S="30").start()
-    wait_until(lambda: committed(engine) >= BATCH, timeout=120, what="the first batch", every=0.05)
+    worker = start_mid_run(make_worker, engine, broker, jobs, PPL_VISIBILITY_TIMEOUT_S="30")
     postgres.stop("immediate")
     # Taken once the server is down, not before: a batch may commit while the stop is under way. Every row
     # created before this instant was committed before the outage (a transaction cannot outlive the stop),
