@@ -1,0 +1,511 @@
+"""Decoding encoded image bytes into the 8-bit RGB image the model judges, bounded by memory.
+
+One module for every caller (training, ``ppl scan``, the worker), so that they all see the same pixels.
+
+* **What viewers see.** The first *displayed* frame: an APNG's default image that is not part of its
+  animation is skipped, as animation-capable viewers skip it. EXIF orientation is applied. A BMP whose
+  alpha channel is zero everywhere is opaque (browsers treat it so: such files come from encoders that
+  write 0 into the unused fourth byte). High bit depths are scaled by the range their header declares
+  (a 12-bit TIFF by 4095, not 65535). Transparent pixels are composited onto mid-grey.
+* **Untrusted bytes reach only the allowed plugins.** With ``formats``, Pillow runs only those plugins'
+  header parsers (``Image.open(..., formats=...)``). A refused format is named by Pillow's signature
+  check (each plugin's ``accept`` prefix test: a few byte comparisons), never by its parser.
+* **Memory before pixels.** ``decoded_bytes`` estimates, from the header alone, what decoding and the
+  conversion to RGB will peak at (mode, bit depth, orientation, the decoder's own buffers); ``max_bytes``
+  refuses an image over it and a ``MemoryBudget`` shared by threads makes a decode wait until its bytes
+  are free. The factors were measured (``benchmarks/decode_memory.py --modes``, docs/PERFORMANCE.md).
+
+Every failure is ``UnreadableImage`` with one of these ``reason`` codes:
+
+======================  ==================================================================================
+reason                  raised for
+======================  ==================================================================================
+``missing``             a path that does not exist
+``unreadable``          a path that exists but cannot be read (permission, a directory)
+``not_an_image``        no decoder recognises the bytes, or the header of an allowed format is unreadable
+``unsupported_format``  a format outside ``formats``, or a variant of an allowed one that the decoder does
+                        not implement (12-bit JPEG, float RGB TIFF, WebP-compressed TIFF, 2-bit BMP, ...);
+                        ``NotImplementedError`` from any plugin
+``too_large``           over ``max_pixels`` (width × height), over ``max_bytes`` or the whole budget
+                        (estimated decoded bytes), Pillow's decompression-bomb limit, ``MemoryError``
+``corrupt``             the pixel data is truncated or damaged (``OSError``, ``ValueError``, ``EOFError``,
+                        ``SyntaxError``, ``TypeError``, ``IndexError``, ``KeyError``, ``struct.error``,
+                        ``zlib.error``, ``RecursionError`` while decoding)
+``decode_busy``         (transient) the shared ``MemoryBudget`` stayed full for its whole wait
+======================  ==================================================================================
+
+Any other exception is a bug in a decoder and propagates (the worker records it as ``decode_error``).
+"""
+
+from __future__ import annotations
+
+import io
+import struct
+import threading
+import time
+import warnings
+import weakref
+import zlib
+from collections.abc import Collection, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageFile, ImageOps, TiffImagePlugin, UnidentifiedImageError
+
+MISSING = "missing"
+UNREADABLE = "unreadable"
+NOT_AN_IMAGE = "not_an_image"
+UNSUPPORTED_FORMAT = "unsupported_format"
+TOO_LARGE = "too_large"
+CORRUPT = "corrupt"
+DECODE_BUSY = "decode_busy"
+REASONS = frozenset({MISSING, UNREADABLE, NOT_AN_IMAGE, UNSUPPORTED_FORMAT, TOO_LARGE, CORRUPT, DECODE_BUSY})
+
+SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16B", "I;16L", "I;16N"})
+ALPHA_MODES = frozenset({"RGBA", "LA", "PA", "RGBa", "La"})
+TRANSPARENT_BACKGROUND = (128, 128, 128)  # what fully transparent pixels become: deterministic, mid-range
+# Allowed plugins are tried in this order (JPEG before MPO: the JPEG factory itself returns MPO files).
+FORMAT_ORDER = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF", "MPO")
+BAND_PIXELS = 1 << 20  # numeric conversions work on row bands of about this many pixels
+# Messages with which Pillow's plugins refuse a valid file they do not implement (as opposed to damage).
+_UNSUPPORTED_MESSAGES = ("cannot handle", "unknown pixel mode", "unsupported", "not supported", "not configured",
+                         "unknown compression", "not available")
+
+
+class UnreadableImage(Exception):
+    """A file that cannot be decoded as an image.
+
+    ``reason`` is a stable code (see the module docstring) for counting and querying; ``detail`` is the
+    decoder's own message or what the header said.
+    """
+
+    def __init__(self, path: Path | str, reason: str, detail: str = ""):
+        super().__init__(f"{path}: {reason}" + (f" ({detail})" if detail else ""))
+        self.path = str(path)
+        self.reason = reason
+        self.detail = detail
+
+
+# -- memory ------------------------------------------------------------------------------------------------------
+
+# Bytes per pixel that the decode-and-convert path below peaks at, by the mode Pillow decodes into. Pillow keeps
+# 1 byte per pixel for 1/L/P, 2 for I;16 and 4 for everything else (RGB included); the rest is the RGB result
+# and the temporaries of each conversion. Checked against measured peak RSS by tests/test_imageio.py.
+_PEAK_PER_PIXEL = {"1": 5, "L": 5, "P": 5, "RGB": 4, "RGBA": 10, "I;16": 8, "I": 10, "F": 10}
+_PEAK_WITH_ALPHA_CONVERSION = 15  # LA, PA, La, RGBa and tRNS transparency: first converted to RGBA
+_PEAK_OTHER = 8  # CMYK, YCbCr, LAB, HSV, RGBX: decoded + RGB
+_STORED_PER_PIXEL = {"1": 1, "L": 1, "P": 1, "I;16": 2}  # else 4
+DECODE_OVERHEAD_BYTES = 48 << 20  # decoder state, band temporaries, allocator slack: per image, whatever its size
+
+
+def _mode_key(mode: str) -> str:
+    return "I;16" if mode in SIXTEEN_BIT_MODES else mode
+
+
+def decoded_bytes(img: Image.Image) -> int:
+    """Estimated peak bytes that decoding ``img`` (opened, not loaded) and converting it to RGB will take.
+
+    Reads only what ``Image.open`` parsed from the header: size, mode, EXIF orientation, and per format the
+    decoder's own whole-image buffers (progressive JPEG coefficients, WebP's RGBA canvases, a TIFF strip)."""
+    width, height = img.size
+    pixels = width * height
+    key = _mode_key(img.mode)
+    if key in ("LA", "PA", "La", "RGBa") or ("transparency" in img.info and key not in ("I;16", "I", "F")):
+        per_pixel = _PEAK_WITH_ALPHA_CONVERSION
+    else:
+        per_pixel = _PEAK_PER_PIXEL.get(key, _PEAK_OTHER)
+    if _orientation(img) not in (0, 1):
+        per_pixel += _STORED_PER_PIXEL.get(key, 4)  # the transposed copy exists beside the original
+    total = pixels * per_pixel
+    if img.format in ("JPEG", "MPO") and img.info.get("progressive"):
+        # libjpeg keeps every DCT coefficient of a progressive file: 2 bytes per sample, per component
+        layers = getattr(img, "layer", None) or [("", 1, 1, 0)] * len(img.getbands())
+        h_max = max(layer[1] for layer in layers) or 1
+        v_max = max(layer[2] for layer in layers) or 1
+        total += sum(2 * pixels * layer[1] * layer[2] // (h_max * v_max) for layer in layers)
+    elif img.format == "WEBP":
+        total += 12 * pixels  # libwebp's decoded RGBA frame, its animation canvas and the copy Pillow reads
+    elif img.format == "TIFF":
+        total += _tiff_buffer_bytes(img)
+    return total + DECODE_OVERHEAD_BYTES
+
+
+def _orientation(img: Image.Image) -> int:
+    try:
+        return int(img.getexif().get(0x0112, 1))
+    except Exception:  # an unreadable EXIF block: exif_transpose will ignore it as well
+        return 1
+
+
+def _tiff_buffer_bytes(img: Image.Image) -> int:
+    """libtiff reads one whole strip or tile into a buffer of its own before Pillow unpacks it."""
+    tags = getattr(img, "tag_v2", {})
+    width, height = img.size
+    bits = tags.get(258, (8,))
+    bits_per_pixel = sum(bits) if isinstance(bits, tuple) else int(bits) * int(tags.get(277, 1))
+    if 322 in tags and 323 in tags:
+        area = int(tags[322]) * int(tags[323])
+    else:
+        area = width * min(height, int(tags.get(278, height)) or height)
+    return area * bits_per_pixel // 8
+
+
+class MemoryBudget:
+    """Bytes that concurrent decodes may hold together (one per process, shared by its decode threads).
+
+    ``acquire`` waits until the bytes are free; more than ``total`` at once is refused as ``too_large``, and
+    a wait longer than ``wait_s`` as ``decode_busy``."""
+
+    def __init__(self, total: int, wait_s: float = 120.0):
+        self.total = int(total)
+        self.wait_s = wait_s
+        self.used = 0
+        self.peak = 0
+        self._cond = threading.Condition()
+
+    def acquire(self, nbytes: int, path: str = "") -> Reservation:
+        nbytes = int(nbytes)
+        if nbytes > self.total:
+            raise UnreadableImage(path, TOO_LARGE, f"decoding needs about {nbytes} bytes, more than the whole "
+                                                   f"decode memory budget of {self.total} bytes")
+        deadline = time.monotonic() + self.wait_s
+        with self._cond:
+            while self.used + nbytes > self.total:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise UnreadableImage(path, DECODE_BUSY, f"{nbytes} bytes of decode memory not free within "
+                                                             f"{self.wait_s:.0f} s ({self.used} of {self.total} used)")
+                self._cond.wait(left)
+            self.used += nbytes
+            self.peak = max(self.peak, self.used)
+        return Reservation(self, nbytes)
+
+    def _give_back(self, nbytes: int) -> None:
+        with self._cond:
+            self.used -= nbytes
+            self._cond.notify_all()
+
+
+class Reservation:
+    """Bytes held in a ``MemoryBudget``: shrunk to what a decoded image keeps, released when it is gone."""
+
+    def __init__(self, budget: MemoryBudget, nbytes: int):
+        self._budget = budget
+        self._lock = threading.Lock()
+        self.nbytes = nbytes
+
+    def shrink(self, nbytes: int) -> None:
+        with self._lock:
+            freed, self.nbytes = max(0, self.nbytes - nbytes), min(self.nbytes, nbytes)
+        if freed:
+            self._budget._give_back(freed)
+
+    def release(self) -> None:
+        self.shrink(0)
+
+
+# -- decoding ----------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Source:
+    data: bytes
+    path: str
+
+
+def _read(source: Path | str | bytes, name: str) -> _Source:
+    path = name or ("<bytes>" if isinstance(source, bytes | bytearray | memoryview) else str(source))
+    if isinstance(source, bytes | bytearray | memoryview):
+        return _Source(bytes(source), path)
+    try:
+        return _Source(Path(source).read_bytes(), path)
+    except FileNotFoundError:
+        raise UnreadableImage(path, MISSING) from None
+    except OSError as exc:  # a directory, permission denied, an I/O error
+        raise UnreadableImage(path, UNREADABLE, str(exc)) from None
+
+
+def decode_rgb(source: Path | str | bytes, name: str = "", *, max_pixels: int | None = None,
+               formats: Collection[str] | None = None, max_bytes: int | None = None,
+               budget: MemoryBudget | None = None) -> tuple[Image.Image, str]:
+    """Decode a file (path) or encoded bytes: the first displayed frame, EXIF-oriented, as 8-bit RGB.
+
+    Before any pixel is decoded: ``formats`` (Pillow format names) keeps every other plugin away from the
+    bytes (``unsupported_format``); ``max_pixels`` caps width×height and ``max_bytes`` the estimated
+    decoded bytes (``too_large``); ``budget`` reserves those bytes, waiting while other threads hold them,
+    and keeps the returned image's own bytes reserved until the image is garbage. Pillow's
+    decompression-bomb limit (``Image.MAX_IMAGE_PIXELS``) applies on top.
+
+    Returns the image and the decoder's format name (JPEG, PNG, ...)."""
+    src = _read(source, name)
+    path = src.path
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = _open(src, formats)
+            image_format = img.format or ""
+            _seek_first_displayed(img)
+            width, height = img.size
+            if max_pixels is not None and width * height > max_pixels:
+                raise UnreadableImage(path, TOO_LARGE, f"{width}x{height} pixels, over the limit of {max_pixels}")
+            estimate = decoded_bytes(img)
+            if max_bytes is not None and estimate > max_bytes:
+                raise UnreadableImage(path, TOO_LARGE, f"{width}x{height} {img.mode} needs about {estimate} bytes "
+                                                       f"to decode, over the limit of {max_bytes} bytes")
+            reservation = budget.acquire(estimate, path) if budget is not None else None
+            try:
+                img.load()  # inside the try: truncated data is reported as corrupt
+                rgb = _to_rgb_owned(img, _significant_bits(img), bmp=image_format == "BMP")
+            except BaseException:
+                if reservation is not None:
+                    reservation.release()
+                raise
+            if reservation is not None:  # the RGB image keeps 4 bytes per pixel until it is garbage
+                reservation.shrink(4 * rgb.width * rgb.height)
+                weakref.finalize(rgb, reservation.release)
+            return rgb, image_format
+    except UnreadableImage:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning, MemoryError) as exc:
+        raise UnreadableImage(path, TOO_LARGE, f"{type(exc).__name__}: {exc}") from None
+    except NotImplementedError as exc:
+        raise UnreadableImage(path, UNSUPPORTED_FORMAT, f"{exc}" or "not implemented by the decoder") from None
+    # Truncated or damaged data. Pillow's parsers also raise TypeError, KeyError or IndexError on a malformed
+    # field (a TIFF strip offset stored as a FLOAT): damaged input too, not a bug to crash on.
+    except (OSError, ValueError, TypeError, SyntaxError, EOFError, IndexError, KeyError, struct.error, zlib.error,
+            RecursionError) as exc:
+        message = str(exc)
+        if any(m in message.lower() for m in _UNSUPPORTED_MESSAGES):
+            raise UnreadableImage(path, UNSUPPORTED_FORMAT, _variant_detail(src.data, message)) from None
+        raise UnreadableImage(path, CORRUPT, message or type(exc).__name__) from None
+
+
+def _open(src: _Source, formats: Collection[str] | None) -> ImageFile.ImageFile:
+    order = None
+    if formats is not None:
+        allowed = {f.upper() for f in formats}
+        order = [f for f in FORMAT_ORDER if f in allowed] + sorted(allowed - set(FORMAT_ORDER))
+        if not order:
+            raise UnreadableImage(src.path, UNSUPPORTED_FORMAT, "no format is accepted")
+    try:
+        return Image.open(io.BytesIO(src.data), formats=order)
+    except UnidentifiedImageError:
+        pass
+    known = sniff_format(src.data)
+    if known is None:
+        raise UnreadableImage(src.path, NOT_AN_IMAGE, f"no image decoder recognises data starting {src.data[:16]!r}")
+    if order is not None and known not in order:
+        raise UnreadableImage(src.path, UNSUPPORTED_FORMAT, f"{known} is not accepted")
+    # An allowed format's signature, but its parser gave up: ask it why, to tell an unimplemented variant
+    # (a 12-bit JPEG, a float RGB TIFF) from a damaged header.
+    message = _parser_message(known, src.data)
+    if any(m in message.lower() for m in _UNSUPPORTED_MESSAGES):
+        raise UnreadableImage(src.path, UNSUPPORTED_FORMAT, _variant_detail(src.data, f"{known}: {message}"))
+    raise UnreadableImage(src.path, NOT_AN_IMAGE, f"{known} signature, but its header is unreadable: {message}")
+
+
+
+def sniff_format(data: bytes) -> str | None:
+    """The format whose signature ``data`` starts with, by Pillow's own prefix tests, without parsing it."""
+    prefix = data[:16]
+    Image.init()
+    for name, (_, accept) in list(Image.OPEN.items()):
+        if accept is None:
+            continue
+        try:
+            result = accept(prefix)
+        except Exception:  # a prefix test on too few bytes
+            continue
+        if result and not isinstance(result, str):
+            return name
+    if data[-18:].startswith(b"TRUEVISION-XFILE."):  # TGA, whose header has no signature, only this footer
+        return "TGA"
+    return None
+
+
+def _parser_message(format_name: str, data: bytes) -> str:
+    factory = Image.OPEN[format_name][0]
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            factory(io.BytesIO(data), "")
+    except Exception as exc:  # what Image.open swallowed: the plugin's reason
+        return str(exc) or type(exc).__name__
+    return "unknown"
+
+
+def _variant_detail(data: bytes, message: str) -> str:
+    """The decoder's message, plus for a TIFF what the header declares (sample format, bits, compression)."""
+    if data[:4] not in (b"II*\x00", b"MM\x00*"):
+        return message
+    try:
+        ifd = TiffImagePlugin.ImageFileDirectory_v2(data[:8])
+        fp = io.BytesIO(data)
+        fp.seek(ifd.next)
+        ifd.load(fp)
+        sample_format = {1: "unsigned integer", 2: "signed integer", 3: "float"}.get(
+            (ifd.get(339) or (1,))[0], "unknown")
+        compression = TiffImagePlugin.COMPRESSION_INFO.get(ifd.get(259, 1), str(ifd.get(259)))
+        return (f"{message} (TIFF: {sample_format} samples, BitsPerSample {ifd.get(258)}, "
+                f"SamplesPerPixel {ifd.get(277, 1)}, compression {compression})")
+    except Exception:
+        return message
+
+
+def _seek_first_displayed(img: Image.Image) -> None:
+    """Frame 0, except an APNG's default image that is not part of the animation (``default_image``):
+    viewers that play the animation never show it."""
+    if img.format == "PNG" and getattr(img, "default_image", False) and getattr(img, "n_frames", 1) > 1:
+        img.seek(1)
+    elif getattr(img, "n_frames", 1) > 1:
+        img.seek(0)
+
+
+def _significant_bits(img: Image.Image) -> int | None:
+    """Bits per sample the header declares for 16-bit data stored in fewer bits (a 12-bit TIFF)."""
+    if img.mode not in SIXTEEN_BIT_MODES or img.format != "TIFF":
+        return None
+    bits = getattr(img, "tag_v2", {}).get(258)
+    bits = bits[0] if isinstance(bits, tuple) and bits else bits
+    return int(bits) if isinstance(bits, int) and 0 < bits < 16 else None
+
+
+# -- conversion to RGB -------------------------------------------------------------------------------------------
+
+
+def to_rgb(img: Image.Image, *, significant_bits: int | None = None) -> Image.Image:
+    """Any Pillow mode → 8-bit RGB, keeping the whole tonal range and making transparency deterministic.
+
+    High bit depths are scaled, not clipped (Pillow's own conversion clips 16-bit values at 255, which
+    would turn most of a 16-bit image white); ``significant_bits`` (e.g. 12) is the range 16-bit samples
+    really use. Transparent pixels are composited onto mid-grey: their hidden colour values are arbitrary,
+    and dropping alpha would let them reach the detector. ``img`` is left as it was.
+    """
+    return _to_rgb(img, significant_bits, owned=False, bmp=False)
+
+
+def _to_rgb_owned(img: Image.Image, significant_bits: int | None, *, bmp: bool) -> Image.Image:
+    """``to_rgb`` for an image nobody else holds: frees each intermediate as soon as it is no longer needed."""
+    if img.getexif().get(0x0112, 1) not in (0, 1):
+        ImageOps.exif_transpose(img, in_place=True)
+    return _to_rgb(img, significant_bits, owned=True, bmp=bmp)
+
+
+def _release(img: Image.Image, owned: bool) -> None:
+    if owned:
+        img.close()  # drops the pixel memory now, not when the caller's frame ends
+
+
+def _to_rgb(img: Image.Image, significant_bits: int | None, *, owned: bool, bmp: bool) -> Image.Image:
+    mode = img.mode
+    if mode in SIXTEEN_BIT_MODES or mode in ("I", "F"):
+        return _numeric_to_rgb(img, significant_bits, owned)
+    if mode == "RGB" and "transparency" not in img.info:
+        if owned:  # the decoded image itself, detached from its file object
+            rgb = img._new(img.im)
+            _release(img, owned)
+            return rgb
+        return img.copy()
+    if mode == "RGBA":
+        return _composite(img, owned, bmp=bmp)
+    if mode in ALPHA_MODES or "transparency" in img.info:
+        rgba = img.convert("RGBA")  # P and L/RGB with tRNS: Pillow applies the transparency
+        _release(img, owned)
+        return _composite(rgba, True, bmp=False)
+    rgb = img.convert("RGB")  # L, 1, P, CMYK, YCbCr, LAB, HSV, RGBX
+    _release(img, owned)
+    return rgb
+
+
+def _composite(rgba: Image.Image, owned: bool, *, bmp: bool) -> Image.Image:
+    """RGBA over mid-grey, in place on the RGB copy: out = rgb·a + grey·(1 − a)."""
+    alpha = rgba.getchannel("A")
+    low, high = alpha.getextrema()
+    if low == 255 or (bmp and high == 0):  # opaque; or a BMP's unused fourth byte, which viewers ignore
+        del alpha
+        rgb = rgba.convert("RGB")
+        _release(rgba, owned)
+        return rgb
+    inverse = alpha.point(lambda value: 255 - value)
+    del alpha
+    rgb = rgba.convert("RGB")
+    _release(rgba, owned)
+    rgb.paste(TRANSPARENT_BACKGROUND, (0, 0, *rgb.size), inverse)
+    return rgb
+
+
+def _bands(img: Image.Image) -> Iterator[np.ndarray]:
+    """The pixels as numpy arrays, a band of rows at a time (a whole-image array would copy it twice)."""
+    width, height = img.size
+    rows = max(1, BAND_PIXELS // max(1, width))
+    for top in range(0, height, rows):
+        yield np.asarray(img.crop((0, top, width, min(height, top + rows))))
+
+
+def _numeric_to_rgb(img: Image.Image, significant_bits: int | None, owned: bool) -> Image.Image:
+    """16-bit, 32-bit integer and float greyscale → 8 bits, band by band.
+
+    16-bit data keeps its nominal range (65535 → 255, or 2^bits − 1 → 255 with ``significant_bits``);
+    32-bit integers within 0..65535 are 16-bit samples in a wider container; other integer or float data
+    is scaled by its range (0..1 floats by 255). NaN and infinities count as 0."""
+    mode = img.mode
+    scale = None  # (low, high) for range scaling
+    if mode in SIXTEEN_BIT_MODES:
+        kind = "bits"
+    else:
+        low = high = None
+        for band in _bands(img):
+            data = np.nan_to_num(band.astype(np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+            if data.size:
+                low = float(data.min()) if low is None else min(low, float(data.min()))
+                high = float(data.max()) if high is None else max(high, float(data.max()))
+        low, high = (low or 0.0), (high or 0.0)
+        if mode == "I" and low >= 0 and high <= 65535:
+            kind = "shift"
+        elif mode == "F" and low >= 0.0 and high <= 1.0:
+            kind = "unit"
+        else:
+            kind, scale = "range", (min(0.0, low), high)
+    out = np.empty((img.height, img.width), dtype=np.uint8)
+    transparency = img.info.get("transparency")
+    transparent_value = transparency if isinstance(transparency, int) and not isinstance(transparency, bool) else None
+    alpha = np.empty((img.height, img.width), dtype=np.uint8) if transparent_value is not None else None
+    top = 0
+    for band in _bands(img):
+        rows = band.shape[0]
+        out[top:top + rows] = _scale_band(band, kind, significant_bits, scale)
+        if alpha is not None:
+            alpha[top:top + rows] = np.where(band == transparent_value, 0, 255)
+        top += rows
+    _release(img, owned)
+    grey = Image.fromarray(out)
+    del out
+    if alpha is None:
+        return grey.convert("RGB")
+    rgb = grey.convert("RGB")
+    rgb.paste(TRANSPARENT_BACKGROUND, (0, 0, *rgb.size), Image.fromarray(255 - alpha))
+    return rgb
+
+
+def _scale_band(band: np.ndarray, kind: str, significant_bits: int | None,
+                scale: tuple[float, float] | None) -> np.ndarray:
+    if kind == "bits":
+        if significant_bits:
+            top = (1 << significant_bits) - 1
+            values = np.minimum(band.astype(np.uint32), top)
+            return ((values * 255 + top // 2) // top).astype(np.uint8)
+        return (band.astype(np.uint16) >> 8).astype(np.uint8)
+    if kind == "shift":
+        return (band.astype(np.uint32) >> 8).astype(np.uint8)
+    data = np.nan_to_num(band.astype(np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+    if kind == "unit":
+        return np.rint(data * 255.0).astype(np.uint8)
+    low, high = scale or (0.0, 0.0)
+    if high <= low:
+        return np.zeros(data.shape, dtype=np.uint8)
+    return np.rint((data - low) * (255.0 / (high - low))).astype(np.uint8)
+
+
+def load_rgb(source: Path | str | bytes, name: str = "") -> Image.Image:
+    return decode_rgb(source, name)[0]
