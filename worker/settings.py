@@ -49,6 +49,10 @@ class Settings:
     max_download_bytes: int = 32 * 1024 * 1024
     max_redirects: int = 3
     max_pixels: int = 64_000_000  # decompression-bomb cap
+    # Decoding memory, estimated from the header before any pixel is decoded (ppl_model.imageio.decoded_bytes):
+    # one image's decode and conversion to RGB at most, and all decode threads of the process together
+    max_decode_bytes: int = 1 << 30
+    decode_memory_bytes: int = 3 << 29  # 1.5 GiB
     max_metadata_bytes: int = 4096
 
     # Retries of transient failures (HTTP 5xx, database down), with exponential back-off
@@ -82,7 +86,8 @@ class Settings:
 
     def __post_init__(self) -> None:
         positive = ("batch_size", "batch_timeout_ms", "decode_threads", "visibility_timeout_s", "max_download_bytes",
-                    "max_pixels", "max_metadata_bytes", "rescan_chunk", "rescan_max_queue", "tiles")
+                    "max_pixels", "max_decode_bytes", "decode_memory_bytes", "max_metadata_bytes", "rescan_chunk",
+                    "rescan_max_queue", "tiles")
         for name in positive:
             if getattr(self, name) <= 0:
                 raise SettingsError(f"{env_name(name)} must be positive, got {getattr(self, name)}")
