@@ -39,7 +39,12 @@ Any other exception is a bug in a decoder and propagates (the worker records it 
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import functools
+import glob
 import io
+import os
 import struct
 import threading
 import time
@@ -92,8 +97,8 @@ class UnreadableImage(Exception):
 # Bytes per pixel that the decode-and-convert path below peaks at, by the mode Pillow decodes into. Pillow keeps
 # 1 byte per pixel for 1/L/P, 2 for I;16 and 4 for everything else (RGB included); the rest is the RGB result
 # and the temporaries of each conversion. Checked against measured peak RSS by tests/test_imageio.py.
-_PEAK_PER_PIXEL = {"1": 5, "L": 5, "P": 5, "RGB": 4, "RGBA": 10, "I;16": 8, "I": 10, "F": 10}
-_PEAK_WITH_ALPHA_CONVERSION = 15  # LA, PA, La, RGBa and tRNS transparency: first converted to RGBA
+_PEAK_PER_PIXEL = {"1": 5, "L": 5, "P": 5, "RGB": 4, "RGBA": 10, "I;16": 6, "I": 10, "F": 10}
+_PEAK_WITH_ALPHA_CONVERSION = 10  # LA, PA, La, RGBa and tRNS transparency: first converted to RGBA
 _PEAK_OTHER = 8  # CMYK, YCbCr, LAB, HSV, RGBX: decoded + RGB
 _STORED_PER_PIXEL = {"1": 1, "L": 1, "P": 1, "I;16": 2}  # else 4
 DECODE_OVERHEAD_BYTES = 48 << 20  # decoder state, band temporaries, allocator slack: per image, whatever its size
@@ -125,7 +130,7 @@ def decoded_bytes(img: Image.Image) -> int:
         v_max = max(layer[2] for layer in layers) or 1
         total += sum(2 * pixels * layer[1] * layer[2] // (h_max * v_max) for layer in layers)
     elif img.format == "WEBP":
-        total += 12 * pixels  # libwebp's decoded RGBA frame, its animation canvas and the copy Pillow reads
+        total += 13 * pixels  # libwebp's decoded RGBA frame, its animation canvas and the copy Pillow reads
     elif img.format == "TIFF":
         total += _tiff_buffer_bytes(img)
     return total + DECODE_OVERHEAD_BYTES
@@ -276,6 +281,9 @@ def decode_rgb(source: Path | str | bytes, name: str = "", *, max_pixels: int | 
     except (OSError, ValueError, TypeError, SyntaxError, EOFError, IndexError, KeyError, struct.error, zlib.error,
             RecursionError) as exc:
         message = str(exc)
+        refusal = _tiff_codec_refusal(src.data)
+        if refusal:
+            raise UnreadableImage(path, UNSUPPORTED_FORMAT, _variant_detail(src.data, refusal)) from None
         if any(m in message.lower() for m in _UNSUPPORTED_MESSAGES):
             raise UnreadableImage(path, UNSUPPORTED_FORMAT, _variant_detail(src.data, message)) from None
         raise UnreadableImage(path, CORRUPT, message or type(exc).__name__) from None
@@ -285,7 +293,10 @@ def _open(src: _Source, formats: Collection[str] | None) -> ImageFile.ImageFile:
     order = None
     if formats is not None:
         allowed = {f.upper() for f in formats}
+        Image.init()
+        # Only names that have a plugin of their own (MPO files come out of the JPEG plugin)
         order = [f for f in FORMAT_ORDER if f in allowed] + sorted(allowed - set(FORMAT_ORDER))
+        order = [f for f in order if f in Image.OPEN]
         if not order:
             raise UnreadableImage(src.path, UNSUPPORTED_FORMAT, "no format is accepted")
     try:
@@ -295,10 +306,13 @@ def _open(src: _Source, formats: Collection[str] | None) -> ImageFile.ImageFile:
     known = sniff_format(src.data)
     if known is None:
         raise UnreadableImage(src.path, NOT_AN_IMAGE, f"no image decoder recognises data starting {src.data[:16]!r}")
-    if order is not None and known not in order:
+    if formats is not None and known not in {f.upper() for f in formats}:
         raise UnreadableImage(src.path, UNSUPPORTED_FORMAT, f"{known} is not accepted")
     # An allowed format's signature, but its parser gave up: ask it why, to tell an unimplemented variant
     # (a 12-bit JPEG, a float RGB TIFF) from a damaged header.
+    refusal = _tiff_codec_refusal(src.data) if known == "TIFF" else None
+    if refusal:
+        raise UnreadableImage(src.path, UNSUPPORTED_FORMAT, _variant_detail(src.data, refusal))
     message = _parser_message(known, src.data)
     if any(m in message.lower() for m in _UNSUPPORTED_MESSAGES):
         raise UnreadableImage(src.path, UNSUPPORTED_FORMAT, _variant_detail(src.data, f"{known}: {message}"))
@@ -308,6 +322,8 @@ def _open(src: _Source, formats: Collection[str] | None) -> ImageFile.ImageFile:
 
 def sniff_format(data: bytes) -> str | None:
     """The format whose signature ``data`` starts with, by Pillow's own prefix tests, without parsing it."""
+    if data[-18:].startswith(b"TRUEVISION-XFILE."):  # TGA's footer: its header has no signature, and it
+        return "TGA"  # can start like a CUR file's
     prefix = data[:16]
     Image.init()
     for name, (_, accept) in list(Image.OPEN.items()):
@@ -319,8 +335,6 @@ def sniff_format(data: bytes) -> str | None:
             continue
         if result and not isinstance(result, str):
             return name
-    if data[-18:].startswith(b"TRUEVISION-XFILE."):  # TGA, whose header has no signature, only this footer
-        return "TGA"
     return None
 
 
@@ -335,15 +349,59 @@ def _parser_message(format_name: str, data: bytes) -> str:
     return "unknown"
 
 
-def _variant_detail(data: bytes, message: str) -> str:
-    """The decoder's message, plus for a TIFF what the header declares (sample format, bits, compression)."""
+def _tiff_directory(data: bytes) -> TiffImagePlugin.ImageFileDirectory_v2 | None:
     if data[:4] not in (b"II*\x00", b"MM\x00*"):
-        return message
+        return None
     try:
         ifd = TiffImagePlugin.ImageFileDirectory_v2(data[:8])
         fp = io.BytesIO(data)
         fp.seek(ifd.next)
         ifd.load(fp)
+        return ifd
+    except Exception:  # a damaged directory: no more detail to give
+        return None
+
+
+@functools.cache
+def _libtiff() -> ctypes.CDLL | None:
+    """The libtiff Pillow decodes with (its wheel's copy, else the system's), to ask which codecs it has."""
+    import PIL
+
+    candidates = sorted(glob.glob(os.path.join(os.path.dirname(PIL.__file__), os.pardir, "pillow.libs", "libtiff*")))
+    candidates.append(ctypes.util.find_library("tiff") or "")
+    for candidate in filter(None, candidates):
+        try:
+            lib = ctypes.CDLL(candidate)
+            lib.TIFFIsCODECConfigured.argtypes = [ctypes.c_uint16]
+            return lib
+        except (OSError, AttributeError):
+            continue
+    return None
+
+
+def _tiff_codec_refusal(data: bytes) -> str | None:
+    """Why a TIFF cannot be decoded whatever its data: a compression Pillow does not know, or one this
+    build's libtiff was compiled without (WebP, ZSTD, ... are optional; libtiff says so only on stderr)."""
+    ifd = _tiff_directory(data)
+    if ifd is None:
+        return None
+    code = ifd.get(259, 1)
+    if not isinstance(code, int):
+        return None
+    if code not in TiffImagePlugin.COMPRESSION_INFO:
+        return f"TIFF compression {code} is not known to the decoder"
+    lib = _libtiff()
+    if code != 1 and lib is not None and not lib.TIFFIsCODECConfigured(code):
+        return f"TIFF compression {TiffImagePlugin.COMPRESSION_INFO[code]} ({code}) is not built into libtiff here"
+    return None
+
+
+def _variant_detail(data: bytes, message: str) -> str:
+    """The decoder's message, plus for a TIFF what the header declares (sample format, bits, compression)."""
+    ifd = _tiff_directory(data)
+    if ifd is None:
+        return message
+    try:
         sample_format = {1: "unsigned integer", 2: "signed integer", 3: "float"}.get(
             (ifd.get(339) or (1,))[0], "unknown")
         compression = TiffImagePlugin.COMPRESSION_INFO.get(ifd.get(259, 1), str(ifd.get(259)))
