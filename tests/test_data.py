@@ -351,3 +351,70 @@ def test_to_rgb_composites_every_kind_of_transparency_onto_mid_grey():
     sixteen = Image.fromarray(np.array([[1000, 65535]], dtype=np.uint16))
     decoded = decode_rgb(_encoded(sixteen, "PNG", transparency=1000))[0]
     assert [decoded.getpixel((x, 0)) for x in (0, 1)] == [grey, (255, 255, 255)]
+
+
+def _smooth(height, width, shift=0.0):
+    """A smooth RGB image (low-frequency waves), so resampling it changes little but shifting it changes a lot."""
+    y, x = np.mgrid[0:height, 0:width] / max(height, width)
+    channels = [127 + 100 * np.sin(2 * np.pi * (1.3 * x + 0.7 * y + shift + c / 3)) for c in range(3)]
+    return Image.fromarray(np.stack(channels, -1).round().astype(np.uint8))
+
+
+@pytest.mark.parametrize("policy", ["resize", "refuse"])
+def test_a_size_mismatched_pair_is_resized_to_the_real_image_or_refused_never_shifted(tmp_path, policy):
+    real = _smooth(40, 48)
+    _save(tmp_path / "real.png", real)
+    # A reconstruction at twice the size (as SD outputs at 512 px are for smaller photos), a little brighter so
+    # its patches can be told from the real ones.
+    fake = Image.fromarray(np.clip(np.asarray(real.resize((96, 80), Image.Resampling.BICUBIC)).astype(int) + 20,
+                                   0, 255).astype(np.uint8))
+    _save(tmp_path / "fake.png", fake)
+    samples = [Sample(tmp_path / "fake.png", 1, partner=tmp_path / "real.png")]
+    ds = _dataset(samples, train=True, rpr=RPRConfig(prob=1.0, ratio=0.5, size_mismatch=policy))
+    real_px = np.asarray(real).astype(float)
+    for epoch in range(3):
+        ds.set_epoch(epoch)
+        item = ds[0]
+        assert item["size_mismatched"] is True and item["label"] == 1
+        pixels = item["pixel_values"].permute(1, 2, 0).numpy().round()
+        labels = item["patch_labels"].numpy()
+        if policy == "refuse":  # not composited: the whole fake, labelled fake everywhere
+            assert item["rpr"] is False and labels.min() == 1
+            continue
+        assert item["rpr"] is True and labels.mean() == 0.5
+        # Where the crop box sits in the real image: the real patches are its exact pixels.
+        i, j = np.argwhere(labels == 0)[0]
+        offsets = [(t, left) for t in range(40 - 31) for left in range(48 - 31)
+                   if np.array_equal(real_px[t + 8 * i:t + 8 * i + 8, left + 8 * j:left + 8 * j + 8],
+                                     pixels[8 * i:8 * i + 8, 8 * j:8 * j + 8])]
+        assert len(offsets) == 1
+        t, left = offsets[0]
+        # Every generated patch shows the same content at the same place (+20 brightness, resampling error):
+        # aligned, not a shifted or zoomed corner of the reconstruction.
+        for k, m in np.argwhere(labels == 1):
+            patch = pixels[8 * k:8 * k + 8, 8 * m:8 * m + 8]
+            under = real_px[t + 8 * k:t + 8 * k + 8, left + 8 * m:left + 8 * m + 8]
+            assert abs(np.abs(patch - under - 20).mean()) < 4
+    batch = collate([ds[0], ds[0]])
+    assert batch["size_mismatched"] == 2
+
+
+def test_aligned_pairs_are_not_counted_as_mismatched(tmp_path):
+    real = _smooth(40, 48)
+    _save(tmp_path / "real.png", real)
+    _save(tmp_path / "fake.png", _smooth(40, 48, shift=0.1))
+    ds = _dataset([Sample(tmp_path / "fake.png", 1, partner=tmp_path / "real.png")], train=True,
+                  rpr=RPRConfig(prob=1.0))
+    assert ds[0]["size_mismatched"] is False and ds[0]["rpr"] is True
+    assert collate([ds[0]])["size_mismatched"] == 0
+
+
+def test_patch_dropout_sets_a_fixed_share_of_grid_patches_to_the_mean(tmp_path):
+    _save(tmp_path / "a.png", _smooth(32, 32))
+    ds = DetectionDataset([Sample(tmp_path / "a.png", 0)], input_size=32, patch_size=8, train=True,
+                          augment=AugmentConfig(flip_prob=0, jpeg_prob=0, blur_prob=0, patch_dropout=0.25),
+                          mean=(0.5, 0.5, 0.5), std=(0.1, 0.1, 0.1))
+    pixels = ds[0]["pixel_values"]
+    zero_patches = pixels.abs().reshape(3, 4, 8, 4, 8).sum(dim=(0, 2, 4)).eq(0)
+    assert int(zero_patches.sum()) == 4  # round(0.25 · 16)
+    assert ds[0]["patch_labels"].eq(0).all()  # labels untouched: no patch supervision in this control

@@ -233,15 +233,20 @@ class DetectionDataset(Dataset):
         use_rpr = (self.rpr is not None and sample.label == FAKE and sample.partner is not None
                    and rng.random() < self.rpr.prob)
         partner = load_rgb(sample.partner) if use_rpr else None
+        # A reconstruction of another size than its real image (e.g. a 512-px SD output) is never cut to a
+        # common corner: that would shift its content against the real image and leave seams on the grid.
+        mismatched = partner is not None and partner.size != img.size
+        if mismatched:
+            assert self.rpr is not None
+            if self.rpr.size_mismatch == "refuse":
+                partner = None  # used whole, as a pure fake
+            else:
+                img = img.resize(partner.size, Image.Resampling.BICUBIC)
         width, height = img.size
-        if partner is not None:  # one box for both, inside the region they share, so the grids coincide
-            width, height = min(width, partner.width), min(height, partner.height)
         left, top = random_offset(width, size, rng), random_offset(height, size, rng)
         flip = rng.random() < aug.flip_prob
 
         def take(image: Image.Image) -> Image.Image:
-            if image.size != (width, height):
-                image = image.crop((0, 0, width, height))
             box = crop_at(image, left, top, size, self.fill)
             return box.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if flip else box
 
@@ -252,17 +257,32 @@ class DetectionDataset(Dataset):
                                         ratio=self.rpr.ratio, patch_size=self.patch_size, rng=rng)
             out, patch_labels = Image.fromarray(composite.image), composite.patch_labels
         pixels = to_tensor(augment_quality(out, aug, rng), self.mean, self.std)
-        return self._item(pixels, sample.label, patch_labels, rpr=partner is not None)
+        if aug.patch_dropout > 0:
+            pixels = self._drop_patches(pixels, aug.patch_dropout, rng)
+        item = self._item(pixels, sample.label, patch_labels, rpr=partner is not None)
+        item["size_mismatched"] = mismatched
+        return item
+
+    def _drop_patches(self, pixels: torch.Tensor, fraction: float, rng: np.random.Generator) -> torch.Tensor:
+        """Set round(fraction·G²) random grid patches to the normalisation mean (0 once normalised)."""
+        count = round(fraction * self.grid * self.grid)
+        if count == 0:
+            return pixels
+        keep = torch.ones(self.grid * self.grid)
+        keep[torch.from_numpy(rng.permutation(self.grid * self.grid)[:count])] = 0
+        mask = keep.reshape(self.grid, self.grid).repeat_interleave(self.patch_size, 0)
+        return pixels * mask.repeat_interleave(self.patch_size, 1)[None]
 
 
 def collate(items: list[dict[str, Any] | Skipped]) -> dict[str, Any]:
     """Stack the readable items; report the skipped ones in ``skipped``."""
     good = [item for item in items if not isinstance(item, Skipped)]
     skipped = [item for item in items if isinstance(item, Skipped)]
-    batch: dict[str, Any] = {"skipped": skipped, "size": len(good)}
+    batch: dict[str, Any] = {"skipped": skipped, "size": len(good), "size_mismatched": 0}
     if good:
         batch["pixel_values"] = torch.stack([item["pixel_values"] for item in good])
         batch["labels"] = torch.tensor([item["label"] for item in good], dtype=torch.float32)
         batch["patch_labels"] = torch.stack([item["patch_labels"] for item in good])
         batch["rpr"] = torch.tensor([item["rpr"] for item in good])
+        batch["size_mismatched"] = sum(bool(item.get("size_mismatched")) for item in good)
     return batch
