@@ -182,7 +182,7 @@ def test_analyze_end_to_end(tmp_path):
     write_threshold(model, 1 / (1 + math.exp(-median)))
 
     out = tmp_path / "out"
-    summary = analyze(model, data, out, batch_size=7, progress=False, device="cpu")
+    summary = analyze(model, data, out, baseline="mean", batch_size=7, progress=False, device="cpu")
     assert json.loads((out / "summary.json").read_text()) == summary
     for key in SUMMARY_KEYS:
         stats = summary[key]
@@ -192,8 +192,11 @@ def test_analyze_end_to_end(tmp_path):
         if stats["n"] > 1:
             assert math.isfinite(stats["std"])
     assert summary["images"] == 6 and summary["grid"] == [G, G] and summary["version_id"] == info.version_id
-    assert summary["normalized_entropy"]["n"] + summary["undefined_uniformity"] == 6
-    assert summary["flip_rate"]["n"] == int((logits >= median).sum()) == 3
+    assert summary["normalized_entropy_all"]["n"] + summary["undefined_uniformity"] == 6
+    assert summary["normalized_entropy_fake"]["n"] + summary["normalized_entropy_real"]["n"] == \
+        summary["normalized_entropy_all"]["n"]
+    fake_labelled = np.array([p.relative_to(data).parts[0] == "fake" for p in readable])
+    assert summary["flip_rate"]["n"] == int((logits[fake_labelled] >= median).sum())
     assert summary["random_patch_accuracy_drop"]["n"] == 6
     assert [(Path(s["path"]).name, s["reason"]) for s in summary["skipped"]] == [("broken.png", "not_an_image")]
 
@@ -217,7 +220,7 @@ def test_analyze_end_to_end(tmp_path):
         fake = record["base_logit"] >= median
         assert record["correct"] == (int(fake) == record["label"])
         assert isinstance(record["random_patch_correct"], bool)
-        assert (record["flipped"] is None) == (not fake)
+        assert (record["flipped"] is None) == (not (fake and record["label"] == 1))
         # Checked against a fresh forward of the crop with its most influential patch masked.
         crop = prepare(path, prep).crops[0]
         i, j = record["top_patch"]
@@ -226,7 +229,7 @@ def test_analyze_end_to_end(tmp_path):
             base, masked_logit = detector(torch.stack([crop, masked])).image_logit.tolist()
         assert record["base_logit"] == pytest.approx(base, abs=1e-4)
         assert record["max_cde"] == pytest.approx(base - masked_logit, abs=1e-4)
-        if fake:
+        if fake and record["label"] == 1:
             assert record["flipped"] == (masked_logit < median)
 
 
@@ -249,6 +252,34 @@ def test_analyze_unlabelled_folder_with_fixed_baselines(tmp_path, baseline):
     assert [r["label"] for r in records] == [None, None]
     assert all(r["random_patch_correct"] is None and r["correct"] is None for r in records)
     assert len(list((tmp_path / "out" / "heatmaps").glob("img*.png.png"))) == 2
+
+
+def test_flip_rate_counts_fakes_only_and_uniformity_is_summarised_per_label(tmp_path):
+    # Every image predicted fake (threshold ~0): the real ones are false positives, never "flips".
+    rng = np.random.default_rng(3)
+    data = tmp_path / "data"
+    for kind, count in (("real", 4), ("fake", 2)):
+        (data / kind).mkdir(parents=True)
+        for k in range(count):
+            noise_image(rng, (32, 32), smooth=kind == "fake").save(data / kind / f"{k}.png")
+    model = save_random_model(tmp_path / "model")
+    write_threshold(model, 1e-12)
+    summary = analyze(model, data, tmp_path / "out", progress=False, device="cpu")
+    records = [json.loads(line) for line in (tmp_path / "out" / "images.jsonl").read_text().splitlines()]
+    assert all(r["predicted"] == 1 for r in records)
+    assert [r["flipped"] is None for r in records if r["label"] == 0] == [True] * 4
+    assert summary["flip_rate"]["n"] == 2  # the two fakes, not all six predicted-fake images
+    flips = [float(r["flipped"]) for r in records if r["label"] == 1]
+    assert summary["flip_rate"]["mean"] == pytest.approx(sum(flips) / 2)
+    for key in UNIFORMITY_KEYS:
+        for group, label in (("fake", 1), ("real", 0)):
+            values = [r[key] for r in records if r["label"] == label and r[key] is not None]
+            assert summary[f"{key}_{group}"]["n"] == len(values)
+            if values:
+                assert summary[f"{key}_{group}"]["mean"] == pytest.approx(float(np.mean(values)))
+    # The paper's fill is the default, and the summary says which fill was used.
+    assert summary["baseline"] == "zero" and "paper" in summary["fill_description"]
+    np.testing.assert_allclose(summary["fill"], np.zeros(3), atol=1e-6)
 
 
 def test_analyze_rejects_an_unknown_baseline(tmp_path):

@@ -28,9 +28,18 @@ from ppl_model.data.transforms import UnreadableImage
 from ppl_model.inference.preprocess import Preprocessing, prepare
 from ppl_model.model_dir import load_model_dir
 
-BASELINES = ("mean", "zero", "black")
+BASELINES = ("zero", "mean", "black")
+FILL_DESCRIPTIONS = {
+    "zero": "normalised zero (the model's mean colour), as in the paper",
+    "mean": "the mean RGB colour of the analysed centre crops",
+    "black": "black (RGB 0, 0, 0)",
+}
 UNIFORMITY_KEYS = ("normalized_entropy", "top1_mass", "top5pct_mass", "gini")
-SUMMARY_KEYS = (*UNIFORMITY_KEYS, "flip_rate", "random_patch_accuracy_drop")
+# Uniformity is summarised per label: a detector that calls real images fake has "evidence" on them too,
+# and pooling it with the fakes' would compare different things between detectors.
+GROUPS = ("fake", "real", "all")
+SUMMARY_KEYS = (*(f"{key}_{group}" for group in GROUPS for key in UNIFORMITY_KEYS), "flip_rate",
+                "random_patch_accuracy_drop")
 
 
 def patch_masked_copies(pixels: torch.Tensor, patch_size: int, fill: torch.Tensor | Sequence[float]) -> torch.Tensor:
@@ -204,20 +213,26 @@ def _json_value(value: float) -> float | None:
     return value if math.isfinite(value) else None  # JSON has no NaN
 
 
-def analyze(model_dir: str | Path, images_dir: str | Path, out_dir: str | Path, *, baseline: str = "mean",
+def analyze(model_dir: str | Path, images_dir: str | Path, out_dir: str | Path, *, baseline: str = "zero",
             batch_size: int = 256, seed: int = 0, progress: bool = True,
             device: str | torch.device | None = None) -> dict[str, Any]:
     """CDE maps, heatmaps and Few-Patch-Bias summaries for every image under ``images_dir``.
 
     Writes ``out_dir/images.jsonl`` (one record per readable image), ``out_dir/heatmaps/*.png`` and
     ``out_dir/summary.json``, and returns the summary. Each summary entry is ``{"mean", "std", "n"}`` over
-    the images where it is defined (uniformity: ΣCDE⁺ > 0; ``flip_rate``: images predicted fake;
-    ``random_patch_accuracy_drop``: labelled images), with the sample std (null when n < 2). For the
-    accuracy drop, ``std`` is the std of the per-image difference correct − correct-after-one-random-patch
-    (values in {−1, 0, 1}), so ``std / sqrt(n)`` is its standard error; no bootstrap.
+    the images where it is defined, with the sample std (null when n < 2):
 
-    Baselines: ``mean`` the mean RGB colour of all analysed centre crops, ``zero`` the model's
-    normalisation mean (normalised zero), ``black``. Unreadable files are skipped and listed with reasons.
+    * uniformity ``<key>_fake``, ``<key>_real`` and ``<key>_all`` (e.g. ``normalized_entropy_fake``): over
+      fake-labelled, real-labelled and all images with ΣCDE⁺ > 0 (an unlabelled folder has only ``_all``);
+    * ``flip_rate``: over fake-labelled images predicted fake (only those can flip to real); in an
+      unlabelled folder, over images predicted fake;
+    * ``random_patch_accuracy_drop``: over labelled images; its ``std`` is the std of the per-image
+      difference correct − correct-after-one-random-patch (values in {−1, 0, 1}), so ``std / sqrt(n)`` is
+      its standard error; no bootstrap.
+
+    Fills (``baseline``): ``zero`` normalised zero, i.e. the model's normalisation mean (the paper's zeroed
+    patch; the default), ``mean`` the mean RGB colour of all analysed centre crops, ``black``. The fill is
+    recorded in the summary. Unreadable files are skipped and listed with reasons.
     """
     if baseline not in BASELINES:
         raise ValueError(f"baseline must be one of {', '.join(BASELINES)}")
@@ -264,7 +279,10 @@ def analyze(model_dir: str | Path, images_dir: str | Path, out_dir: str | Path, 
     bar.close()
 
     drops = [int(r["correct"]) - int(r["random_patch_correct"]) for r in records if r["label"] is not None]
-    summary: dict[str, Any] = {key: _stats(r[key] for r in records) for key in UNIFORMITY_KEYS}
+    groups = {"fake": [r for r in records if r["label"] == 1], "real": [r for r in records if r["label"] == 0],
+              "all": records}
+    summary: dict[str, Any] = {f"{key}_{group}": _stats(r[key] for r in members)
+                               for group, members in groups.items() for key in UNIFORMITY_KEYS}
     summary["flip_rate"] = _stats(float(r["flipped"]) for r in records if r["flipped"] is not None)
     summary["random_patch_accuracy_drop"] = _stats(drops)
     summary |= {
@@ -272,6 +290,7 @@ def analyze(model_dir: str | Path, images_dir: str | Path, out_dir: str | Path, 
         "skipped": sorted(skipped.values(), key=lambda s: s["path"]),
         "undefined_uniformity": sum(r["normalized_entropy"] is None for r in records),
         "baseline": baseline,
+        "fill_description": FILL_DESCRIPTIONS[baseline],
         "fill_rgb": [float(v) for v in fill_rgb],  # in [0, 1], pixel space
         "fill": fill.tolist(),  # normalised, as fed to the model
         "version_id": info.version_id,
@@ -303,7 +322,8 @@ def _image_record(index: int, path: Path, images_dir: Path, label: int | None, b
         **{key: _json_value(value) for key, value in uniformity(cde).items()},
         "top_patch": [top // grid, top % grid],
         "max_cde": float(cde.flat[top]),
-        "flipped": bool(base - cde.flat[top] < threshold) if predicted else None,
+        # Only a fake predicted fake can flip to real; a real image called fake is a false positive, not a flip.
+        "flipped": bool(base - cde.flat[top] < threshold) if predicted and label in (1, None) else None,
         "random_patch": [random_patch // grid, random_patch % grid],
         "random_patch_correct": None if label is None else masked_prediction == label,
         "heatmap": f"heatmaps/{relative.replace('/', '__')}.png",
