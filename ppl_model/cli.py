@@ -40,6 +40,7 @@ def _analyze(args: argparse.Namespace) -> int:
         mean = "n/a" if stats["mean"] is None else f"{stats['mean']:.4f}"
         std = "" if stats["std"] is None else f" ± {stats['std']:.4f}"
         print(f"{key:28s} {mean}{std}  (n = {stats['n']})")
+    print(f"fill: {summary['fill_description']}")
     print(f"{summary['images']} images analysed, {len(summary['skipped'])} skipped; heatmaps and summary.json in "
           f"{args.out}")
     return 0
@@ -232,8 +233,9 @@ def build_parser() -> argparse.ArgumentParser:
     analysis.add_argument("--model", required=True, help="model directory")
     analysis.add_argument("--images", required=True, help="folder of images (real/ + fake/ for labels)")
     analysis.add_argument("--out", required=True, type=Path, help="folder for summary.json, images.jsonl, heatmaps/")
-    analysis.add_argument("--baseline", default="mean", choices=["mean", "zero", "black"],
-                          help="fill of a masked patch: the images' mean colour, the model's mean, or black")
+    analysis.add_argument("--baseline", default="zero", choices=["zero", "mean", "black"],
+                          help="fill of a masked patch: normalised zero (the model's mean colour, as in the paper), "
+                               "the images' mean colour, or black")
     analysis.add_argument("--batch-size", type=int, default=256, help="masked copies per forward pass")
     analysis.add_argument("--seed", type=int, default=0, help="draws the random patch of the accuracy-drop test")
     analysis.add_argument("--no-progress", action="store_true")

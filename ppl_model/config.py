@@ -54,6 +54,9 @@ class AugmentConfig:
     jpeg_quality: list[int] = field(default_factory=lambda: [30, 100])
     blur_prob: float = 0.1
     blur_sigma: list[float] = field(default_factory=lambda: [0.1, 3.0])
+    # Fraction of each training image's grid patches set to the normalisation mean (0 = off): the
+    # patch-dropout control of the synthbench ablation, which hides patches without RPR's patch labels.
+    patch_dropout: float = 0.0
 
 
 @dataclass
@@ -64,6 +67,11 @@ class RPRConfig:
     # Both need pixel-aligned (real, fake) pairs (the paired layout); unpaired fakes are used as they are.
     # "reconstruction": generator patches into the real image; "real-into-fake": real patches into the fake.
     variant: str = "reconstruction"
+    # A reconstruction whose size differs from its real image (e.g. 512-px SD outputs of smaller photos):
+    # "resize" it to the real image's size (bicubic) before the shared crop, or "refuse" to composite it
+    # (the fake is then used whole). Never cropped to a common corner, which would shift its content
+    # against the real image. Each case is counted in metrics.jsonl (size_mismatched_pairs).
+    size_mismatch: str = "resize"
 
 
 @dataclass
@@ -74,6 +82,14 @@ class LossConfig:
     # point, which starves the image head (docs/TRAINING.md). 0 = the paper's constant λ.
     pcl_warmup_fraction: float = 0.0
     margin: float = 1.0  # α
+    # "balanced": pairs across the batch and within each image, same-label and different-label pairs
+    # weighted equally (cannot collapse label-blind embeddings); "paper": the mean over pairs across the
+    # batch, the paper's exact form. ppl_model/losses.py explains both.
+    pcl_form: str = "balanced"
+    # Width of a small MLP on the patch tokens whose output alone feeds PCL (0: PCL acts on the tokens
+    # themselves, as in the paper). It keeps the contrastive geometry off the tokens the heads read; it is
+    # used in training only and is not part of the saved model.
+    pcl_projection: int = 0
     patch_weight: float = 0.5  # weight of the patch-head BCE (this project's addition)
     patches_per_image: int = 16  # patches sampled per image for PCL
     pairs_per_patch: int = 32  # partners per sampled patch: PCL cost is linear in batch size
@@ -136,6 +152,10 @@ class ExperimentConfig:
             (0.0 <= self.loss.pcl_weight <= 1.0, "loss.pcl_weight (λ) must be in [0, 1]"),
             (0.0 <= self.loss.pcl_warmup_fraction <= 1.0, "loss.pcl_warmup_fraction must be in [0, 1]"),
             (self.loss.patches_per_image >= 1 and self.loss.pairs_per_patch >= 1, "PCL sampling must be ≥ 1"),
+            (self.loss.pcl_form in {"paper", "balanced"}, "loss.pcl_form must be paper or balanced"),
+            (self.loss.pcl_projection >= 0, "loss.pcl_projection must be ≥ 0 (0 = no projection head)"),
+            (self.rpr.size_mismatch in {"resize", "refuse"}, "rpr.size_mismatch must be resize or refuse"),
+            (0.0 <= self.augment.patch_dropout < 1.0, "augment.patch_dropout must be in [0, 1)"),
             (self.train.amp in {"auto", "bf16", "fp16", "off"}, "train.amp must be auto, bf16, fp16 or off"),
             (self.train.batch_size >= 1 and self.train.grad_accum >= 1, "batch_size and grad_accum must be ≥ 1"),
             (len(self.augment.jpeg_quality) == 2 and min(self.augment.jpeg_quality) >= 1, "jpeg_quality: [lo, hi]"),

@@ -20,7 +20,9 @@ from ppl_model.config import ModelConfig
 class DetectorOutput(NamedTuple):
     image_logit: torch.Tensor  # (B,)
     patch_logits: torch.Tensor  # (B, G, G) on the ViT patch grid
-    patch_embeddings: torch.Tensor  # (B, G*G, D), unit L2 norm
+    patch_embeddings: torch.Tensor  # (B, G*G, D), unit L2 norm: the tokens the heads read
+    pooled: torch.Tensor | None = None  # (B, D): the image head's input (CLIP: the CLS token)
+    contrast_embeddings: torch.Tensor | None = None  # (B, G*G, P), unit norm: PCL's space when projected
 
 
 class PPLDetector(nn.Module):
@@ -29,6 +31,7 @@ class PPLDetector(nn.Module):
         self.backbone = backbone
         self.image_head = nn.Linear(backbone.hidden_size, 1)
         self.patch_head = nn.Linear(backbone.hidden_size, 1)
+        self.pcl_projection: nn.Module | None = None
 
     @property
     def input_size(self) -> int:
@@ -43,7 +46,19 @@ class PPLDetector(nn.Module):
         batch, grid = pixel_values.shape[0], self.grid_size
         image_logit = self.image_head(pooled).squeeze(-1)
         patch_logits = self.patch_head(patches).squeeze(-1).reshape(batch, grid, grid)
-        return DetectorOutput(image_logit, patch_logits, F.normalize(patches, dim=-1))
+        contrast = None
+        if self.pcl_projection is not None:
+            contrast = F.normalize(self.pcl_projection(patches), dim=-1)
+        return DetectorOutput(image_logit, patch_logits, F.normalize(patches, dim=-1), pooled, contrast)
+
+    def add_pcl_projection(self, dim: int) -> None:
+        """A two-layer MLP on the patch tokens whose output feeds only PCL (supervised-contrastive style)."""
+        hidden = self.backbone.hidden_size
+        self.pcl_projection = nn.Sequential(nn.Linear(hidden, hidden), nn.GELU(), nn.Linear(hidden, dim))
+
+    def drop_pcl_projection(self) -> None:
+        """Training-only: removed before the model directory is written, so serving never carries it."""
+        self.pcl_projection = None
 
     def configure_finetuning(self, cfg: ModelConfig) -> None:
         """LoRA: adapters and heads train, the backbone stays frozen. Full: everything trains."""

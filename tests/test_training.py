@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+from PIL import Image
 
 from ppl_model.model_dir import load_model_dir
 from ppl_model.training import runner
@@ -146,3 +147,53 @@ def test_epoch_sampler_shards_evenly_and_resumes_mid_epoch():
     assert list(sampler) == full[6:] and len(sampler) == 4
     sampler.set_epoch(3)
     assert list(sampler) != full
+
+
+def test_each_step_logs_every_loss_term_and_the_collapse_indicators(tmp_path):
+    data = _paired(tmp_path, 16)
+    run_training(tiny_experiment(loss={"pcl_projection": 16}), data, tmp_path / "out", show_progress=False)
+    steps = _events(tmp_path / "out", "train")
+    for row in steps:
+        assert {"loss", "bce", "pcl", "patch", "patch_cosine", "cls_std", "contrast_cosine",
+                "size_mismatched_pairs"} <= set(row)
+        assert -1.0 <= row["patch_cosine"] <= 1.0 and -1.0 <= row["contrast_cosine"] <= 1.0
+        assert row["cls_std"] > 0
+
+
+def test_a_collapse_of_the_patch_embeddings_warns_and_is_logged(tmp_path):
+    # The paper's PCL alone (λ = 1, no BCE, no patch loss) on label-blind noise: it collapses the tokens.
+    data = _paired(tmp_path, 24)
+    cfg = tiny_experiment(loss={"pcl_weight": 1.0, "patch_weight": 0.0, "pcl_form": "paper", "pcl_projection": 0,
+                                "pcl_warmup_fraction": 0.0}, train={"epochs": 8, "batch_size": 8})
+    with pytest.warns(UserWarning, match="patch embeddings collapsed"):
+        run_training(cfg, data, tmp_path / "out", show_progress=False)
+    warnings = _events(tmp_path / "out", "warning")
+    assert len(warnings) == 1 and warnings[0]["kind"] == "collapse" and warnings[0]["patch_cosine"] > 0.9
+    steps = _events(tmp_path / "out", "train")
+    assert steps[0]["patch_cosine"] < 0.9 < steps[-1]["patch_cosine"]
+
+
+def test_the_pcl_projection_head_trains_but_is_not_part_of_the_saved_model(tmp_path):
+    data = _paired(tmp_path, 8)
+    cfg = tiny_experiment(loss={"pcl_projection": 16}, train={"epochs": 1})
+    info = run_training(cfg, data, tmp_path / "out", show_progress=False)
+    start = _events(tmp_path / "out", "start")[0]
+    without = run_training(tiny_experiment(loss={"pcl_projection": 0}, train={"epochs": 1}), data,
+                           tmp_path / "plain", show_progress=False)
+    assert start["trainable_params"] > _events(tmp_path / "plain", "start")[0]["trainable_params"]
+    detector, loaded = load_model_dir(tmp_path / "out")  # strict: no leftover projection weights
+    assert loaded.version_id == info.version_id and detector.pcl_projection is None
+    assert not any("pcl_projection" in k for k in detector.state_dict())
+    assert without.training["config"]["loss"]["pcl_projection"] == 0
+
+
+def test_size_mismatched_pairs_are_counted_in_the_metrics(tmp_path):
+    data = _paired(tmp_path, 12)
+    for path in sorted((data / "fake").glob("*.png"))[:6]:  # reconstructions at twice the size
+        with Image.open(path) as img:
+            img.resize((img.width * 2, img.height * 2), Image.Resampling.NEAREST).save(path)
+    cfg = tiny_experiment(data={"val_fraction": 0.0}, rpr={"prob": 1.0}, train={"epochs": 2})
+    info = run_training(cfg, data, tmp_path / "out", show_progress=False)
+    steps = _events(tmp_path / "out", "train")
+    assert steps[-1]["size_mismatched_pairs"] == info.training["size_mismatched_pairs"] == 12  # 6 per epoch
+    assert [r["size_mismatched_pairs"] for r in steps] == sorted(r["size_mismatched_pairs"] for r in steps)

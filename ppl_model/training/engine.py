@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -15,7 +16,10 @@ from tqdm import tqdm
 
 from ppl_model.config import LossConfig
 from ppl_model.evaluation.metrics import detection_metrics
-from ppl_model.losses import ppl_loss, scheduled
+from ppl_model.losses import mean_pairwise_cosine, ppl_loss, scheduled
+
+# Mean patch-embedding cosine above which a step's embeddings count as collapsed (0 = spread, 1 = one point).
+COLLAPSE_COSINE = 0.9
 
 
 @dataclass
@@ -26,6 +30,7 @@ class TrainState:
     batch_in_epoch: int = 0  # loader batches consumed in the current epoch
     step: int = 0  # optimiser steps taken
     skipped_files: int = 0
+    size_mismatched_pairs: int = 0  # RPR pairs whose reconstruction size differed from the real image
 
 
 @dataclass
@@ -37,6 +42,7 @@ class StepContext:
     max_grad_norm: float
     total_steps: int  # the run's optimiser steps: training stops there, schedules are relative to it
     loss_generator: torch.Generator | None = None  # PCL sampling; checkpointed so resume is exact
+    on_collapse: Callable[[dict[str, Any]], None] | None = None  # called once, at the first collapsed step
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
@@ -55,7 +61,15 @@ def _placeholder_batch(model: nn.Module, device: torch.device) -> dict[str, Any]
     size, grid = unwrap(model).input_size, unwrap(model).grid_size
     return {"pixel_values": torch.zeros(1, 3, size, size, device=device), "labels": torch.zeros(1, device=device),
             "patch_labels": torch.zeros(1, grid, grid, device=device), "rpr": torch.zeros(1, dtype=torch.bool),
-            "size": 0}
+            "size_mismatched": 0, "size": 0}
+
+
+def _cls_std(output: Any) -> float:
+    """Std over the batch of each pooled feature, averaged over features: near 0 when the image head's input
+    no longer differs between images."""
+    if output.pooled is None or output.pooled.shape[0] < 2:
+        return float("nan")
+    return float(output.pooled.detach().float().std(dim=0).mean())
 
 
 def train_one_epoch(model: nn.Module, loader: Iterable[dict[str, Any]], optimizer: torch.optim.Optimizer,
@@ -72,7 +86,8 @@ def train_one_epoch(model: nn.Module, loader: Iterable[dict[str, Any]], optimize
     is_ddp = isinstance(model, nn.parallel.DistributedDataParallel)
 
     def fresh_sums() -> dict[str, float]:
-        return {"loss": 0.0, "bce": 0.0, "pcl": 0.0, "patch": 0.0, "correct": 0, "seen": 0, "rpr": 0}
+        return {"loss": 0.0, "bce": 0.0, "pcl": 0.0, "patch": 0.0, "patch_cosine": 0.0, "cls_std": 0.0,
+                "contrast_cosine": 0.0, "correct": 0, "seen": 0, "rpr": 0}
 
     sums = fresh_sums()
     micro = 0
@@ -85,6 +100,7 @@ def train_one_epoch(model: nn.Module, loader: Iterable[dict[str, Any]], optimize
         if batch["skipped"]:
             state.skipped_files += len(batch["skipped"])
             on_skipped(batch["skipped"])
+        state.size_mismatched_pairs += int(batch.get("size_mismatched", 0))
         weight = 1.0
         if batch["size"] == 0:
             batch, weight = _placeholder_batch(model, ctx.device), 0.0
@@ -107,6 +123,10 @@ def train_one_epoch(model: nn.Module, loader: Iterable[dict[str, Any]], optimize
             n = int(labels.numel())
             for key, value in zip(("loss", "bce", "pcl", "patch"), terms, strict=True):
                 sums[key] += float(value.detach()) * n
+            sums["patch_cosine"] += mean_pairwise_cosine(output.patch_embeddings) * n
+            sums["cls_std"] += _cls_std(output) * n
+            contrast = output.contrast_embeddings
+            sums["contrast_cosine"] += (mean_pairwise_cosine(contrast) if contrast is not None else math.nan) * n
             sums["correct"] += int(((output.image_logit.detach() > 0).float() == labels).sum())
             sums["seen"] += n
             sums["rpr"] += int(batch["rpr"].sum())
@@ -129,11 +149,17 @@ def train_one_epoch(model: nn.Module, loader: Iterable[dict[str, Any]], optimize
         seen = max(sums["seen"], 1)
         metrics = {"step": state.step, "epoch": state.epoch + 1, "lr": scheduler.get_last_lr()[0],
                    "pcl_weight": step_cfg.pcl_weight,
-                   **{k: sums[k] / seen for k in ("loss", "bce", "pcl", "patch")},
+                   **{k: sums[k] / seen for k in ("loss", "bce", "pcl", "patch", "patch_cosine", "cls_std")},
+                   "contrast_cosine": None if math.isnan(sums["contrast_cosine"]) else sums["contrast_cosine"] / seen,
                    "acc": sums["correct"] / seen, "rpr_fraction": sums["rpr"] / seen, "images": sums["seen"],
-                   "skipped_files": state.skipped_files,
+                   "skipped_files": state.skipped_files, "size_mismatched_pairs": state.size_mismatched_pairs,
                    "images_per_s": sums["seen"] / max(time.perf_counter() - started, 1e-9)}
-        bar.set_postfix(loss=f"{metrics['loss']:.4f}", acc=f"{metrics['acc']:.3f}")
+        bar.set_postfix(loss=f"{metrics['loss']:.3f}", bce=f"{metrics['bce']:.3f}", pcl=f"{metrics['pcl']:.3f}",
+                        patch=f"{metrics['patch']:.3f}", cos=f"{metrics['patch_cosine']:.2f}",
+                        cls_std=f"{metrics['cls_std']:.3f}", acc=f"{metrics['acc']:.3f}")
+        if metrics["patch_cosine"] > COLLAPSE_COSINE and ctx.on_collapse is not None:
+            ctx.on_collapse(metrics)
+            ctx.on_collapse = None  # warn once per run
         on_step(metrics)
         sums = fresh_sums()
         started = time.perf_counter()

@@ -30,7 +30,7 @@ from ppl_model.config import ExperimentConfig, OptimConfig
 from ppl_model.data.datasets import DataSplits, DetectionDataset, collate, index_dataset
 from ppl_model.detector import PPLDetector, build_detector
 from ppl_model.model_dir import MODEL_JSON, ModelInfo, save_model_dir
-from ppl_model.training.engine import StepContext, TrainState, evaluate, train_one_epoch
+from ppl_model.training.engine import COLLAPSE_COSINE, StepContext, TrainState, evaluate, train_one_epoch
 
 CHECKPOINT = Path("checkpoints") / "last.pt"
 METRICS = "metrics.jsonl"
@@ -113,7 +113,7 @@ def build_optimizer(model: PPLDetector, cfg: OptimConfig) -> torch.optim.AdamW:
     groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
     for name, param in model.named_parameters():
         if param.requires_grad:
-            is_head = name.startswith(("image_head.", "patch_head."))
+            is_head = name.startswith(("image_head.", "patch_head.", "pcl_projection."))
             groups.setdefault((is_head, param.ndim >= 2), []).append(param)
     head_lr = cfg.head_lr or cfg.lr
     param_groups = [{"params": params, "lr": head_lr if is_head else cfg.lr,
@@ -226,6 +226,8 @@ def _run(cfg: ExperimentConfig, data_dir: Path, out: Path, checkpoint_path: Path
     detector = build_detector(cfg.model)
     if cfg.loss.patch_weight == 0:
         detector.freeze_patch_head()
+    if cfg.loss.pcl_projection and cfg.loss.pcl_weight > 0:
+        detector.add_pcl_projection(cfg.loss.pcl_projection)
     detector.to(device)
     loss_rng = torch.Generator(device).manual_seed(cfg.train.seed + dist_ctx.rank)  # rank-specific PCL sampling
 
@@ -270,8 +272,17 @@ def _run(cfg: ExperimentConfig, data_dir: Path, out: Path, checkpoint_path: Path
         val_sampler = EpochSampler(len(val_set), seed=0, shuffle=False)
         val_loader = _loader(val_set, val_sampler, cfg.train.batch_size, cfg.data.workers, device)
 
+    def on_collapse(metrics: dict[str, Any]) -> None:
+        message = (f"patch embeddings collapsed at step {metrics['step']}: mean patch cosine "
+                   f"{metrics['patch_cosine']:.3f} > {COLLAPSE_COSINE}, CLS feature std {metrics['cls_std']:.3f} "
+                   f"(PCL weight {metrics['pcl_weight']:.3f}, form {cfg.loss.pcl_form}); the image head may starve")
+        if dist_ctx.is_main:
+            warnings.warn(message, stacklevel=2)
+        log.write("warning", {"kind": "collapse", "step": metrics["step"], "patch_cosine": metrics["patch_cosine"],
+                              "cls_std": metrics["cls_std"], "message": message})
+
     ctx = StepContext(device, amp_dtype, scaler, cfg.train.grad_accum, cfg.optim.max_grad_norm, total_steps,
-                      loss_rng)
+                      loss_rng, on_collapse)
 
     def on_step(metrics: dict[str, Any]) -> None:
         if state.step % cfg.train.log_every == 0 or state.step == total_steps:
@@ -308,7 +319,8 @@ def _run(cfg: ExperimentConfig, data_dir: Path, out: Path, checkpoint_path: Path
         return None
     training = {"baseline": baseline, "config": cfg.to_dict(), "data": str(data_dir), "layout": splits.layout,
                 "steps": state.step, "epochs": state.epoch, "skipped_files": state.skipped_files,
-                "validation": last_val}
+                "size_mismatched_pairs": state.size_mismatched_pairs, "validation": last_val}
+    detector.drop_pcl_projection()
     info = save_model_dir(detector, out, training=training)
     log.write("done", {"version_id": info.version_id, "steps": state.step})
     return info
