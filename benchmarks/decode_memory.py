@@ -233,6 +233,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--modes", action="store_true", help="measured peak per mode against the estimate")
     parser.add_argument("--side", type=int, default=4000, help="--modes: image side in pixels")
+    parser.add_argument("--case", action="append", choices=sorted(MODE_CASES), help="--modes: only these cases")
+    parser.add_argument("--json", action="store_true", help="--modes: one JSON object per case")
     parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -248,10 +250,14 @@ def main() -> None:
 
 def run_all(args: argparse.Namespace, folder: Path) -> None:
     if args.modes:
-        print(f"{'case':24} {'pixels':>10} {'measured MiB':>13} {'estimate MiB':>13} {'B/pixel':>8}  within")
-        for name in MODE_CASES:
+        if not args.json:
+            print(f"{'case':24} {'pixels':>10} {'measured MiB':>13} {'estimate MiB':>13} {'B/pixel':>8}  within")
+        for name in args.case or MODE_CASES:
             (folder / name).write_bytes(mode_file(name, args.side))
             r = spawn("mode", name, str(args.side), str(folder))
+            if args.json:
+                print(json.dumps(r))
+                continue
             print(f"{r['case']:24} {r['pixels']:>10} {r['measured_mib']:>13} {r['estimate_mib']:>13} "
                   f"{r['measured_per_pixel']:>8}  {r['within']}")
         return

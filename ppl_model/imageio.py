@@ -284,7 +284,8 @@ def decode_rgb(source: Path | str | bytes, name: str = "", *, max_pixels: int | 
         refusal = _tiff_codec_refusal(src.data)
         if refusal:
             raise UnreadableImage(path, UNSUPPORTED_FORMAT, _variant_detail(src.data, refusal)) from None
-        if any(m in message.lower() for m in _UNSUPPORTED_MESSAGES):
+        # Pillow's plugins refuse what they do not implement with an OSError or SyntaxError that says so
+        if isinstance(exc, OSError | SyntaxError) and any(m in message.lower() for m in _UNSUPPORTED_MESSAGES):
             raise UnreadableImage(path, UNSUPPORTED_FORMAT, _variant_detail(src.data, message)) from None
         raise UnreadableImage(path, CORRUPT, message or type(exc).__name__) from None
 
