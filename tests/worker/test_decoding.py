@@ -7,6 +7,7 @@ import gzip
 import hashlib
 import io
 import struct
+import sys
 import zlib
 from typing import Any
 
@@ -14,6 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image, features
 
+from worker import decoding
 from worker.decoding import ALLOWED_FORMATS, DecodedImage, decode_image
 from worker.settings import Settings
 from worker.sources import SourceError
@@ -210,3 +212,80 @@ def test_decode_errors_are_source_errors_with_a_useful_detail() -> None:
     error = decode_error(b"<html>hello</html>")
     assert error.reason == "not_an_image" and "<html>" in error.detail
     assert "BytesIO" not in error.detail
+
+
+# -- memory and the reasons of issue 18 ----------------------------------------------------------------------------
+
+
+def jpeg_header(width: int, height: int) -> bytes:
+    """A baseline JPEG header (SOF0, 3 components) claiming any size, without any pixel data."""
+    sof = struct.pack(">BHHB", 8, height, width, 3) + bytes([1, 0x22, 0, 2, 0x11, 0, 3, 0x11, 0])
+    return b"\xff\xd8" + b"\xff\xc0" + struct.pack(">H", len(sof) + 2) + sof + b"\xff\xd9"
+
+
+def test_a_64_megapixel_jpeg_is_bounded_by_bytes_from_its_header() -> None:
+    header = jpeg_header(8000, 8000)  # 64 M pixels: exactly at max_pixels
+    error = decode_error(header, Settings(max_decode_bytes=200 << 20))
+    assert error.reason == "too_large" and "bytes" in error.detail
+    error = decode_error(header, Settings(decode_memory_bytes=200 << 20))  # more than the whole process budget
+    assert error.reason == "too_large" and "budget" in error.detail
+    assert decode_error(header).reason == "corrupt"  # under both defaults: decoded, and there is no data
+
+
+def test_a_full_budget_is_transient_decode_busy(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(decoding, "DECODE_WAIT_S", 0.2)
+    settings = Settings(decode_memory_bytes=(64 << 20) + 12345)  # a budget of its own for this test
+    held = decoding.process_budget(settings).acquire(64 << 20)  # e.g. images another thread has not let go of
+    try:
+        with pytest.raises(SourceError) as info:
+            decode_image(encode(Image.new("RGB", (8, 8)), "PNG"), settings)
+        error = info.value
+    finally:
+        held.release()
+    assert error.reason == "decode_busy" and error.transient is True  # retried later, not recorded as failed
+    assert decode_image(encode(Image.new("RGB", (8, 8)), "PNG"), settings).width == 8
+
+
+def test_threads_of_a_process_share_one_budget() -> None:
+    settings = Settings(decode_memory_bytes=(3 << 29) + 777)
+    assert decoding.process_budget(settings) is decoding.process_budget(Settings.from_env(
+        {"PPL_DECODE_MEMORY_BYTES": str((3 << 29) + 777)}))
+    decoded = decode_image(encode(Image.new("RGBA", (50, 40), (9, 9, 9, 9)), "PNG"), settings)
+    assert decoding.process_budget(settings).used == 4 * 50 * 40  # held while the image is
+    del decoded
+    assert decoding.process_budget(settings).used == 0
+
+
+@pytest.mark.parametrize(("name", "data"), [
+    ("DDS", b"DDS |" + b"\x00" * 200),
+    ("EPS", b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\n"),
+    ("JPEG2000", b"\x00\x00\x00\x0cjP  \r\n\x87\n" + b"\x00" * 100),
+    ("FITS", b"SIMPLE  =                    T" + b" " * 50),
+    ("FLI", b"\x00" * 4 + b"\x11\xaf" + b"\x00" * 200),
+    ("ICO", b"\x00\x00\x01\x00\x01\x00" + b"\x00\x00" + b"\x00" * 200),
+])
+def test_refused_formats_get_unsupported_format_whatever_their_header_says(name: str, data: bytes) -> None:
+    """Opened by every plugin, these bytes came out as decode_error (DDS: NotImplementedError), not_an_image
+    (JPEG2000, FLI) or corrupt (FITS, ICO); now no refused plugin parses them."""
+    error = decode_error(data)
+    assert (error.reason, error.detail) == ("unsupported_format", f"{name} is not accepted")
+
+
+def test_twelve_bit_jpeg_is_refused_as_unsupported_not_as_not_an_image() -> None:
+    def segment(marker: int, payload: bytes) -> bytes:
+        return bytes([0xFF, marker]) + struct.pack(">H", len(payload) + 2) + payload
+
+    one_code = bytes([1] + [0] * 15) + b"\x00"
+    data = (b"\xff\xd8" + segment(0xDB, b"\x10" + struct.pack(">64H", *([1] * 64)))
+            + segment(0xC1, struct.pack(">BHHB", 12, 8, 8, 1) + bytes([1, 0x11, 0]))
+            + segment(0xC4, b"\x00" + one_code) + segment(0xC4, b"\x10" + one_code)
+            + segment(0xDA, bytes([1, 1, 0x00, 0, 63, 0])) + b"\x3f" + b"\xff\xd9")
+    error = decode_error(data)
+    assert error.reason == "unsupported_format" and "12-bit" in error.detail
+
+
+def test_malloc_arenas_are_capped_unless_the_operator_chose(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MALLOC_ARENA_MAX", "4")
+    assert decoding.limit_malloc_arenas() is False  # the environment variable wins
+    monkeypatch.delenv("MALLOC_ARENA_MAX")
+    assert decoding.limit_malloc_arenas() is sys.platform.startswith("linux")
