@@ -97,7 +97,7 @@ class UnreadableImage(Exception):
 # Bytes per pixel that the decode-and-convert path below peaks at, by the mode Pillow decodes into. Pillow keeps
 # 1 byte per pixel for 1/L/P, 2 for I;16 and 4 for everything else (RGB included); the rest is the RGB result
 # and the temporaries of each conversion. Checked against measured peak RSS by tests/test_imageio.py.
-_PEAK_PER_PIXEL = {"1": 5, "L": 5, "P": 5, "RGB": 4, "RGBA": 10, "I;16": 6, "I": 10, "F": 10}
+_PEAK_PER_PIXEL = {"1": 5, "L": 5, "P": 5, "RGB": 4, "RGBA": 10, "I;16": 6, "I": 7, "F": 7}
 _PEAK_WITH_ALPHA_CONVERSION = 10  # LA, PA, La, RGBa and tRNS transparency: first converted to RGBA
 _PEAK_OTHER = 8  # CMYK, YCbCr, LAB, HSV, RGBX: decoded + RGB
 _STORED_PER_PIXEL = {"1": 1, "L": 1, "P": 1, "I;16": 2}  # else 4
