@@ -45,7 +45,7 @@ def limit_malloc_arenas(arenas: int = MALLOC_ARENAS) -> bool:
 
     By default every decode thread gets an arena of its own, and the pixel memory a decode frees stays in
     that arena instead of going back to the system: resident memory then grows past the decode budget
-    (measured: 1.71 GB instead of 1.45 GB for the decode benchmark, docs/PERFORMANCE.md). Called when this
+    (measured: 1714 MiB instead of 1437-1493 MiB in the decode benchmark, docs/PERFORMANCE.md). Called when this
     module is imported, before the decode threads exist; arenas created earlier are not affected."""
     if os.environ.get("MALLOC_ARENA_MAX") or not sys.platform.startswith("linux"):
         return False
