@@ -83,13 +83,15 @@ class LossConfig:
     pcl_warmup_fraction: float = 0.0
     margin: float = 1.0  # α
     # "balanced": pairs across the batch and within each image, same-label and different-label pairs
-    # weighted equally (cannot collapse label-blind embeddings); "paper": the mean over pairs across the
-    # batch, the paper's exact form. ppl_model/losses.py explains both.
+    # weighted equally, which cannot collapse label-blind embeddings; "paper": the paper's exact PCL, the
+    # mean over pairs across the batch on the patch tokens themselves (pcl_projection is then ignored), so
+    # `--set loss.pcl_form=paper` is the whole switch back. ppl_model/losses.py explains both; the default
+    # was chosen by measurement (docs/TRAINING.md).
     pcl_form: str = "balanced"
-    # Width of a small MLP on the patch tokens whose output alone feeds PCL (0: PCL acts on the tokens
-    # themselves, as in the paper). It keeps the contrastive geometry off the tokens the heads read; it is
-    # used in training only and is not part of the saved model.
-    pcl_projection: int = 0
+    # Width of a small MLP on the patch tokens whose output alone feeds PCL (0: PCL acts on the tokens the
+    # heads read). It keeps the contrastive geometry off those tokens, as supervised-contrastive methods do;
+    # it is used in training only and is not part of the saved model.
+    pcl_projection: int = 64
     patch_weight: float = 0.5  # weight of the patch-head BCE (this project's addition)
     patches_per_image: int = 16  # patches sampled per image for PCL
     pairs_per_patch: int = 32  # partners per sampled patch: PCL cost is linear in batch size

@@ -226,7 +226,7 @@ def _run(cfg: ExperimentConfig, data_dir: Path, out: Path, checkpoint_path: Path
     detector = build_detector(cfg.model)
     if cfg.loss.patch_weight == 0:
         detector.freeze_patch_head()
-    if cfg.loss.pcl_projection and cfg.loss.pcl_weight > 0:
+    if cfg.loss.pcl_projection and cfg.loss.pcl_weight > 0 and cfg.loss.pcl_form != "paper":
         detector.add_pcl_projection(cfg.loss.pcl_projection)
     detector.to(device)
     loss_rng = torch.Generator(device).manual_seed(cfg.train.seed + dist_ctx.rank)  # rank-specific PCL sampling
