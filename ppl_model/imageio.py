@@ -48,7 +48,6 @@ import os
 import struct
 import threading
 import time
-import warnings
 import weakref
 import zlib
 from collections.abc import Collection, Iterator
@@ -246,33 +245,36 @@ def decode_rgb(source: Path | str | bytes, name: str = "", *, max_pixels: int | 
     src = _read(source, name)
     path = src.path
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = _open(src, formats)
-            image_format = img.format or ""
-            _seek_first_displayed(img)
-            width, height = img.size
-            if max_pixels is not None and width * height > max_pixels:
-                raise UnreadableImage(path, TOO_LARGE, f"{width}x{height} pixels, over the limit of {max_pixels}")
-            estimate = decoded_bytes(img)
-            if max_bytes is not None and estimate > max_bytes:
-                raise UnreadableImage(path, TOO_LARGE, f"{width}x{height} {img.mode} needs about {estimate} bytes "
-                                                       f"to decode, over the limit of {max_bytes} bytes")
-            reservation = budget.acquire(estimate, path) if budget is not None else None
-            try:
-                img.load()  # inside the try: truncated data is reported as corrupt
-                rgb = _to_rgb_owned(img, _significant_bits(img), bmp=image_format == "BMP")
-            except BaseException:
-                if reservation is not None:
-                    reservation.release()
-                raise
-            if reservation is not None:  # the RGB image keeps 4 bytes per pixel until it is garbage
-                reservation.shrink(4 * rgb.width * rgb.height)
-                weakref.finalize(rgb, reservation.release)
-            return rgb, image_format
+        img = _open(src, formats)
+        image_format = img.format or ""
+        _seek_first_displayed(img)
+        width, height = img.size
+        # Pillow's own limit, checked here rather than by turning its warning into an error: the warnings
+        # filters are process-wide, and catch_warnings in concurrent decode threads would corrupt them.
+        if Image.MAX_IMAGE_PIXELS and width * height > Image.MAX_IMAGE_PIXELS:
+            raise UnreadableImage(path, TOO_LARGE, f"{width}x{height} pixels, over Pillow's limit of "
+                                                   f"{Image.MAX_IMAGE_PIXELS}")
+        if max_pixels is not None and width * height > max_pixels:
+            raise UnreadableImage(path, TOO_LARGE, f"{width}x{height} pixels, over the limit of {max_pixels}")
+        estimate = decoded_bytes(img)
+        if max_bytes is not None and estimate > max_bytes:
+            raise UnreadableImage(path, TOO_LARGE, f"{width}x{height} {img.mode} needs about {estimate} bytes "
+                                                   f"to decode, over the limit of {max_bytes} bytes")
+        reservation = budget.acquire(estimate, path) if budget is not None else None
+        try:
+            img.load()  # inside the try: truncated data is reported as corrupt
+            rgb = _to_rgb_owned(img, _significant_bits(img), bmp=image_format == "BMP")
+        except BaseException:
+            if reservation is not None:
+                reservation.release()
+            raise
+        if reservation is not None:  # the RGB image keeps 4 bytes per pixel until it is garbage
+            reservation.shrink(4 * rgb.width * rgb.height)
+            weakref.finalize(rgb, reservation.release)
+        return rgb, image_format
     except UnreadableImage:
         raise
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning, MemoryError) as exc:
+    except (Image.DecompressionBombError, MemoryError) as exc:
         raise UnreadableImage(path, TOO_LARGE, f"{type(exc).__name__}: {exc}") from None
     except NotImplementedError as exc:
         raise UnreadableImage(path, UNSUPPORTED_FORMAT, f"{exc}" or "not implemented by the decoder") from None
@@ -342,9 +344,7 @@ def sniff_format(data: bytes) -> str | None:
 def _parser_message(format_name: str, data: bytes) -> str:
     factory = Image.OPEN[format_name][0]
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            factory(io.BytesIO(data), "")
+        factory(io.BytesIO(data), "")
     except Exception as exc:  # what Image.open swallowed: the plugin's reason
         return str(exc) or type(exc).__name__
     return "unknown"

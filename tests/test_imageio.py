@@ -309,3 +309,21 @@ def test_a_genuine_bug_still_propagates(monkeypatch: pytest.MonkeyPatch) -> None
 def test_paths_missing_and_unreadable(tmp_path: Path) -> None:
     assert refused(tmp_path / "nope.png").reason == "missing"
     assert refused(tmp_path).reason == "unreadable"  # a directory
+
+
+def test_pillows_pixel_limit_is_checked_without_touching_the_warnings_filters() -> None:
+    import warnings
+    import zlib
+
+    def chunk(kind: bytes, payload: bytes) -> bytes:
+        return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
+
+    # 10000×9500: over Image.MAX_IMAGE_PIXELS (about 89.5 M), under twice it, where Pillow only warns
+    header = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 10000, 9500, 8, 2, 0, 0, 0))
+              + chunk(b"IEND", b""))
+    filters = list(warnings.filters)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # what another thread may have set: the limit must hold regardless
+        error = refused(header)
+    assert error.reason == "too_large" and "Pillow's limit" in error.detail
+    assert warnings.filters == filters
