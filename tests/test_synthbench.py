@@ -10,24 +10,31 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from ppl_model.analysis.cde import SUMMARY_KEYS
 from ppl_model.cli import main
 from ppl_model.config import DataConfig
 from ppl_model.data.datasets import evaluation_subsets, index_dataset, list_images
+from ppl_model.detector import build_detector
 from ppl_model.evaluation.metrics import METRICS
 from ppl_model.synthbench.benchmark import (
-    METHODS,
+    ARMS,
+    LocalEditFamily,
     SampledFamily,
     SynthBenchConfig,
     SynthBenchError,
+    arm_config,
     build_crops,
     build_generators,
+    build_pretrained,
+    detector_config,
+    regime_config,
     split_photos,
     write_datasets,
 )
-from ppl_model.synthbench.generators import reconstruct, to_uint8_images
+from ppl_model.synthbench.generators import local_edit_masks, reconstruct, to_uint8_images
 from tests.helpers import PHOTOS
 
 # A few seconds of work: two generator families (one also sampled), tiny crops, a handful of steps.
@@ -35,8 +42,9 @@ SMALL = SynthBenchConfig(
     preset="test", crop_size=32, train_crops_per_photo=3, val_crops_per_photo=2, test_crops_per_photo=2,
     val_fraction=0.2, test_fraction=0.3, families=("ae_nearest_x4", "ae_transposed_x8"),
     sampled=(SampledFamily("ae_transposed_x8_sampled", "ae_transposed_x8", "gaussian"),),
+    edits=(LocalEditFamily("edit_nearest_x4", "ae_nearest_x4"),),
     train_family="ae_nearest_x4", generator_crop_size=32, generator_steps=4, generator_batch_size=8, seeds=1,
-    robustness=False, analysis_real=4, analysis_fake=4)
+    robustness=False, analysis_real=4, analysis_fake=4, pretrain_steps=30, pretrain_batch_size=8)
 
 
 @pytest.fixture(scope="module")
@@ -146,6 +154,13 @@ def test_datasets_have_the_paired_layout_with_aligned_names(tmp_path, photo_subs
         assert set(_stems(data.test_data / name)) == test_real
     sampled = set(_stems(data.test_data / "ae_transposed_x8_sampled"))
     assert len(sampled) == len(test_real) and not sampled & test_real  # no real partner
+    # Local edits: real crops with one region regenerated; most pixels are the real crop's own.
+    assert set(_stems(data.test_data / "edit_nearest_x4")) == test_real
+    for path in list_images(data.test_data / "edit_nearest_x4"):
+        edited = np.asarray(Image.open(path)).astype(int)
+        real = np.asarray(Image.open(data.test_data / "real" / path.name)).astype(int)
+        same = (np.abs(edited - real).max(-1) == 0).mean()
+        assert 0.4 < same < 0.95
     _, subsets = evaluation_subsets(data.test_data, "paired")
     assert set(subsets) == set(SMALL.all_families)
     assert all(sum(s.label == 0 for s in items) == len(test_real) for items in subsets.values())
@@ -171,6 +186,59 @@ def test_config_validation_and_overrides():
         SynthBenchConfig(train_family="ae_shuffle_x4_sampled").validate()
     for preset in ("quick", "full", "gpu"):
         SynthBenchConfig.preset_named(preset).validate()
+    with pytest.raises(SynthBenchError, match="arms"):
+        SynthBenchConfig(arms=("baseline", "magic")).validate()
+    with pytest.raises(SynthBenchError, match="target_fpr"):
+        SynthBenchConfig(target_fpr=0.0).validate()
+    assert SynthBenchConfig.full().with_overrides(['arms=["baseline", "rpr"]']).arms == ("baseline", "rpr")
+
+
+def test_local_edit_masks_cover_the_asked_area_with_a_soft_edge():
+    masks = local_edit_masks(50, 64, 64, area=0.25, seed=3)
+    assert masks.shape == (50, 1, 64, 64) and masks.min() >= 0 and masks.max() <= 1
+    area = masks.mean(dim=(1, 2, 3))
+    assert (area > 0.15).all() and (area < 0.35).all() and abs(float(area.mean()) - 0.25) < 0.04
+    soft = ((masks > 0) & (masks < 1)).float().mean(dim=(1, 2, 3))
+    assert (soft > 0).all()  # a feathered edge, as an inpainting blend
+    assert not torch.equal(masks[0], masks[1])  # each edit somewhere else
+    assert torch.equal(masks, local_edit_masks(50, 64, 64, area=0.25, seed=3))
+
+
+def test_each_arm_switches_exactly_its_ingredients():
+    exp = detector_config(None, SynthBenchConfig.quick(), ["loss.pcl_weight=0.3", "loss.patch_weight=0.5"])
+    table = {arm: arm_config(exp, arm) for arm in ARMS}
+    on = {arm: (c.rpr.enabled, c.loss.pcl_weight > 0, c.loss.patch_weight > 0, c.augment.patch_dropout)
+          for arm, c in table.items()}
+    assert on["baseline"] == (False, False, False, 0.0)
+    assert on["patch-dropout"] == (False, False, False, 0.15)
+    assert on["rpr"] == (True, False, False, 0.0)
+    assert on["pcl"] == (False, True, False, 0.0)
+    assert on["rpr+pcl"] == (True, True, False, 0.0)
+    assert on["rpr+pcl+patch-head"] == (True, True, True, 0.0)
+    assert table["rpr+pcl-paper-form"].loss.pcl_form == "paper"
+    # The baseline arm is exactly `ppl train --baseline`; nothing else differs between arms.
+    assert table["baseline"].to_dict() == exp.as_baseline().to_dict()
+    for arm, cfg in table.items():
+        for section in ("model", "data", "optim", "train"):
+            assert cfg.to_dict()[section] == exp.to_dict()[section], arm
+
+
+def test_the_pretrained_stand_in_learns_on_real_crops_and_loads_as_a_lora_backbone(tmp_path, photo_subset):
+    cache = tmp_path / "cache"
+    crops = build_crops(photo_subset, SMALL, cache)
+    exp = detector_config(None, SMALL, ["model.size=tiny", "model.input_size=32", "model.patch_size=8"])
+    pre = build_pretrained(crops, SMALL, exp, cache)
+    assert pre.built and pre.final_loss < pre.first_loss
+    assert (pre.path / "config.json").is_file() and (pre.path / "preprocessor_config.json").is_file()
+    again = build_pretrained(crops, SMALL, exp, cache)
+    assert not again.built and again.path == pre.path
+    lora = regime_config(exp, SMALL, "pretrained-lora", pre)
+    assert lora.model.finetune == "lora" and Path(lora.model.pretrained) == pre.path.resolve()
+    detector = build_detector(lora.model)
+    assert detector.grid_size == 4
+    trainable = {n for n, p in detector.named_parameters() if p.requires_grad}
+    assert trainable and all("lora" in n or "head" in n for n in trainable)
+    assert regime_config(exp, SMALL, "scratch", None) is exp
 
 
 TINY_TOML = """
@@ -217,22 +285,25 @@ def test_quick_benchmark_through_the_cli(tmp_path, capsys):
     assert set(results["families"]) == set(families) and len(families) >= 7
     assert results["unseen"] == [f for f in families if f != "ae_nearest_x4"]
     runs = results["runs"]["seed0"]
-    assert set(runs) == set(METHODS)
-    for method in METHODS:
+    methods = SynthBenchConfig.quick().methods
+    assert set(runs) == set(methods) and len(methods) == 12
+    for method in methods:
         record = runs[method]
         assert set(record["subsets"]) == set(families)
         for metrics in [*record["subsets"].values(), record["mean_unseen"]]:
             assert all(math.isfinite(metrics[key]) for key in METRICS)
         assert set(SUMMARY_KEYS) <= set(record["cde"])
-        assert record["cde"]["normalized_entropy"]["n"] > 0
+        assert record["cde"]["normalized_entropy_fake"]["n"] > 0
+        assert 0 < record["threshold"] < 1 and record["calibration"]["target_fpr"] == 0.05
+        assert record["telemetry"]["patch_cosine_end"] is not None
         aggregate = results["aggregate"][method]
         assert set(aggregate["per_family"]) == set(families)
         assert aggregate["mean_unseen"]["acc"]["n"] == 1 and set(SUMMARY_KEYS) <= set(aggregate["cde"])
     assert results["machine"]["cpu_count"] >= 1 and results["machine"]["torch"]
     assert results["wall_seconds"]["total"] > 0
     report = (out / "report.md").read_text()
-    assert "## Cross-generator accuracy" in report and "## Few-Patch Bias" in report
-    assert "| **mean over unseen** |" in report and "ae_transposed_x8_sampled" in report
+    assert "## Regime `scratch`" in report and "## Regime `pretrained-lora`" in report
+    assert "### Few-Patch Bias" in report and "edit_shuffle_x4" in report and "rpr+pcl+patch-head" in report
 
     # A rerun with the same settings retrains only the detectors.
     assert main(args) == 0
