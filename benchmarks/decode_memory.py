@@ -90,6 +90,7 @@ MODE_CASES = {  # name: (mode, format, save parameters)
     "tiff_rgb_deflate": ("RGB", "TIFF", {"compression": "tiff_deflate"}),
     "webp_rgb": ("RGB", "WEBP", {"lossless": True}),
     "gif_p": ("P", "GIF", {}),
+    "apng_default_image": ("RGB", "PNG", {"default_image": True}),
     "bmp_rgb": ("RGB", "BMP", {}),
 }
 
@@ -97,6 +98,10 @@ MODE_CASES = {  # name: (mode, format, save parameters)
 def mode_file(name: str, side: int) -> bytes:
     mode, format, params = MODE_CASES[name]
     params = dict(params)
+    if params.get("default_image"):  # an APNG whose default image is not part of the animation: 2 frames after it
+        frames = [gradient(mode, side), gradient(mode, side).transpose(Image.Transpose.ROTATE_90)]
+        return _encode(gradient(mode, side).point(lambda v: 255 - v), format, save_all=True, append_images=frames,
+                       duration=50, **params)
     if params.get("exif") == b"rotate":
         exif = Image.Exif()
         exif[0x0112] = 6
@@ -207,10 +212,11 @@ def child_batch(kinds: list[str], threads: int, path: str, folder: Path) -> dict
 
 
 def child_mode(name: str, side: int, folder: Path) -> dict:
-    from ppl_model.imageio import decode_rgb, decoded_bytes
+    from ppl_model.imageio import _seek_first_displayed, decode_rgb, decoded_bytes
 
     data = (folder / name).read_bytes()
     with Image.open(io.BytesIO(data)) as img:
+        _seek_first_displayed(img)  # as decode_rgb does before it estimates
         estimate = decoded_bytes(img)
     peak = Peak()
     image, _ = decode_rgb(data)

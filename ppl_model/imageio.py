@@ -108,7 +108,8 @@ def _mode_key(mode: str) -> str:
 
 
 def decoded_bytes(img: Image.Image) -> int:
-    """Estimated peak bytes that decoding ``img`` (opened, not loaded) and converting it to RGB will take.
+    """Estimated peak bytes that decoding ``img`` (opened and sought to its frame, not loaded) and converting
+    it to RGB will take.
 
     Reads only what ``Image.open`` parsed from the header: size, mode, EXIF orientation, and per format the
     decoder's own whole-image buffers (progressive JPEG coefficients, WebP's RGBA canvases, a TIFF strip)."""
@@ -122,6 +123,8 @@ def decoded_bytes(img: Image.Image) -> int:
     if _orientation(img) not in (0, 1):
         per_pixel += _STORED_PER_PIXEL.get(key, 4)  # the transposed copy exists beside the original
     total = pixels * per_pixel
+    if img.format == "PNG" and img.tell() > 0:
+        total += pixels * _STORED_PER_PIXEL.get(key, 4)  # an APNG frame past the first: Pillow keeps the previous
     if img.format in ("JPEG", "MPO") and img.info.get("progressive"):
         # libjpeg keeps every DCT coefficient of a progressive file: 2 bytes per sample, per component
         layers = getattr(img, "layer", None) or [("", 1, 1, 0)] * len(img.getbands())

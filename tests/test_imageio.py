@@ -103,7 +103,7 @@ def test_estimate_counts_mode_orientation_and_decoder_buffers() -> None:
 
 
 @pytest.mark.parametrize("case", ["png_rgba", "tiff_float", "jpeg_rgb_rotated", "jpeg_rgb_progressive",
-                                  "png_p_transparent", "tiff_12bit", "webp_rgb"])
+                                  "png_p_transparent", "tiff_12bit", "webp_rgb", "apng_default_image"])
 def test_measured_peak_stays_within_the_estimate(case: str) -> None:
     """The estimate is an upper bound of what decoding really takes: peak RSS of a fresh process, measured."""
     done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "decode_memory.py"), "--modes", "--side", "2500",
