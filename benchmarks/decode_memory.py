@@ -20,6 +20,7 @@ import io
 import json
 import os
 import resource
+import struct
 import subprocess
 import sys
 import tempfile
@@ -92,12 +93,20 @@ MODE_CASES = {  # name: (mode, format, save parameters)
     "gif_p": ("P", "GIF", {}),
     "apng_default_image": ("RGB", "PNG", {"default_image": True}),
     "bmp_rgb": ("RGB", "BMP", {}),
+    "bmp_bitfields_layout": ("RGB", "BMP", {"layout": True}),
 }
 
 
 def mode_file(name: str, side: int) -> bytes:
     mode, format, params = MODE_CASES[name]
     params = dict(params)
+    if params.get("layout"):  # 32-bit BI_BITFIELDS, R/G/B in bytes 1/2/3: Pillow refuses, imageio decodes
+        rgb = np.asarray(gradient("RGB", side))[::-1]
+        pixels = np.zeros((side, side, 4), dtype=np.uint8)
+        pixels[..., 1:] = rgb
+        dib = struct.pack("<IiiHHIIiiII", 108, side, side, 1, 32, 3, pixels.nbytes, 2835, 2835, 0, 0)
+        dib += struct.pack("<IIII", 0x0000FF00, 0x00FF0000, 0xFF000000, 0) + b"\x00" * 52
+        return b"BM" + struct.pack("<IHHI", 14 + 108 + pixels.nbytes, 0, 0, 14 + 108) + dib + pixels.tobytes()
     if params.get("default_image"):  # an APNG whose default image is not part of the animation: 2 frames after it
         frames = [gradient(mode, side), gradient(mode, side).transpose(Image.Transpose.ROTATE_90)]
         return _encode(gradient(mode, side).point(lambda v: 255 - v), format, save_all=True, append_images=frames,
@@ -212,11 +221,11 @@ def child_batch(kinds: list[str], threads: int, path: str, folder: Path) -> dict
 
 
 def child_mode(name: str, side: int, folder: Path) -> dict:
-    from ppl_model.imageio import _seek_first_displayed, decode_rgb, decoded_bytes
+    from ppl_model.imageio import _open, _seek_first_displayed, _Source, decode_rgb, decoded_bytes
 
     data = (folder / name).read_bytes()
-    with Image.open(io.BytesIO(data)) as img:
-        _seek_first_displayed(img)  # as decode_rgb does before it estimates
+    with _open(_Source(data, name), None) as img:  # as decode_rgb opens, seeks and estimates
+        _seek_first_displayed(img)
         estimate = decoded_bytes(img)
     peak = Peak()
     image, _ = decode_rgb(data)
@@ -228,7 +237,9 @@ def child_mode(name: str, side: int, folder: Path) -> dict:
 
 
 def spawn(*args: str) -> dict:
-    done = subprocess.run([sys.executable, __file__, "--child", *args], capture_output=True, text=True, check=True)
+    done = subprocess.run([sys.executable, __file__, "--child", *args], capture_output=True, text=True)
+    if done.returncode:
+        raise SystemExit(f"child {args} failed:\n{done.stderr}")
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 

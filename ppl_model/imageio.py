@@ -6,7 +6,8 @@ One module for every caller (training, ``ppl scan``, the worker), so that they a
   animation is skipped, as animation-capable viewers skip it. EXIF orientation is applied. A BMP whose
   alpha channel is zero everywhere is opaque (browsers treat it so: such files come from encoders that
   write 0 into the unused fourth byte). High bit depths are scaled by the range their header declares
-  (a 12-bit TIFF by 4095, not 65535). Transparent pixels are composited onto mid-grey.
+  (a 12-bit TIFF by 4095, not 65535). Transparent pixels are composited onto mid-grey. BMPs that Pillow's
+  plugin refuses but browsers show (2-bit palettes, bitfields in any layout) are decoded here.
 * **Untrusted bytes reach only the allowed plugins.** With ``formats``, Pillow runs only those plugins'
   header parsers (``Image.open(..., formats=...)``). A refused format is named by Pillow's signature
   check (each plugin's ``accept`` prefix test: a few byte comparisons), never by its parser.
@@ -24,7 +25,7 @@ reason                  raised for
 ``unreadable``          a path that exists but cannot be read (permission, a directory)
 ``not_an_image``        no decoder recognises the bytes, or the header of an allowed format is unreadable
 ``unsupported_format``  a format outside ``formats``, or a variant of an allowed one that the decoder does
-                        not implement (12-bit JPEG, float RGB TIFF, WebP-compressed TIFF, 2-bit BMP, ...);
+                        not implement (12-bit JPEG, float RGB TIFF, WebP-compressed TIFF, 64-bit BMP, ...);
                         ``NotImplementedError`` from any plugin
 ``too_large``           over ``max_pixels`` (width × height), over ``max_bytes`` or the whole budget
                         (estimated decoded bytes), Pillow's decompression-bomb limit, ``MemoryError``
@@ -53,6 +54,7 @@ import zlib
 from collections.abc import Collection, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, TiffImagePlugin, UnidentifiedImageError
@@ -135,6 +137,7 @@ def decoded_bytes(img: Image.Image) -> int:
         total += 13 * pixels  # libwebp's decoded RGBA frame, its animation canvas and the copy Pillow reads
     elif img.format == "TIFF":
         total += _tiff_buffer_bytes(img)
+    total += pixels * getattr(img, "EXTRA_PER_PIXEL", 0)
     return total + DECODE_OVERHEAD_BYTES
 
 
@@ -309,6 +312,12 @@ def _open(src: _Source, formats: Collection[str] | None) -> ImageFile.ImageFile:
         return Image.open(io.BytesIO(src.data), formats=order)
     except UnidentifiedImageError:
         pass
+    except OSError:
+        # Pillow's BMP plugin refuses some valid files that browsers show (2-bit palettes, bitfields in an
+        # unusual layout): those are decoded here; anything else is reported as Pillow's plugin said.
+        if (order is None or "BMP" in order) and _LayoutBmp.handles(src.data):
+            return _LayoutBmp(io.BytesIO(src.data))
+        raise
     known = sniff_format(src.data)
     if known is None:
         raise UnreadableImage(src.path, NOT_AN_IMAGE, f"no image decoder recognises data starting {src.data[:16]!r}")
@@ -324,6 +333,111 @@ def _open(src: _Source, formats: Collection[str] | None) -> ImageFile.ImageFile:
         raise UnreadableImage(src.path, UNSUPPORTED_FORMAT, _variant_detail(src.data, f"{known}: {message}"))
     raise UnreadableImage(src.path, NOT_AN_IMAGE, f"{known} signature, but its header is unreadable: {message}")
 
+
+
+class _LayoutBmp(ImageFile.ImageFile):
+    """BMPs with a BITMAPINFOHEADER or later that Pillow's plugin refuses but viewers show: 2-bit palette
+    images, and 16/32-bit ``BI_BITFIELDS``/``BI_ALPHABITFIELDS`` in any layout of contiguous masks (the BMP
+    suite's rgb32bf.bmp and friends). Decoded with numpy in row bands; damaged data raises ``OSError``."""
+
+    format = "BMP"
+    format_description = "Windows Bitmap (ppl_model.imageio's decoder)"
+    EXTRA_PER_PIXEL = 4  # the numpy array the rows are assembled in, beside the image Pillow copies it into
+
+    @staticmethod
+    def _header(data: bytes) -> dict[str, Any] | None:
+        if len(data) < 54 or data[:2] != b"BM":
+            return None
+        offset, dib_size = struct.unpack_from("<II", data, 10)
+        if dib_size < 40:
+            return None
+        width, height, _, bits, compression = struct.unpack_from("<iiHHI", data, 18)
+        colours = struct.unpack_from("<I", data, 46)[0]
+        header = {"offset": offset, "width": width, "height": height, "bits": bits, "dib": dib_size,
+                  "compression": compression, "colours": colours}
+        if bits == 2 and compression == 0:
+            return header
+        if bits in (16, 32) and compression in (3, 6):  # BI_BITFIELDS, BI_ALPHABITFIELDS
+            count = 4 if dib_size >= 56 or compression == 6 else 3
+            if len(data) < 54 + 4 * count:
+                return None
+            masks = list(struct.unpack_from(f"<{count}I", data, 54)) + [0] * (4 - count)
+            if not any(masks[:3]) or not all(_contiguous(m) for m in masks):
+                return None
+            header["masks"] = masks
+            return header
+        return None
+
+    @classmethod
+    def handles(cls, data: bytes) -> bool:
+        header = cls._header(data)
+        return header is not None and header["width"] > 0 and header["height"] != 0
+
+    def _open(self) -> None:
+        self._data = self.fp.read()
+        header = self._header(self._data)
+        if header is None:
+            raise SyntaxError("not a BMP this decoder handles")
+        self._bmp = header
+        self._size = (header["width"], abs(header["height"]))
+        alpha = header["bits"] != 2 and header["masks"][3] != 0
+        self._mode = "RGBA" if alpha else "RGB"
+        self.tile = []
+
+    def load(self) -> Any:
+        if self._im is None:
+            pixels = self._decode()
+            self.im = Image.fromarray(pixels, self._mode).im
+            del pixels
+            self._data = b""
+        return Image.Image.load(self)
+
+    def _decode(self) -> np.ndarray:
+        h = self._bmp
+        width, height, bits = h["width"], abs(h["height"]), h["bits"]
+        stride = (bits * width + 31) // 32 * 4
+        if h["offset"] + stride * height > len(self._data):
+            raise OSError(f"BMP pixel data truncated: {len(self._data) - h['offset']} of {stride * height} bytes")
+        rows = np.frombuffer(self._data, dtype=np.uint8, count=stride * height, offset=h["offset"])
+        rows = rows.reshape(height, stride)
+        if h["height"] > 0:  # bottom-up, as most BMPs are
+            rows = rows[::-1]
+        out = np.empty((height, width, len(self._mode)), dtype=np.uint8)
+        band = max(1, BAND_PIXELS // width)
+        if bits == 2:
+            entries = h["colours"] or 4
+            start = 14 + h["dib"]
+            palette = np.frombuffer(self._data, dtype=np.uint8, count=4 * entries, offset=start).reshape(entries, 4)
+            lut = np.zeros((4, 3), dtype=np.uint8)
+            lut[:min(4, entries)] = palette[:4, 2::-1]  # BGRx → RGB
+            for top in range(0, height, band):
+                packed = rows[top:top + band, : (width + 3) // 4]
+                indices = np.stack([(packed >> shift) & 3 for shift in (6, 4, 2, 0)], axis=-1)
+                out[top:top + band] = lut[indices.reshape(packed.shape[0], -1)[:, :width]]
+            return out
+        dtype = np.dtype("<u2") if bits == 16 else np.dtype("<u4")
+        for top in range(0, height, band):
+            values = rows[top:top + band].copy().view(dtype)[:, :width].astype(np.uint64)
+            for channel, mask in enumerate(h["masks"][: len(self._mode)]):
+                out[top:top + band, :, channel] = _mask_channel(values, mask)
+        return out
+
+
+def _contiguous(mask: int) -> bool:
+    if mask == 0:
+        return True
+    shifted = mask >> ((mask & -mask).bit_length() - 1)
+    return shifted & (shifted + 1) == 0
+
+
+def _mask_channel(values: np.ndarray, mask: int) -> np.ndarray:
+    """One channel of bitfield pixels, scaled from its own bit width to 8 bits (5-bit 31 → 255)."""
+    if mask == 0:
+        return np.zeros(values.shape, dtype=np.uint8)
+    shift = (mask & -mask).bit_length() - 1
+    top = mask >> shift
+    channel = (values & mask) >> shift
+    return ((channel * 255 + top // 2) // top).astype(np.uint8)
 
 
 def sniff_format(data: bytes) -> str | None:

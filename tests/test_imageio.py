@@ -103,7 +103,8 @@ def test_estimate_counts_mode_orientation_and_decoder_buffers() -> None:
 
 
 @pytest.mark.parametrize("case", ["png_rgba", "tiff_float", "jpeg_rgb_rotated", "jpeg_rgb_progressive",
-                                  "png_p_transparent", "tiff_12bit", "webp_rgb", "apng_default_image"])
+                                  "png_p_transparent", "tiff_12bit", "webp_rgb", "apng_default_image",
+                                  "bmp_bitfields_layout"])
 def test_measured_peak_stays_within_the_estimate(case: str) -> None:
     """The estimate is an upper bound of what decoding really takes: peak RSS of a fresh process, measured."""
     done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "decode_memory.py"), "--modes", "--side", "2500",
@@ -226,11 +227,38 @@ def test_valid_variants_the_decoder_lacks_are_unsupported_with_an_accurate_detai
     unknown_codec = tiff(2, 1, 8, b"\x01\x02", compression=12345)
     error = refused(unknown_codec, formats=ALLOWED)
     assert error.reason == "unsupported_format" and "compression 12345" in error.detail
-    two_bit_bmp = (b"BM" + struct.pack("<IHHI", 14 + 40 + 16 + 4, 0, 0, 14 + 40 + 16)
-                   + struct.pack("<IiiHHIIiiII", 40, 4, 1, 1, 2, 0, 4, 2835, 2835, 4, 0)
-                   + bytes([0, 0, 0, 0, 85, 85, 85, 0, 170, 170, 170, 0, 255, 255, 255, 0]) + b"\x1b\x00\x00\x00")
-    error = refused(two_bit_bmp, formats=ALLOWED)
-    assert error.reason == "unsupported_format" and "depth (2)" in error.detail
+    error = refused(bmp_header(4, 1, 64, 0, b""), formats=ALLOWED)  # a pixel depth that does not exist
+    assert error.reason == "unsupported_format" and "depth (64)" in error.detail
+
+
+def bmp_header(width: int, height: int, bits: int, compression: int, rest: bytes, dib: int = 40) -> bytes:
+    header = struct.pack("<IiiHHIIiiII", dib, width, height, 1, bits, compression, 0, 2835, 2835, 0, 0)
+    header += b"\x00" * (dib - 40)
+    return b"BM" + struct.pack("<IHHI", 14 + len(header) + len(rest), 0, 0, 14 + len(header)) + header + rest
+
+
+def test_bmps_pillow_refuses_but_viewers_show_are_decoded() -> None:
+    palette = bytes([0, 0, 0, 0, 85, 85, 85, 0, 170, 170, 170, 0, 255, 255, 255, 0])
+    two_bit = bmp_header(4, 1, 2, 0, palette + b"\x1b\x00\x00\x00")  # indices 0 1 2 3, MSB first
+    two_bit = two_bit[:10] + struct.pack("<I", 14 + 40 + 16) + two_bit[14:]  # pixels after the palette
+    with pytest.raises(OSError, match="depth"):
+        Image.open(io.BytesIO(two_bit))
+    image = decode_rgb(two_bit, formats=ALLOWED)[0]
+    assert [image.getpixel((x, 0)) for x in range(4)] == [(0, 0, 0), (85, 85, 85), (170, 170, 170), (255, 255, 255)]
+    # 32-bit bitfields with R, G, B in bytes 1, 2, 3 (as the BMP suite's rgb32bf.bmp does it); bottom-up rows
+    layout = bmp32(2, 2, bytes([0, 10, 20, 30]) * 2 + bytes([0, 200, 100, 50]) * 2,
+                   (0x0000FF00, 0x00FF0000, 0xFF000000, 0))
+    with pytest.raises(OSError, match="bitfields"):
+        Image.open(io.BytesIO(layout))
+    image = decode_rgb(layout, formats=ALLOWED)[0]
+    assert (image.getpixel((0, 0)), image.getpixel((1, 1))) == ((200, 100, 50), (10, 20, 30))
+    # 16-bit ARGB 4444 (BITMAPV4 with an alpha mask): 4-bit channels scaled to 8 bits; alpha is honoured
+    masks = struct.pack("<IIII", 0xF000, 0x0F00, 0x00F0, 0x000F)
+    argb = bmp_header(4, 1, 16, 3, struct.pack("<4H", 0xF00F, 0x0F0F, 0x00FF, 0xFFF0), dib=108)
+    argb = argb[:54] + masks + argb[70:]
+    image = decode_rgb(argb, formats=ALLOWED)[0]
+    assert [image.getpixel((x, 0)) for x in range(4)] == [(255, 0, 0), (0, 255, 0), (0, 0, 255), (128, 128, 128)]
+    assert refused(layout[:-5], formats=ALLOWED).reason == "corrupt"  # truncated pixel data
 
 
 def test_a_tiff_codec_missing_from_libtiff_is_unsupported_not_corrupt(monkeypatch: pytest.MonkeyPatch) -> None:
