@@ -245,7 +245,8 @@ def test_bmps_pillow_refuses_but_viewers_show_are_decoded() -> None:
         Image.open(io.BytesIO(two_bit))
     image = decode_rgb(two_bit, formats=ALLOWED)[0]
     assert [image.getpixel((x, 0)) for x in range(4)] == [(0, 0, 0), (85, 85, 85), (170, 170, 170), (255, 255, 255)]
-    # 32-bit bitfields with R, G, B in bytes 1, 2, 3 (as the BMP suite's rgb32bf.bmp does it); bottom-up rows
+    # 32-bit bitfields with R, G, B in bytes 1, 2, 3: a layout Pillow refuses, as it refuses the BMP suite's
+    # rgb32bf.bmp (any contiguous masks are decoded); bottom-up rows
     layout = bmp32(2, 2, bytes([0, 10, 20, 30]) * 2 + bytes([0, 200, 100, 50]) * 2,
                    (0x0000FF00, 0x00FF0000, 0xFF000000, 0))
     with pytest.raises(OSError, match="bitfields"):
