@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/decode_memory.py            # the bombs, 8 at once on 8 threads
     .venv/bin/python benchmarks/decode_memory.py --modes    # measured peak per mode against the estimate
+    .venv/bin/python benchmarks/decode_memory.py --small    # time per small JPEG, old path against new
 
 Every measurement runs in a fresh subprocess and reads the peak resident set size of that process alone
 (``VmHWM`` after resetting it through ``/proc/self/clear_refs``; ``ru_maxrss`` where that is refused), so
@@ -250,6 +251,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--modes", action="store_true", help="measured peak per mode against the estimate")
     parser.add_argument("--side", type=int, default=4000, help="--modes: image side in pixels")
+    parser.add_argument("--small", action="store_true", help="time per small JPEG (640×480), old path against new")
     parser.add_argument("--case", action="append", choices=sorted(MODE_CASES), help="--modes: only these cases")
     parser.add_argument("--json", action="store_true", help="--modes: one JSON object per case")
     parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
@@ -265,7 +267,27 @@ def main() -> None:
         run_all(args, Path(folder))
 
 
+def small_jpegs(repeat: int = 300) -> None:
+    """The common case must not pay for the bounds: one thread, a 640×480 JPEG decoded ``repeat`` times."""
+    from worker.decoding import decode_image
+    from worker.settings import Settings
+
+    noise = np.random.default_rng(0).integers(0, 256, (480, 640, 3), dtype=np.uint8)
+    data = _encode(Image.fromarray(noise), "JPEG", quality=85)
+    settings = Settings()
+    paths = (("old path", lambda: old_decode(data)), ("bounded path", lambda: decode_image(data, settings)))
+    for name, decode in paths:
+        decode()
+        started = time.perf_counter()
+        for _ in range(repeat):
+            decode()
+        print(f"{name}: {1000 * (time.perf_counter() - started) / repeat:.2f} ms per 640x480 JPEG")
+
+
 def run_all(args: argparse.Namespace, folder: Path) -> None:
+    if args.small:
+        small_jpegs()
+        return
     if args.modes:
         if not args.json:
             print(f"{'case':24} {'pixels':>10} {'measured MiB':>13} {'estimate MiB':>13} {'B/pixel':>8}  within")
