@@ -67,6 +67,8 @@ def make_app(settings: Settings | None = None) -> Celery:
         task_default_queue=DETECT_QUEUE,
         task_routes={DETECT_TASK: {"queue": DETECT_QUEUE}, RESCAN_TASK: {"queue": RESCAN_QUEUE}},
         worker_hijack_root_logger=False,
+        # Messages Celery cannot run (unknown task, undecodable, invalid) are quarantined, not only logged.
+        worker_consumer="worker.consumer:Consumer",
         beat_schedule=beat_schedule(settings),
         timezone="UTC",
     )
@@ -81,8 +83,12 @@ def broker_transport_options(settings: Settings) -> dict:
     worker's jobs come back about one visibility timeout after it died. The socket timeout keeps a publish
     from waiting forever on a connection that a vanished broker left open (kombu's advice)."""
     sweep_s = max(1, min(60, settings.visibility_timeout_s // 4))
-    return {"visibility_timeout": settings.visibility_timeout_s, "unacked_restore_interval": sweep_s,
-            "unacked_restore_throttle": 1, "socket_timeout": 30, "socket_connect_timeout": 10}
+    options: dict[str, Any] = {"visibility_timeout": settings.visibility_timeout_s,
+                               "unacked_restore_interval": sweep_s, "unacked_restore_throttle": 1,
+                               "socket_timeout": 30, "socket_connect_timeout": 10}
+    if settings.heartbeat_file is not None:
+        options["heartbeat_file"] = str(settings.heartbeat_file)  # read by worker.broker.Transport
+    return options
 
 
 def beat_schedule(settings: Settings) -> dict:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
+import dataclasses
 import hashlib
 import json
 import os
@@ -122,20 +123,32 @@ VERDICT_COLUMNS = ("created_at", "label", "score", "patch_max", "patch_frac_abov
 TABLE_COLUMNS = tuple(c for c in VERDICT_COLUMNS if c != "model_version")  # the terminal is narrow
 
 
+SUBMISSION_COLUMNS = ("answered_at", "task_id", "external_id", "outcome", "label", "score", "reason", "source",
+                      "model_version")
+SUBMISSION_TABLE_COLUMNS = tuple(c for c in SUBMISSION_COLUMNS if c != "model_version")
+
+
 def _verdicts(args: argparse.Namespace, settings: Settings) -> int:
     from worker import db
 
     engine = db.make_engine(settings.database_url)
+    by_job = bool(args.task_id or args.external_id)
     with engine.connect() as conn:
-        rows = db.query_verdicts(conn, flagged_only=args.flagged, since=args.since, limit=args.limit)
+        if by_job:  # one row per job that carried these ids, whatever answered it
+            rows = db.find_submissions(conn, task_ids=args.task_id or (), external_ids=args.external_id or (),
+                                       limit=args.limit)
+        else:
+            rows = db.query_verdicts(conn, flagged_only=args.flagged, since=args.since, limit=args.limit)
+    columns, table_columns = (SUBMISSION_COLUMNS, SUBMISSION_TABLE_COLUMNS) if by_job else \
+        (VERDICT_COLUMNS, TABLE_COLUMNS)
     if args.format == "json":
         print(json.dumps(rows, default=str, indent=2))
     elif args.format == "csv":
-        writer = csv.DictWriter(sys.stdout, fieldnames=VERDICT_COLUMNS, extrasaction="ignore")
+        writer = csv.DictWriter(sys.stdout, fieldnames=columns, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
     else:
-        print(format_table(rows, TABLE_COLUMNS))
+        print(format_table(rows, table_columns))
         print(f"({len(rows)} row(s))")
     return 0
 
@@ -193,6 +206,61 @@ def _doctor(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def _dead_letters(args: argparse.Namespace, settings: Settings) -> int:
+    from worker.dead_letters import DeadLetterStore, summary
+
+    store = DeadLetterStore.from_url(settings.broker_url, settings.dead_letter_max)
+    if args.action == "list":
+        letters = store.list(args.limit)
+        if args.format == "json":
+            print(json.dumps([summary(letter) for letter in letters], indent=2))
+        else:
+            print(format_table([dict(summary(letter)) for letter in letters],
+                               ("id", "stored_at", "queue", "task_id", "task_name", "bytes", "detail")))
+            print(f"({len(letters)} of {store.count()} dead letter(s))")
+        return 0
+    if not args.ids:
+        raise CliError(f"dead-letters {args.action} needs one or more letter ids (see dead-letters list)")
+    missing = 0
+    for letter_id in args.ids:
+        found = True
+        if args.action == "show":
+            letter = store.get(letter_id)
+            found = letter is not None
+            if letter is not None:
+                print(json.dumps(dataclasses.asdict(letter), indent=2))
+        elif args.action == "replay":
+            letter = store.replay(letter_id, args.queue)
+            found = letter is not None
+            if letter is not None:
+                print(f"replayed {letter_id} onto queue {args.queue or letter.queue}")
+        elif found := store.delete(letter_id):
+            print(f"deleted {letter_id}")
+        if not found:
+            print(f"no dead letter {letter_id}", file=sys.stderr)
+            missing += 1
+    return 1 if missing else 0
+
+
+def _health(args: argparse.Namespace, settings: Settings) -> int:
+    """Liveness: the worker has heard from the broker within --max-age seconds (its heartbeat file)."""
+    from worker.broker import heartbeat_age
+
+    if settings.heartbeat_file is None:
+        raise CliError("PPL_HEARTBEAT_FILE is not set, so the worker keeps no heartbeat to check")
+    age = heartbeat_age(settings.heartbeat_file)
+    if age is None:
+        print(f"unhealthy: no heartbeat at {settings.heartbeat_file} (the worker has not consumed yet)",
+              file=sys.stderr)
+        return 1
+    if age > args.max_age:
+        print(f"unhealthy: the worker last heard from the broker {age:.0f} s ago (limit {args.max_age:.0f} s)",
+              file=sys.stderr)
+        return 1
+    print(f"healthy: heard from the broker {age:.1f} s ago")
+    return 0
+
+
 def _run(args: argparse.Namespace, settings: Settings) -> int:
     # torch's OpenMP threads spin-wait after every parallel region by default, taking the CPU that this
     # process's decode threads need (docs/PERFORMANCE.md: up to 3× fewer images/s on a busy CPU host).
@@ -205,8 +273,9 @@ def _run(args: argparse.Namespace, settings: Settings) -> int:
             "--loglevel", settings.log_level]
     if args.hostname:
         argv += ["--hostname", args.hostname]
-    app.worker_main(argv)
-    return 0
+    # app.start returns the worker's exit status (worker_main drops it): non-zero after an unrecoverable
+    # error, so that a supervisor or an alert on exit codes sees it.
+    return int(app.start(argv) or 0)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -234,7 +303,24 @@ def build_parser() -> argparse.ArgumentParser:
     verdicts.add_argument("--since", type=parse_when, help="24h, 30m, 7d or an ISO date-time")
     verdicts.add_argument("--limit", type=int, default=50)
     verdicts.add_argument("--format", default="table", choices=["table", "json", "csv"])
+    verdicts.add_argument("--task-id", action="append",
+                          help="the job with this Celery task id, and what answered it (repeatable)")
+    verdicts.add_argument("--external-id", action="append",
+                          help="the jobs sent with this external_id, and what answered each (repeatable)")
     verdicts.set_defaults(handler=_verdicts)
+
+    dead = commands.add_parser("dead-letters", help="messages the worker could not run, kept whole in Redis")
+    dead.add_argument("action", choices=["list", "show", "replay", "delete"],
+                      help="list (newest first), show IDS, replay IDS onto their queue, delete IDS")
+    dead.add_argument("ids", nargs="*", help="dead letter ids (from list)")
+    dead.add_argument("--queue", help="replay onto this queue instead of the one the message came from")
+    dead.add_argument("--limit", type=int, default=50)
+    dead.add_argument("--format", default="table", choices=["table", "json"])
+    dead.set_defaults(handler=_dead_letters)
+
+    health = commands.add_parser("health", help="liveness: exit 1 unless the worker heard from the broker lately")
+    health.add_argument("--max-age", type=float, default=60.0, help="seconds (default 60)")
+    health.set_defaults(handler=_health)
 
     migrate = commands.add_parser("migrate", help="upgrade the database schema to the newest revision")
     migrate.add_argument("--create-database", action="store_true", help="create the database first if it is missing")

@@ -55,6 +55,7 @@ from sqlalchemy import (
     create_engine,
     exists,
     func,
+    or_,
     select,
     text,
     tuple_,
@@ -194,6 +195,38 @@ class DetectionFailureRecord(Base):
     )
 
 
+class SubmissionRecord(Base):
+    """One answered job: its task id, external id, metadata and source, and the verdict or failure it resolved
+    to. A job for content already judged gets its own row pointing at the stored verdict."""
+
+    __tablename__ = "submissions"
+
+    id: Mapped[int] = mapped_column(BigInteger, Identity(always=True), primary_key=True)
+    task_id: Mapped[str | None] = mapped_column(Text)  # NULL only for rows migrated from before revision 0002
+    external_id: Mapped[str | None] = mapped_column(Text)
+    source: Mapped[str] = mapped_column(Text, nullable=False)
+    metadata_: Mapped[dict[str, Any] | None] = mapped_column("metadata", JSONB(none_as_null=True))
+    received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False)
+    answered_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False, server_default=func.now())
+    outcome: Mapped[str] = mapped_column(Text, nullable=False)
+    verdict_id: Mapped[int | None] = mapped_column(
+        BigInteger, ForeignKey("verdicts.id", name="fk_submissions_verdict_id", ondelete="CASCADE"))
+    failure_id: Mapped[int | None] = mapped_column(
+        BigInteger, ForeignKey("detection_failures.id", name="fk_submissions_failure_id", ondelete="CASCADE"))
+
+    __table_args__ = (
+        CheckConstraint("outcome IN ('verdict', 'failure')", name="ck_submissions_outcome"),
+        CheckConstraint("(outcome = 'verdict' AND verdict_id IS NOT NULL AND failure_id IS NULL) OR "
+                        "(outcome = 'failure' AND failure_id IS NOT NULL AND verdict_id IS NULL)",
+                        name="ck_submissions_one_answer"),
+        Index("uq_submissions_task_id", "task_id", unique=True, postgresql_where=text("task_id IS NOT NULL")),
+        Index("ix_submissions_external_id", "external_id", postgresql_where=text("external_id IS NOT NULL")),
+        Index("ix_submissions_answered_at", "answered_at"),
+        Index("ix_submissions_verdict_id", "verdict_id"),
+        Index("ix_submissions_failure_id", "failure_id"),
+    )
+
+
 class RescanRunRecord(Base):
     """Progress of one bulk rescan, so an interrupted one resumes from its keyset cursor."""
 
@@ -223,6 +256,7 @@ model_versions = cast(Table, ModelVersionRecord.__table__)
 verdicts = cast(Table, VerdictRecord.__table__)
 detection_failures = cast(Table, DetectionFailureRecord.__table__)
 rescan_runs = cast(Table, RescanRunRecord.__table__)
+submissions = cast(Table, SubmissionRecord.__table__)
 
 
 # ----------------------------------------------------------------------------------- engine, migrations
@@ -534,6 +568,95 @@ def record_failures(bind: Bind, rows: Sequence[FailureRow]) -> None:
             conn.execute(statement)
 
 
+# --------------------------------------------------------------------------------------- submissions
+
+
+@dataclass(frozen=True)
+class SubmissionRow:
+    """One answered job. Exactly one of ``verdict`` (the (sha256, model version) key of the verdict that
+    answers it, new or stored) and ``failure`` (the failure row recorded for it in the same transaction)."""
+
+    task_id: str | None
+    external_id: str | None
+    source: str
+    metadata: dict[str, Any] | None
+    received_at: datetime
+    verdict: tuple[str, str] | None = None
+    failure: FailureRow | None = None
+
+    def __post_init__(self) -> None:
+        if (self.verdict is None) == (self.failure is None):
+            raise ValueError("a submission is answered by exactly one verdict or one failure")
+
+
+_SUBMISSION_COLUMNS: Final = ("task_id", "external_id", "source", "metadata", "received_at", "outcome", "sha256",
+                              "model_version", "failure_key", "failure_reason")
+# The answer's id is looked up by its natural key in the same statement: the verdict by (sha256, model
+# version), the failure by (source hash, reason), both written earlier in the caller's transaction.
+_INSERT_SUBMISSIONS: Final = text(
+    "INSERT INTO submissions (task_id, external_id, source, metadata, received_at, outcome, verdict_id, failure_id) "
+    "SELECT t.task_id, t.external_id, t.source, t.metadata, t.received_at, t.outcome, v.id, f.id "
+    "FROM unnest(CAST(:task_id AS TEXT[]), CAST(:external_id AS TEXT[]), CAST(:source AS TEXT[]), "
+    "CAST(:metadata AS JSONB[]), CAST(:received_at AS TIMESTAMPTZ[]), CAST(:outcome AS TEXT[]), "
+    "CAST(:sha256 AS TEXT[]), CAST(:model_version AS TEXT[]), CAST(:failure_key AS TEXT[]), "
+    "CAST(:failure_reason AS TEXT[])) WITH ORDINALITY "
+    "AS t(task_id, external_id, source, metadata, received_at, outcome, sha256, model_version, failure_key, "
+    "failure_reason, ordinality) "
+    "LEFT JOIN verdicts v ON v.sha256 = t.sha256 AND v.model_version = t.model_version "
+    "LEFT JOIN detection_failures f ON f.source_sha256 = t.failure_key AND f.reason = t.failure_reason "
+    "ORDER BY t.ordinality "
+    "ON CONFLICT (task_id) WHERE task_id IS NOT NULL DO NOTHING RETURNING id")
+
+
+def record_submissions(bind: Bind, rows: Sequence[SubmissionRow]) -> int:
+    """Insert one submission per answered job, after its verdict or failure row is written (in the same
+    transaction, so a job never has one without the other). A redelivered job (same task id) is not recorded
+    twice. Returns how many rows were new."""
+    if not rows:
+        return 0
+    columns: dict[str, list[Any]] = {name: [] for name in _SUBMISSION_COLUMNS}
+    for row in rows:
+        failure = row.failure
+        values = {
+            "task_id": None if row.task_id is None else storable_text(row.task_id),
+            "external_id": None if row.external_id is None else storable_text(row.external_id),
+            "source": storable_text(row.source), "metadata": None if row.metadata is None else json.dumps(row.metadata),
+            "received_at": row.received_at, "outcome": "verdict" if failure is None else "failure",
+            "sha256": row.verdict[0] if row.verdict else None,
+            "model_version": row.verdict[1] if row.verdict else None,
+            # The key record_failures wrote the failure under (its source, escaped as stored).
+            "failure_key": None if failure is None else source_sha256(storable_text(failure.source)),
+            "failure_reason": None if failure is None else failure.reason,
+        }
+        for name, value in values.items():
+            columns[name].append(value)
+    with _transaction(bind) as conn:
+        return len(conn.execute(_INSERT_SUBMISSIONS, columns).all())
+
+
+def find_submissions(bind: Bind, *, task_ids: Collection[str] = (), external_ids: Collection[str] = (),
+                     limit: int = 100) -> list[dict[str, Any]]:
+    """Jobs by task id or external id, newest first, each with the verdict or failure that answered it
+    (``ppl-worker verdicts --task-id/--external-id``)."""
+    if not task_ids and not external_ids:
+        return []
+    s, v, f = submissions.alias("s"), verdicts.alias("v"), detection_failures.alias("f")
+    conditions = []
+    if task_ids:
+        conditions.append(s.c.task_id == any_(bindparam("task_ids", sorted(set(task_ids)), type_=ARRAY(Text))))
+    if external_ids:
+        conditions.append(s.c.external_id == any_(bindparam("external_ids", sorted(set(external_ids)),
+                                                           type_=ARRAY(Text))))
+    statement = (
+        select(s.c.id.label("submission_id"), s.c.task_id, s.c.external_id, s.c.source, s.c.metadata,
+               s.c.received_at, s.c.answered_at, s.c.outcome, v.c.label, v.c.score, v.c.threshold, v.c.model_version,
+               v.c.sha256, v.c.patch_max, v.c.patch_frac_above, f.c.reason, f.c.detail)
+        .select_from(s.outerjoin(v, v.c.id == s.c.verdict_id).outerjoin(f, f.c.id == s.c.failure_id))
+        .where(or_(*conditions)).order_by(s.c.answered_at.desc(), s.c.id.desc()).limit(limit))
+    with _transaction(bind) as conn:
+        return [dict(row._mapping) for row in conn.execute(statement)]
+
+
 # ------------------------------------------------------------------------------------ model versions
 
 
@@ -821,7 +944,7 @@ def answered_sources(bind: Bind, sources: Collection[str], model_version: str) -
 def count_rows(bind: Bind) -> dict[str, int]:
     """Row counts of the worker's tables (exact: a full scan of verdicts, meant for tests and `doctor`)."""
     counts = {"verdicts": verdicts, "failures": detection_failures, "model_versions": model_versions,
-              "rescan_runs": rescan_runs}
+              "rescan_runs": rescan_runs, "submissions": submissions}
     statement = select(*(select(func.count()).select_from(table).scalar_subquery().label(name)
                          for name, table in counts.items()))
     with _transaction(bind) as conn:

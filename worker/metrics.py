@@ -23,6 +23,8 @@ STAGE_SECONDS = Histogram("ppl_stage_seconds", "Wall time of one batch in each s
                           buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
 BATCHES_REQUEUED = Counter("ppl_batches_requeued_total", "Batches handed back unacknowledged (database down)")
 QUEUE_DEPTH = Gauge("ppl_queue_depth", "Messages waiting in a broker queue", ["queue"])
+DEAD_LETTERS = Counter("ppl_dead_letters_total", "Messages quarantined as dead letters (not a runnable job)")
+DELAYED = Counter("ppl_jobs_delayed_total", "Jobs with a future eta parked in Redis until due")
 MODEL_INFO = Gauge("ppl_model_loaded", "1 for the model version this process serves", ["version", "backend"])
 
 _started_lock = threading.Lock()

@@ -1,8 +1,10 @@
 """One micro-batch of ``detect_image`` jobs, from task arguments to committed rows.
 
 validate arguments → fetch + decode + preprocess (thread pool) → answer already-judged content from the
-database → one inference call for the new content → one transaction: verdict upsert + failure upsert →
-re-send transient failures with a delay. The Celery task (``worker.tasks``) acknowledges the batch's
+database → one inference call for the new content → one transaction: verdict upsert + failure upsert + one
+submission row per answered job → re-send transient failures with a delay. Jobs the task layer refused before
+they got here (a malformed message, an expired or revoked job) arrive with their reason and are recorded in
+the same transaction. The Celery task (``worker.tasks``) acknowledges the batch's
 messages only after ``process`` returns, so a batch that dies anywhere before the commit is redelivered.
 
 Nothing here imports Celery: the processor is tested with plain job lists.
@@ -16,7 +18,8 @@ import time
 import uuid
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
+from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 import torch
@@ -50,22 +53,40 @@ class DatabaseUnavailable(RuntimeError):
 
 
 @dataclass(frozen=True)
-class JobRequest:
-    """One delivered message, as the task receives it (arguments not yet checked)."""
+class Refusal:
+    """Why the task layer will not run a delivered job (``worker.tasks``): a stable reason code and a detail."""
 
-    task_id: str
+    reason: str
+    detail: str
+
+
+@dataclass(frozen=True)
+class JobRequest:
+    """One delivered message, as the task receives it (arguments not yet checked). ``refused``: the job is only
+    recorded, with that reason, never run. ``received_at``: when the worker took the message (default: when
+    its batch started)."""
+
+    task_id: str | None
     args: Sequence[Any] = ()
     kwargs: Any = field(default_factory=dict)
     retries: int = 0
+    refused: Refusal | None = None
+    received_at: datetime | None = None
 
 
 @dataclass(frozen=True)
 class Job:
-    task_id: str
+    task_id: str | None
     source: str
     external_id: str | None
     metadata: dict[str, Any] | None
     retries: int
+    received_at: datetime | None = None
+
+    def submission(self, received_at: datetime, *, verdict: tuple[str, str] | None = None,
+                   failure: db.FailureRow | None = None) -> db.SubmissionRow:
+        return db.SubmissionRow(self.task_id, self.external_id, self.source, self.metadata,
+                                self.received_at or received_at, verdict=verdict, failure=failure)
 
 
 @dataclass
@@ -111,7 +132,8 @@ def parse_job(request: JobRequest, settings: Settings) -> Job:
     for name, value in (("source", source), ("external_id", external_id), ("metadata", metadata)):
         if not _storable(value):
             raise InvalidJob(f"{name} holds a NUL character or an unpaired surrogate, which the database cannot store")
-    return Job(request.task_id, source, external_id, metadata, max(0, int(request.retries or 0)))
+    return Job(request.task_id, source, external_id, metadata, max(0, int(request.retries or 0)),
+               request.received_at)
 
 
 def _storable(value: Any) -> bool:
@@ -139,13 +161,27 @@ def _utf8(text: str) -> bool:
     return True
 
 
-def _failure_source(request: JobRequest) -> tuple[str, str | None]:
-    """What to record as the source of a job whose arguments are invalid: whatever can be shown of it."""
+def _refused_job(request: JobRequest) -> Job:
+    """What to record of a job that will not run (invalid arguments, a malformed message, expired, revoked):
+    whatever can be shown of its source, external id and metadata."""
     kwargs = request.kwargs if isinstance(request.kwargs, dict) else {}
     source = kwargs.get("source")
-    shown = source if isinstance(source, str) and source else f"<task {request.task_id}>"
+    shown = source if isinstance(source, str) and source else f"<task {request.task_id or 'without id'}>"
     external_id = kwargs.get("external_id")
-    return shown[:MAX_SOURCE_CHARS], external_id if isinstance(external_id, str) else None
+    metadata = kwargs.get("metadata")
+    if not isinstance(metadata, dict) or not _storable(metadata) or not _json_storable(metadata):
+        metadata = None
+    return Job(request.task_id, shown[:MAX_SOURCE_CHARS],
+               external_id[:MAX_EXTERNAL_ID] if isinstance(external_id, str) else None, metadata, 0,
+               request.received_at)
+
+
+def _json_storable(value: Any) -> bool:
+    try:
+        json.dumps(value, allow_nan=False)
+    except (TypeError, ValueError, RecursionError):
+        return False
+    return True
 
 
 @dataclass
@@ -187,16 +223,27 @@ class BatchProcessor:
     def process(self, requests: Sequence[JobRequest]) -> BatchReport:
         report = BatchReport(batch_id=uuid.uuid4().hex[:12], jobs=len(requests))
         metrics.BATCH_SIZE.observe(len(requests))
+        started_at = datetime.now(UTC)
         failures: list[db.FailureRow] = []
+        answered: list[db.SubmissionRow] = []
         jobs: list[Job] = []
         for request in requests:
-            try:
-                jobs.append(parse_job(request, self.settings))
-            except InvalidJob as exc:
-                source, external_id = _failure_source(request)
-                failures.append(db.FailureRow(source, external_id, INVALID_ARGUMENTS, str(exc)))
-                log.warning("job refused", extra={"batch_id": report.batch_id, "task_id": request.task_id,
-                                                  "reason": INVALID_ARGUMENTS, "detail": str(exc)})
+            refusal = request.refused
+            if refusal is None:
+                try:
+                    jobs.append(parse_job(request, self.settings))
+                    continue
+                except InvalidJob as exc:
+                    refusal = Refusal(INVALID_ARGUMENTS, str(exc))
+            job = _refused_job(request)
+            failure = db.FailureRow(job.source, job.external_id, refusal.reason, refusal.detail)
+            failures.append(failure)
+            answered.append(job.submission(started_at, failure=failure))
+            log.warning("job refused", extra={"batch_id": report.batch_id, "task_id": request.task_id,
+                                              "reason": refusal.reason, "detail": refusal.detail[:500]})
+        if not jobs:  # nothing to judge: no model needed (a batch of refusals must not wait for one)
+            self._commit(report, [], failures, answered, [])
+            return report
 
         model = self.model_loader(self.settings)
         self._with_database(lambda: self._register(model))
@@ -210,19 +257,27 @@ class BatchProcessor:
             elif item.error.transient and item.job.retries < self.settings.max_retries:
                 retry.append((item.job, item.error))
             else:
-                failures.append(db.FailureRow(item.job.source, item.job.external_id, item.error.reason,
-                                              item.error.detail))
+                failure = db.FailureRow(item.job.source, item.job.external_id, item.error.reason, item.error.detail)
+                failures.append(failure)
+                answered.append(item.job.submission(started_at, failure=failure))
                 log.warning("job failed", extra={"batch_id": report.batch_id, "task_id": item.job.task_id,
                                                  "reason": item.error.reason, "source": item.job.source[:200]})
 
         rows = self._judge(good, model, report)
+        # Every decoded job is answered by the verdict of its content: new, a duplicate's in this batch, or stored.
+        answered += [item.job.submission(started_at, verdict=(item.sha256, model.version_id)) for item in good]
+        self._commit(report, rows, failures, answered, retry)
+        return report
+
+    def _commit(self, report: BatchReport, rows: list[db.VerdictRow], failures: list[db.FailureRow],
+                answered: list[db.SubmissionRow], retry: list[tuple[Job, SourceError]]) -> None:
         started = time.perf_counter()
         try:
-            report.inserted = self._with_database(lambda: self._write(rows, failures))
+            report.inserted = self._with_database(lambda: self._write(rows, failures, answered))
         except DBAPIError as exc:  # the database refused the batch (not an outage): find the row it refuses
             log.error("batch write refused (%s); writing its rows one by one", type(exc.orig or exc).__name__,
                       extra={"batch_id": report.batch_id})
-            report.inserted = self._write_one_by_one(rows, failures)
+            report.inserted = self._write_one_by_one(rows, failures, answered)
         report.seconds["database"] = report.seconds.get("database", 0.0) + time.perf_counter() - started
         metrics.STAGE_SECONDS.labels("database").observe(report.seconds["database"])
 
@@ -234,9 +289,8 @@ class BatchProcessor:
         for failure in failures:
             report.failed[failure.reason] = report.failed.get(failure.reason, 0) + 1
             metrics.FAILURES.labels(failure.reason).inc()
-        log.info("batch done", extra={"batch_id": report.batch_id, "task_ids": [r.task_id for r in requests],
+        log.info("batch done", extra={"batch_id": report.batch_id, "task_ids": [s.task_id for s in answered],
                                       "report": asdict(report)})
-        return report
 
     # -- stages ---------------------------------------------------------------------------------------
 
@@ -326,35 +380,57 @@ class BatchProcessor:
         with self.engine.connect() as conn:
             return set(db.find_verdicts(conn, digests, version))
 
-    def _write(self, rows: list[db.VerdictRow], failures: list[db.FailureRow]) -> int:
-        if not rows and not failures:
+    def _write(self, rows: list[db.VerdictRow], failures: list[db.FailureRow],
+               answered: list[db.SubmissionRow]) -> int:
+        """Verdicts, failures, then the submissions that point at them, in one transaction."""
+        if not rows and not failures and not answered:
             return 0
         with self.engine.begin() as conn:
             inserted = db.upsert_verdicts(conn, rows) if rows else 0
             if failures:
                 db.record_failures(conn, failures)
+            if answered:
+                db.record_submissions(conn, answered)
         return inserted
 
-    def _write_one_by_one(self, rows: list[db.VerdictRow], failures: list[db.FailureRow]) -> int:
+    def _write_one_by_one(self, rows: list[db.VerdictRow], failures: list[db.FailureRow],
+                          answered: list[db.SubmissionRow]) -> int:
         """The slow path after the database refused a whole batch: each row in its own transaction, so one row
         that cannot be stored neither blocks the others nor sends the batch back to the queue for ever. A
-        refused verdict becomes an ``unstorable`` failure row; a refused failure row (already escaped by
-        ``db.record_failures``) is logged with everything known about the job and dropped."""
+        refused verdict becomes an ``unstorable`` failure row (and its jobs' submissions point at that); a
+        refused failure or submission row (already escaped by ``db``) is logged with everything known about
+        the job and dropped."""
         inserted = 0
+        refused: dict[tuple[str, str], db.FailureRow] = {}
         for row in rows:
             try:
-                inserted += self._with_database(lambda row=row: self._write([row], []))
+                inserted += self._with_database(lambda row=row: self._write([row], [], []))
             except DBAPIError as exc:
-                failures.append(db.FailureRow(row.source, row.external_id, UNSTORABLE,
-                                              f"{type(exc.orig or exc).__name__}: {exc.orig or exc}"[:500]))
+                failure = db.FailureRow(row.source, row.external_id, UNSTORABLE,
+                                        f"{type(exc.orig or exc).__name__}: {exc.orig or exc}"[:500])
+                failures.append(failure)
+                refused[(row.sha256, row.model_version)] = failure
+        answered = [replace(s, verdict=None, failure=refused[s.verdict]) if s.verdict in refused else s
+                    for s in answered]
+        dropped: set[int] = set()
         for failure in list(failures):
             try:
-                self._with_database(lambda failure=failure: self._write([], [failure]))
+                self._with_database(lambda failure=failure: self._write([], [failure], []))
             except DBAPIError as exc:
                 failures.remove(failure)
+                dropped.add(id(failure))
                 log.error("failure row refused by the database; job dropped", extra={
                     "source": failure.source[:200], "external_id": failure.external_id, "reason": failure.reason,
                     "detail": failure.detail[:500], "error": str(exc.orig or exc)[:500]})
+        for submission in answered:
+            if submission.failure is not None and id(submission.failure) in dropped:
+                continue
+            try:
+                self._with_database(lambda submission=submission: self._write([], [], [submission]))
+            except DBAPIError as exc:
+                log.error("submission row refused by the database; its answer is stored without it", extra={
+                    "task_id": submission.task_id, "source": submission.source[:200],
+                    "error": str(exc.orig or exc)[:500]})
         return inserted
 
     def _with_database(self, action: Callable[[], T]) -> T:

@@ -67,9 +67,14 @@ class Settings:
     rescan_chunk: int = 1000  # jobs enqueued per chunk
     rescan_max_queue: int = 20_000  # pause enqueueing while the detect queue is longer
 
+    # Messages that are not a runnable job: the newest this many are kept whole (ppl-worker dead-letters)
+    dead_letter_max: int = 10_000
+
     # Observability
     metrics_port: int = 9100  # Prometheus endpoint of each worker process; 0 = off
     log_level: str = "INFO"
+    # Touched whenever the worker hears from the broker; `ppl-worker health` fails when it grows stale
+    heartbeat_file: Path | None = None
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
@@ -87,7 +92,7 @@ class Settings:
     def __post_init__(self) -> None:
         positive = ("batch_size", "batch_timeout_ms", "decode_threads", "visibility_timeout_s", "max_download_bytes",
                     "max_pixels", "max_decode_bytes", "decode_memory_bytes", "max_metadata_bytes", "rescan_chunk",
-                    "rescan_max_queue", "tiles")
+                    "rescan_max_queue", "tiles", "dead_letter_max")
         for name in positive:
             if getattr(self, name) <= 0:
                 raise SettingsError(f"{env_name(name)} must be positive, got {getattr(self, name)}")

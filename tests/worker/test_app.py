@@ -61,10 +61,17 @@ def test_ppl_worker_run_starts_a_threads_worker_with_openmp_not_spinning(monkeyp
     from worker.app import app
 
     started = []
-    monkeypatch.setattr(app, "worker_main", started.append)
+    exit_status = 0
+
+    def start(argv):  # Celery's app.start runs the worker and returns its exit status
+        started.append(argv)
+        return exit_status
+
+    monkeypatch.setattr(app, "start", start)
     monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
     assert cli.main(["run", "--hostname", "gpu0@%h"]) == 0
     (argv,) = started
+    assert argv[0] == "worker"
     assert argv[argv.index("--pool") + 1] == "threads" and argv[argv.index("--queues") + 1] == "detect"
     assert argv[argv.index("--hostname") + 1] == "gpu0@%h"
     assert os.environ["OMP_WAIT_POLICY"] == "PASSIVE"
@@ -72,3 +79,6 @@ def test_ppl_worker_run_starts_a_threads_worker_with_openmp_not_spinning(monkeyp
     monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")  # the operator's choice wins
     assert cli.main(["run"]) == 0
     assert os.environ["OMP_WAIT_POLICY"] == "ACTIVE"
+
+    exit_status = 1  # an unrecoverable error: the status reaches the supervisor (worker_main dropped it)
+    assert cli.main(["run"]) == 1

@@ -71,14 +71,17 @@ def unacked(redis_url: str) -> tuple[int, int]:
 def test_the_fetch_script_takes_and_records_a_message_in_one_step(redis_url):
     publish(redis_url, ["job-0"])
     client = redis.Redis.from_url(redis_url)
-    key, raw, tag = client.eval(FETCH_SCRIPT, 4, "unacked", "unacked_index", "detect", "other", "1700000000.5")
+    key, raw, tag = client.eval(FETCH_SCRIPT, 5, "unacked", "unacked_index", "tags", "detect", "other",
+                                "1700000000.5", "detect", "other")
     assert (key, client.llen("detect")) == (b"detect", 0)
-    # The record is kombu's own: [payload as published, exchange, routing key], indexed by the given time.
+    # The record is kombu's own: [payload as published, exchange, routing key], indexed by the given time, under
+    # a tag the script made (never the producer's).
     payload, exchange, routing_key = json.loads(client.hget("unacked", tag))
-    assert payload == json.loads(raw) and payload["properties"]["delivery_tag"] == tag.decode()
+    assert payload == json.loads(raw) and tag.decode().startswith("ppl-")
+    assert payload["properties"]["delivery_tag"] != tag.decode()
     assert (exchange, routing_key) == ("", "detect")
     assert client.zscore("unacked_index", tag) == 1700000000.5
-    assert client.eval(FETCH_SCRIPT, 3, "unacked", "unacked_index", "detect", "0") is None  # nothing left
+    assert client.eval(FETCH_SCRIPT, 4, "unacked", "unacked_index", "tags", "detect", "0", "detect") is None
 
     # The worker that fetched it dies: kombu's sweep puts the message back on its queue, marked redelivered.
     with Connection(redis_url, transport=Transport, transport_options={"visibility_timeout": 1}) as conn:

@@ -24,7 +24,7 @@ from worker import db
 from worker.db import FailureRow, RescanFilters, VerdictRow
 
 OLD, OLDER, NEW = "0a0a0a0a0a0a0a0a", "0b0b0b0b0b0b0b0b", "1c1c1c1c1c1c1c1c"
-TABLES = {"model_versions", "verdicts", "detection_failures", "rescan_runs"}
+TABLES = {"model_versions", "verdicts", "detection_failures", "rescan_runs", "submissions"}
 T0 = datetime(2025, 3, 1, tzinfo=UTC)
 MakeRow = Callable[..., VerdictRow]
 
@@ -68,7 +68,7 @@ def test_migrations_go_up_down_and_up_again(empty_database_url: str) -> None:
             assert db.schema_revision(conn) is None
         db.migrate(empty_database_url)
         with engine.connect() as conn:
-            assert db.schema_revision(conn) == db.head_revision() == "0001"
+            assert db.schema_revision(conn) == db.head_revision() == "0002"
             assert set(inspect(conn).get_table_names()) >= TABLES
             assert inspect(conn).get_view_names() == ["latest_verdicts"]
 
@@ -83,7 +83,7 @@ def test_migrations_go_up_down_and_up_again(empty_database_url: str) -> None:
 
         db.migrate(empty_database_url)
         with engine.connect() as conn:
-            assert db.schema_revision(conn) == "0001"
+            assert db.schema_revision(conn) == "0002"
             assert set(inspect(conn).get_table_names()) >= TABLES
     finally:
         engine.dispose()
@@ -107,9 +107,65 @@ def test_migrate_is_safe_from_concurrent_processes(empty_database_url: str) -> N
     engine = db.make_engine(empty_database_url)
     try:
         with engine.connect() as conn:
-            assert db.schema_revision(conn) == "0001"
+            assert db.schema_revision(conn) == "0002"
     finally:
         engine.dispose()
+
+
+def test_revision_0002_gives_existing_verdicts_and_failures_a_submission_and_downgrades_cleanly(
+        empty_database_url: str, verdict_row: MakeRow) -> None:
+    config = db.alembic_config(empty_database_url)
+    command.upgrade(config, "0001")
+    engine = db.make_engine(empty_database_url)
+    try:
+        register(engine, NEW)
+        rows = [verdict_row(f"old{i}", NEW) for i in range(3)]
+        db.upsert_verdicts(engine, rows)
+        with engine.begin() as conn:  # revision 0001's detection_failures, written as that code did
+            conn.execute(text("INSERT INTO detection_failures (source, source_sha256, external_id, reason, detail) "
+                              "VALUES ('file:///gone.png', :h, 'post-9', 'missing', '')"),
+                         {"h": db.source_sha256("file:///gone.png")})
+        command.upgrade(config, "0002")
+        with engine.connect() as conn:
+            migrated = conn.execute(text(
+                "SELECT s.outcome, s.external_id, s.source, v.sha256, f.reason FROM submissions s "
+                "LEFT JOIN verdicts v ON v.id = s.verdict_id LEFT JOIN detection_failures f ON f.id = s.failure_id "
+                "ORDER BY s.id")).all()
+        assert [tuple(r) for r in migrated] == [
+            ("verdict", row.external_id, row.source, row.sha256, None) for row in rows] + [
+            ("failure", "post-9", "file:///gone.png", None, "missing")]
+        command.downgrade(config, "0001")
+        with engine.connect() as conn:
+            assert "submissions" not in inspect(conn).get_table_names()
+            assert conn.execute(text("SELECT count(*) FROM verdicts")).scalar_one() == 3
+    finally:
+        engine.dispose()
+
+
+def test_submissions_point_at_their_answer_and_a_redelivery_adds_none(verdict_row: MakeRow, engine: Engine) -> None:
+    register(engine, NEW)
+    row = verdict_row("shared", NEW)
+    failure = FailureRow("https://x.example/broken.jpg", "post-3", "corrupt", "truncated")
+    now = datetime.now(UTC)
+    jobs = [db.SubmissionRow("t1", "post-1", row.source, {"k": 1}, now, verdict=(row.sha256, NEW)),
+            db.SubmissionRow("t2", "post-2", "https://x.example/copy.jpg", None, now, verdict=(row.sha256, NEW)),
+            db.SubmissionRow("t3", "post-3", failure.source, None, now, failure=failure)]
+    with engine.begin() as conn:
+        db.upsert_verdicts(conn, [row])
+        db.record_failures(conn, [failure])
+        assert db.record_submissions(conn, jobs) == 3
+    assert db.record_submissions(engine, jobs[:1]) == 0  # the same task again
+    found = db.find_submissions(engine, external_ids=["post-1", "post-2", "post-3"])
+    by_task = {r["task_id"]: r for r in found}
+    assert by_task["t1"]["sha256"] == by_task["t2"]["sha256"] == row.sha256 and by_task["t2"]["label"] == row.label
+    assert by_task["t1"]["metadata"] == {"k": 1}
+    assert (by_task["t3"]["outcome"], by_task["t3"]["reason"], by_task["t3"]["label"]) == ("failure", "corrupt", None)
+    assert [r["task_id"] for r in db.find_submissions(engine, task_ids=["t2"])] == ["t2"]
+    # A submission whose answer is not in the database is refused, not stored half-linked.
+    with pytest.raises(IntegrityError):
+        db.record_submissions(engine, [db.SubmissionRow("t4", None, "s", None, now, verdict=("0" * 64, NEW))])
+    with pytest.raises(ValueError, match="exactly one"):
+        db.SubmissionRow("t5", None, "s", None, now)
 
 
 def test_migrate_accepts_a_plain_postgresql_url(database_url: str) -> None:
@@ -151,7 +207,8 @@ def test_writes_join_the_callers_transaction(verdict_row: MakeRow, engine: Engin
         assert db.upsert_verdicts(conn, [verdict_row("a", NEW)]) == 1
         db.record_failures(conn, [FailureRow("https://x.example/broken", None, "not_an_image", "HTML")])
         conn.rollback()
-    assert db.count_rows(engine) == {"verdicts": 0, "failures": 0, "model_versions": 1, "rescan_runs": 0}
+    assert db.count_rows(engine) == {"verdicts": 0, "failures": 0, "model_versions": 1, "rescan_runs": 0,
+                                     "submissions": 0}
 
 
 def test_find_verdicts_returns_the_stored_rows_of_one_version(verdict_row: MakeRow, engine: Engine) -> None:
@@ -512,11 +569,12 @@ def test_query_verdicts_lists_latest_verdicts_newest_first(verdict_row: MakeRow,
 
 
 def test_count_rows(verdict_row: MakeRow, engine: Engine) -> None:
-    assert db.count_rows(engine) == {"verdicts": 0, "failures": 0, "model_versions": 0, "rescan_runs": 0}
+    assert db.count_rows(engine) == {"verdicts": 0, "failures": 0, "model_versions": 0, "rescan_runs": 0,
+                                     "submissions": 0}
     load(engine, verdict_row, HAND_BUILT)
     db.record_failures(engine, [FailureRow("file:///x", None, "missing", "")])
     assert db.count_rows(engine) == {"verdicts": len(HAND_BUILT), "failures": 1, "model_versions": 3,
-                                     "rescan_runs": 0}
+                                     "rescan_runs": 0, "submissions": 0}
 
 
 def test_verdict_row_has_every_column_but_id_and_created_at(verdict_row: MakeRow, engine: Engine) -> None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 from collections import Counter
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -131,6 +131,15 @@ def filled(module_engine: Engine) -> tuple[Engine, Dataset]:
             conn.execute(text("UPDATE detection_failures SET last_seen = now() - make_interval(secs => :s), "
                               "first_seen = now() - make_interval(secs => :s + 3600) WHERE source_sha256 = :h"),
                          {"s": hours * 3600, "h": db.source_sha256(row.source)})
+    # Two posts carried the lookup image (one verdict, two jobs); one message was no runnable job.
+    malformed = FailureRow("dead-letter:5d1f", None, "malformed_message", "the body is not [args, kwargs, embed]")
+    db.record_failures(engine, [malformed])
+    data.failures.append((malformed, 1, 0.0))
+    now = datetime.now(UTC)
+    db.record_submissions(engine, [
+        db.SubmissionRow("task-a", LOOKUP_EXTERNAL_ID, LOOKUP_URL, None, now, verdict=(LOOKUP_SHA, NEW)),
+        db.SubmissionRow("task-b", LOOKUP_EXTERNAL_ID, LOOKUP_URL + "?copy", None, now, verdict=(LOOKUP_SHA, NEW)),
+        db.SubmissionRow("task-c", None, malformed.source, None, now, failure=malformed)])
     run = db.create_rescan_run(engine, RescanFilters(), NEW, total=25)
     db.update_rescan_run(engine, run.id, cursor=10, enqueued=5, status="paused")
     return engine, data
@@ -155,7 +164,7 @@ def test_the_document_has_the_promised_queries() -> None:
     assert {"Images flagged in the last 24 hours", "Fake rate per day", "Score distribution per model version",
             "Images whose verdict changed between two versions", "Failures by reason in a window",
             "Where flagged images look most generated (top-patch heatmap)", "Decoding the patch grid",
-            "Looking up one item", "Stale images awaiting a rescan"} <= sections
+            "Looking up one item", "Stale images awaiting a rescan", "Jobs by task id or external id"} <= sections
     assert len(BLOCKS) >= 15
 
 
@@ -278,3 +287,12 @@ def test_latency_and_throughput(filled: tuple[Engine, Dataset]) -> None:
     hourly = run_block(engine, "Throughput and latency #2")
     assert sum(r["verdicts"] for r in hourly) == len(recent)
     assert all(isinstance(r["hour"], datetime) for r in hourly)
+
+
+def test_jobs_by_external_id_and_refusals(filled: tuple[Engine, Dataset]) -> None:
+    engine, data = filled
+    jobs = run_block(engine, "Jobs by task id or external id #1")
+    assert sorted(r["task_id"] for r in jobs) == ["task-a", "task-b"]
+    assert {(r["outcome"], r["label"]) for r in jobs} == {("verdict", data.rows[LOOKUP_SHA, NEW].label)}
+    refused = run_block(engine, "Jobs by task id or external id #2")
+    assert [(r["reason"], r["jobs"]) for r in refused] == [("malformed_message", 1)]
