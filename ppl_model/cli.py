@@ -131,7 +131,8 @@ def _bench_synth(args: argparse.Namespace) -> int:
     def log(message: str) -> None:
         print(f"[synthbench {time.strftime('%H:%M:%S')}] {message}", flush=True)
 
-    result = run_benchmark(args.photos, args.out, cfg, exp, config_path=args.config, progress=progress, log=log)
+    result = run_benchmark(args.photos, args.out, cfg, exp, config_path=args.config, progress=progress, log=log,
+                           cache=args.cache)
     for method, block in result["aggregate"].items():
         unseen = block["mean_unseen"]
         print(f"{method:34s} mean over unseen families: AUROC {unseen['auroc']['mean']:.3f}  "
@@ -312,6 +313,8 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--arms", help="comma-separated ablation arms (default: baseline, patch-dropout, rpr, pcl, "
                                       "rpr+pcl, rpr+pcl+patch-head; also rpr+pcl-paper-form)")
     synth.add_argument("--regimes", help="comma-separated: scratch, pretrained-lora (default both)")
+    synth.add_argument("--cache", type=Path, help="cache folder (default OUT/cache); runs may share one, e.g. one "
+                                                  "process per regime, started once the first has built the data")
     synth.add_argument("--config", default="configs/tiny.toml",
                        help="detector TOML config (default: configs/tiny.toml, relative to the current directory)")
     synth.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",

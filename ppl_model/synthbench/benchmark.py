@@ -179,11 +179,15 @@ class SynthBenchConfig:
 
     @classmethod
     def full(cls) -> SynthBenchConfig:
-        """The CPU benchmark with configs/tiny.toml (64-px crops, patch 8) for 48 epochs, 3 seeds: about 45
-        minutes on 2 cores. Measured there: a generator step 65-120 ms by family (2000 steps: ~15 min for the
-        five); a tiny-ViT detector on 1920 pairs, 24 epochs (2880 steps), 110 s (baseline) to 140 s (PPL),
-        both still improving at 24, hence 48; its evaluation with robustness 20 s, analysis 5 s."""
-        return cls(detector_overrides=("train.epochs=48",))
+        """The CPU benchmark (configs/tiny.toml: 64-px crops, patch 8): six arms × two regimes × three seeds.
+
+        Sized for under 90 minutes on 2 shared cores (docs/RESULTS.md has the measured stage times):
+        generators 1000 steps, 16 test crops per photo, the stand-in pretrained for 1000 steps, every
+        detector 8 epochs, robustness for the scratch regime only. Two processes with one thread each
+        (``--regimes scratch`` and ``--regimes pretrained-lora`` sharing ``--cache``) use both cores without
+        the thread contention that slows one two-threaded process on a shared machine."""
+        return cls(test_crops_per_photo=16, generator_steps=1000, pretrain_steps=1000,
+                   detector_overrides=("train.epochs=8", "data.workers=1"))
 
     @classmethod
     def gpu(cls) -> SynthBenchConfig:
@@ -1093,11 +1097,13 @@ def _detector_summary(exp: ExperimentConfig) -> str:
             f"{loss.pcl_projection if loss.pcl_projection and loss.pcl_form != 'paper' else 'none'}; "
             f"patch-head weight {loss.patch_weight}")
 def run_benchmark(photos: str | Path, out: str | Path, cfg: SynthBenchConfig, exp: ExperimentConfig, *,
-                  config_path: str | Path | None = None, progress: bool = False, log: Log = print) -> dict[str, Any]:
-    """All stages; writes ``OUT/results.json`` (also after each detector) and ``OUT/report.md``."""
+                  config_path: str | Path | None = None, progress: bool = False, log: Log = print,
+                  cache: str | Path | None = None) -> dict[str, Any]:
+    """All stages; writes ``OUT/results.json`` (also after each detector) and ``OUT/report.md``. ``cache``
+    (default ``OUT/cache``) may be shared by runs, e.g. one process per regime on a machine with two cores."""
     cfg.validate()
     out = Path(out)
-    cache = out / "cache"
+    cache = Path(cache) if cache is not None else out / "cache"
     out.mkdir(parents=True, exist_ok=True)
     clock = _Clock(log)
     started = time.time()
