@@ -99,13 +99,13 @@ def check_celery_app_path(argv: list[str], where: str) -> None:
     assert app is not None and app.main == "ppl", f"{where}: -A {module}:{attr} is not the worker's Celery app"
 
 
-def ping_destination(command: str) -> str | None:
-    """The node a ``celery inspect ping --destination NODE`` health check asks for, with $HOSTNAME as %h."""
-    if "inspect ping" not in command:
-        return None
-    match = re.search(r"--destination[ =](\S+)", command)
-    assert match, f"a ping that does not name its own node answers for any worker: {command}"
-    return re.sub(r"\$\$?HOSTNAME|\$\{HOSTNAME\}", "%h", match[1])
+def check_heartbeat_probe(command: list[str], settings: Settings, where: str) -> None:
+    """A worker's liveness check is ``ppl-worker health`` over the heartbeat file the worker itself keeps (a
+    ping over the broker answers from a process that has stopped consuming)."""
+    assert command[0] == "ppl-worker", f"{where}: the health check is not ppl-worker health: {command}"
+    args = parse_ppl_worker(command[1:], where)
+    assert args.command == "health" and args.max_age >= 60, f"{where}: {command}"
+    assert settings.heartbeat_file is not None, f"{where}: PPL_HEARTBEAT_FILE unset, so health always fails"
 
 
 def required_drain_s(settings: Settings) -> float:
@@ -267,9 +267,10 @@ def test_compose_workers_run_ppl_worker_on_their_queues(compose):
         assert worker_queues(args) == expected, f"compose {name} consumes {worker_queues(args)}"
         node = args.hostname
         assert node and node.endswith("@%h"), f"{name}: give each worker a node name (NAME@%h)"
-        destination = ping_destination(service["healthcheck"]["test"][-1])
-        assert destination == node, f"{name}: its health check pings {destination}, the worker is {node}"
-        settings_from(service_env(compose, name), f"compose {name}")
+        test = service["healthcheck"]["test"]
+        assert test[0] == "CMD", f"compose {name}: run the health check without a shell"
+        check_heartbeat_probe(test[1:], settings_from(service_env(compose, name), f"compose {name}"),
+                              f"compose {name}")
         assert duration_s(service["stop_grace_period"]) >= required_drain_s(Settings.from_env({}))
     gpu = services["worker-gpu"]
     (device,) = gpu["deploy"]["resources"]["reservations"]["devices"]
@@ -530,10 +531,10 @@ def test_k8s_gpu_worker(k8s):
     assert mount["readOnly"] is True
     (volume,) = [v for v in spec["volumes"] if v["name"] == mount["name"]]
     assert ("PersistentVolumeClaim", volume["persistentVolumeClaim"]["claimName"]) in k8s
-    # probes: readiness through ppl-worker, liveness pinging this worker's own node
+    # probes: readiness through ppl-worker doctor, liveness through this worker's heartbeat
     readiness = worker["readinessProbe"]["exec"]["command"]
     assert readiness[0] == "ppl-worker" and parse_ppl_worker(readiness[1:], "readiness").command == "doctor"
-    assert ping_destination(worker["livenessProbe"]["exec"]["command"][-1]) == args.hostname
+    check_heartbeat_probe(worker["livenessProbe"]["exec"]["command"], settings, "k8s worker liveness")
     # a warm shutdown finishes the batch in flight
     assert spec["terminationGracePeriodSeconds"] >= required_drain_s(settings)
     # metrics: the port the worker serves, announced to Prometheus
@@ -555,8 +556,11 @@ def test_k8s_beat_rescan_worker_and_migrate_job(k8s):
     assert c["command"] == ["celery"] and "beat" in c["args"]
     check_celery_app_path(c["args"], "k8s beat")
     rescan = k8s[("Deployment", "ppl-rescan-worker")]
-    args = parse_ppl_worker(container(rescan, "worker")["args"], "k8s rescan worker")
+    worker = container(rescan, "worker")
+    args = parse_ppl_worker(worker["args"], "k8s rescan worker")
     assert worker_queues(args) == {RESCAN_QUEUE}
+    check_heartbeat_probe(worker["livenessProbe"]["exec"]["command"],
+                          settings_from(container_env(k8s, worker), "k8s rescan worker"), "k8s rescan liveness")
     job = k8s[("Job", "ppl-migrate")]
     assert job["spec"]["backoffLimit"] >= 1
     assert pod_spec(job)["restartPolicy"] in ("Never", "OnFailure")

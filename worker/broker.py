@@ -369,8 +369,21 @@ def _payload(item: bytes, tag: str, queue: str) -> dict[str, Any]:
         problem = "unreadable"
     if problem is not None:
         return dead_letter_envelope(bytes(item), tag, queue)
+    if payload.get("content-type") == DEAD_LETTER_CONTENT_TYPE:
+        payload = _unwrapped(payload)
     payload["properties"]["delivery_tag"] = tag
     return payload
+
+
+def _unwrapped(wrapped: dict[str, Any]) -> dict[str, Any]:
+    """The message inside a dead-letter envelope when Python can read it after all: Lua's cjson refuses some
+    JSON that Python (and Celery) accept, e.g. a lone surrogate escape like "\\ud800" in a job's arguments,
+    which must reach the task's own checks (an ``invalid_arguments`` failure), not the quarantine."""
+    try:
+        inner = json.loads(bytes.fromhex(wrapped.get("body") or ""))
+    except (ValueError, TypeError):
+        return wrapped
+    return inner if envelope_problem(inner) is None else wrapped
 
 
 class Transport(kombu_redis.Transport):

@@ -171,9 +171,8 @@ def _refused_job(request: JobRequest) -> Job:
     metadata = kwargs.get("metadata")
     if not isinstance(metadata, dict) or not _storable(metadata) or not _json_storable(metadata):
         metadata = None
-    return Job(request.task_id, shown[:MAX_SOURCE_CHARS],
-               external_id[:MAX_EXTERNAL_ID] if isinstance(external_id, str) else None, metadata, 0,
-               request.received_at)
+    return Job(request.task_id, shown[:MAX_SOURCE_CHARS], external_id if isinstance(external_id, str) else None,
+               metadata, 0, request.received_at)
 
 
 def _json_storable(value: Any) -> bool:
