@@ -141,48 +141,6 @@ def _bench_synth(args: argparse.Namespace) -> int:
     return 0
 
 
-def _bench_worker(args: argparse.Namespace) -> int:
-    import os
-    import signal
-    import time
-
-    from worker.benchmark import BenchError, WorkerBenchConfig, markdown_table, run_soak, run_worker_bench, soak_table
-
-    server_url = args.database_url or os.environ.get("PPL_DATABASE_URL") or None
-    values = {"out": args.out, "model_dir": args.model, "broker_url": args.broker_url, "images": args.images,
-              "image_size": args.image_size, "batch_size": args.batch_size, "decode_threads": args.decode_threads,
-              "repeats": args.repeats, "upsert_rows": args.upsert_rows, "rescan_rows": args.rescan_rows,
-              "timeout_s": args.timeout, "profile": args.profile, "log_level": args.log_level,
-              "rescan_drain": not args.keep_rescan_queue}
-    if server_url:
-        values["server_url"] = server_url
-    if args.parts:
-        values["parts"] = tuple(p.strip() for p in args.parts.split(",") if p.strip())
-    if args.soak:
-        values["soak_jobs"] = args.soak
-    config = WorkerBenchConfig(**values)
-
-    def log(message: str) -> None:
-        print(f"[bench worker {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
-
-    # SIGTERM unwinds like Ctrl-C, so the worker processes are stopped and the databases dropped.
-    previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    try:
-        if args.soak:
-            print(soak_table(run_soak(config, log)))
-            print(f"\nwritten to {args.out / 'worker-soak.json'}")
-        else:
-            result = run_worker_bench(config, log)
-            print(markdown_table(result))
-            print(f"\nwall time {result['wall_s']:.0f} s; written to {args.out / 'worker-bench.json'}")
-    except BenchError as exc:
-        print(f"ppl bench worker: {exc}", file=sys.stderr)
-        return 1
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-    return 0
-
-
 def _eval(args: argparse.Namespace) -> int:
     from ppl_model.evaluation.evaluate import evaluate_model, format_table
 
@@ -325,43 +283,6 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                        help="progress bars (default: when stderr is a terminal); stage lines are always printed")
     synth.set_defaults(handler=_bench_synth)
-
-    worker = bench.add_parser(
-        "worker", help="moderation worker: end-to-end images/s vs ppl scan and a naive worker, upserts, rescan",
-        description="End-to-end images/s from send_task through Redis, one worker process and PostgreSQL, against "
-                    "ppl scan's engine in-process and a naive worker (one image per task, one insert per image) on "
-                    "the same images; PostgreSQL upsert rows/s; rescan enqueue rate over synthetic stored "
-                    "verdicts with its peak memory. --soak N runs the soak instead. Needs PostgreSQL (creates and "
-                    "drops ppl_bench_* databases) and Redis (a database of its own, flushed). See "
-                    "docs/PERFORMANCE.md.")
-    worker.add_argument("--out", required=True, type=Path,
-                        help="output folder: worker-bench.json (or worker-soak.json), images, model, logs")
-    worker.add_argument("--model", type=Path,
-                        help="model directory (default: build a tiny random-initialised one into OUT/model)")
-    worker.add_argument("--database-url",
-                        help="PostgreSQL server to create the benchmark's databases on (default: PPL_DATABASE_URL, "
-                             "else postgresql+psycopg://postgres@127.0.0.1:5432/postgres)")
-    worker.add_argument("--broker-url", default="redis://127.0.0.1:6379/14",
-                        help="Redis database of the benchmark's own: it is flushed before and after (not /0)")
-    worker.add_argument("--images", type=int, default=2000, help="distinct images for the throughput figures")
-    worker.add_argument("--image-size", type=int, default=256, help="side of the generated JPEGs")
-    worker.add_argument("--batch-size", type=int, default=32, help="the worker's batch, scan's batch, upsert batch")
-    worker.add_argument("--decode-threads", type=int, default=8, help="the worker's and scan's decoding threads")
-    worker.add_argument("--repeats", type=int, default=1,
-                        help="measure scan, end to end and naive this many times, interleaved; report the median")
-    worker.add_argument("--upsert-rows", type=int, default=20_000)
-    worker.add_argument("--rescan-rows", type=int, default=1_000_000, help="synthetic stale verdicts to rescan")
-    worker.add_argument("--keep-rescan-queue", action="store_true",
-                        help="let the rescan's messages pile up in Redis (about 1.3 kB each) instead of draining "
-                             "them as they come, as workers would")
-    worker.add_argument("--parts", help="comma-separated subset of scan,end_to_end,naive,upserts,rescan")
-    worker.add_argument("--soak", type=int, metavar="JOBS",
-                        help="run the soak instead: JOBS distinct images through one worker, RSS and images/s per "
-                             "1,000 jobs (writes OUT/worker-soak.json)")
-    worker.add_argument("--log-level", default="INFO", help="the workers' PPL_LOG_LEVEL")
-    worker.add_argument("--timeout", type=float, default=900.0, help="seconds any one wait may take")
-    worker.add_argument("--profile", action="store_true", help="cProfile the in-process parts into OUT/profiles/")
-    worker.set_defaults(handler=_bench_worker)
     return parser
 
 
