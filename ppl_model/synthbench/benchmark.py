@@ -151,6 +151,7 @@ class SynthBenchConfig:
     target_fpr: float = 0.05
     robustness: bool = True
     robustness_regimes: tuple[str, ...] = ("scratch",)  # the regimes evaluated under degradations
+    robustness_seeds: int = 3  # ... for their first this many seeds (the evaluation costs ~10× a clean one)
     analysis_real: int = 32
     analysis_fake: int = 32
     cde_fill: str = "zero"  # the masked patch's fill in the CDE analysis (the paper zeroes it)
@@ -159,6 +160,9 @@ class SynthBenchConfig:
     pretrain_batch_size: int = 64
     pretrain_lr: float = 1e-3
     pretrain_mask_ratio: float = 0.5
+    # "masked": reconstruct the masked patches only (SimMIM); "all": every patch, so the visible tokens must
+    # also keep their own patch's fine detail (a detector reads such detail).
+    pretrain_target: str = "masked"
     # --set overrides of the detector config for the pretrained-lora regime (after the preset's and user's).
     lora_overrides: tuple[str, ...] = ("model.finetune=lora",)
     # --set overrides of the detector config that the preset needs (applied before the user's own).
@@ -183,11 +187,11 @@ class SynthBenchConfig:
 
         Sized for under 90 minutes on 2 shared cores (docs/RESULTS.md has the measured stage times):
         generators 1000 steps, 16 test crops per photo, the stand-in pretrained for 1000 steps, every
-        detector 8 epochs, robustness for the scratch regime only. Two processes with one thread each
+        detector 6 epochs, robustness for the first seed of the scratch regime only. Two processes with one thread each
         (``--regimes scratch`` and ``--regimes pretrained-lora`` sharing ``--cache``) use both cores without
         the thread contention that slows one two-threaded process on a shared machine."""
-        return cls(test_crops_per_photo=16, generator_steps=1000, pretrain_steps=1000,
-                   detector_overrides=("train.epochs=8", "data.workers=1"))
+        return cls(test_crops_per_photo=16, generator_steps=1000, pretrain_steps=1000, pretrain_target="all",
+                   robustness_seeds=1, detector_overrides=("train.epochs=6", "data.workers=1"))
 
     @classmethod
     def gpu(cls) -> SynthBenchConfig:
@@ -284,6 +288,7 @@ class SynthBenchConfig:
             (self.cde_fill in ("zero", "mean", "black"), "cde_fill must be zero, mean or black"),
             (self.pretrain_steps >= 1 and self.pretrain_batch_size >= 1 and 0 < self.pretrain_mask_ratio < 1,
              "pretrain steps and batch must be >= 1 and pretrain_mask_ratio in (0, 1)"),
+            (self.pretrain_target in ("masked", "all"), "pretrain_target must be masked or all"),
             (self.analysis_real >= 1 and self.analysis_fake >= 1, "analysis counts must be at least 1"),
         ]
         errors = [message for ok, message in checks if not ok]
@@ -655,7 +660,8 @@ def build_pretrained(crops: Crops, cfg: SynthBenchConfig, exp: ExperimentConfig,
                      log: Log = _quiet) -> Pretrained:
     """Pretrain the detector config's backbone shape, self-supervised, on train-split **real** crops only
     (no fake is ever seen): a fraction of the patches is set to normalised zero and a linear decoder on the
-    output tokens reconstructs their pixels (SimMIM-style). Cached like the other stages."""
+    output tokens reconstructs their pixels (SimMIM-style; with ``pretrain_target = "all"`` every patch's).
+    Cached like the other stages."""
     from ppl_model.backbones import build_backbone
 
     input_size = exp.model.input_size or cfg.crop_size
@@ -664,6 +670,8 @@ def build_pretrained(crops: Crops, cfg: SynthBenchConfig, exp: ExperimentConfig,
     settings = {"crops": crops.key, "model": dataclasses.asdict(model_cfg), "steps": cfg.pretrain_steps,
                 "batch_size": cfg.pretrain_batch_size, "lr": cfg.pretrain_lr, "mask": cfg.pretrain_mask_ratio,
                 "seed": cfg.data_seed}
+    if cfg.pretrain_target != "masked":  # keeps the cache key of masked-only stand-ins
+        settings["target"] = cfg.pretrain_target
     key = settings_key(settings)
     folder = Path(cache) / "pretrained" / key
     info_path = folder / "pretrain.json"
@@ -704,7 +712,7 @@ def build_pretrained(crops: Crops, cfg: SynthBenchConfig, exp: ExperimentConfig,
         pixel_mask = mask.reshape(-1, 1, grid, grid).repeat_interleave(patch, 2).repeat_interleave(patch, 3)
         _, tokens = backbone(normed * (1 - pixel_mask))
         error = (decoder(tokens) - _patchify(normed, patch)).pow(2).mean(-1)
-        loss = (error * mask).sum() / mask.sum()
+        loss = (error * mask).sum() / mask.sum() if cfg.pretrain_target == "masked" else error.mean()
         optimiser.zero_grad(set_to_none=True)
         loss.backward()
         optimiser.step()
@@ -804,7 +812,7 @@ def training_telemetry(metrics_path: Path) -> dict[str, Any]:
 
 
 def run_detector(datasets: Datasets, cfg: SynthBenchConfig, exp: ExperimentConfig, arm: str, out_dir: Path, *,
-                 regime: str = "scratch", progress: bool = False) -> dict[str, Any]:
+                 regime: str = "scratch", robustness: bool = False, progress: bool = False) -> dict[str, Any]:
     """Train one arm, calibrate its threshold on the validation reals (``target_fpr``), evaluate it on the test
     set (robustness where configured) and analyse it. ``exp`` is the regime's config."""
     from ppl_model.analysis.cde import SUMMARY_KEYS, analyze
@@ -826,8 +834,7 @@ def run_detector(datasets: Datasets, cfg: SynthBenchConfig, exp: ExperimentConfi
     # Calibration on the detector's own validation split (real crops of photos it never trained on).
     calibration = evaluate_model(model_dir, datasets.detector_data, layout="paired", target_fpr=cfg.target_fpr,
                                  **options)
-    robust = cfg.robustness and regime in cfg.robustness_regimes
-    result = evaluate_model(model_dir, datasets.test_data, layout="paired", robustness=robust, **options)
+    result = evaluate_model(model_dir, datasets.test_data, layout="paired", robustness=robustness, **options)
     (out_dir / "eval.json").write_text(json.dumps(_jsonable(result), indent=2) + "\n")
     times["eval"] = time.perf_counter() - start
 
@@ -879,7 +886,9 @@ def run_detectors(datasets: Datasets, cfg: SynthBenchConfig, exp: ExperimentConf
             for arm in cfg.arms:
                 method = f"{regime}/{arm}"
                 folder = Path(out) / "runs" / regime / f"seed{seed}" / arm.replace("+", "_")
-                record = run_detector(datasets, cfg, seeded, arm, folder, regime=regime, progress=progress)
+                robust = cfg.robustness and regime in cfg.robustness_regimes and offset < cfg.robustness_seeds
+                record = run_detector(datasets, cfg, seeded, arm, folder, regime=regime, robustness=robust,
+                                      progress=progress)
                 runs.setdefault(f"seed{seed}", {})[method] = record
                 t, unseen, cde = record["wall_seconds"], record["mean_unseen"], record["cde"]
                 log(f"seed {seed} {method}: train {t['train']:.0f} s ({record['train']['steps']} steps), "
@@ -925,6 +934,7 @@ def summarise(runs: dict[str, dict[str, Any]], cfg: SynthBenchConfig) -> dict[st
         block["mean_unseen"] = {metric: _stats([r["mean_unseen"][metric] for r in records]) for metric in METRICS}
         block["mean_edits"] = {metric: _stats([r["mean_edits"].get(metric) for r in records]) for metric in METRICS}
         robust = [r["robustness"] for r in records if r["robustness"]]
+        block["robustness_seeds"] = len(robust)
         if robust:
             block["robustness"] = {name: {metric: _stats([r[name]["mean_unseen"][metric] for r in robust])
                                           for metric in METRICS} for name in robust[0]}
@@ -1018,7 +1028,8 @@ def _regime_tables(results: dict[str, Any], regime: str) -> list[str]:
         lines.append(f"| {key} | {' | '.join(_pm(blocks[a]['telemetry'].get(key)) for a in arms)} |")
     lines.append(f"| threshold (fake probability) | {' | '.join(_pm(blocks[a]['threshold']) for a in arms)} |")
     if all("robustness" in block for block in blocks.values()):
-        lines += ["", "### Robustness: mean AUROC over unseen families", "",
+        seeds_note = f"{blocks[arms[0]]['robustness_seeds']} seed(s)"
+        lines += ["", f"### Robustness: mean AUROC over unseen families ({seeds_note})", "",
                   f"| perturbation | {' | '.join(arms)} |", "|---|" + "---|" * len(arms)]
         lines.append(f"| none | {' | '.join(_pm(blocks[a]['mean_unseen']['auroc']) for a in arms)} |")
         for name in blocks[arms[0]]["robustness"]:
