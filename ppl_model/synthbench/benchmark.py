@@ -644,7 +644,7 @@ class Pretrained:
     path: Path  # config.json + model.safetensors + preprocessor_config.json: what model.pretrained loads
     built: bool
     train_seconds: float
-    final_loss: float  # mean masked-patch MSE (normalised pixels) over the last 10 % of steps
+    final_loss: float  # mean reconstruction MSE (normalised pixels, pretrain_target's patches), last 10 % of steps
     first_loss: float  # the same over the first 10 %
 
 
@@ -730,7 +730,7 @@ def build_pretrained(crops: Crops, cfg: SynthBenchConfig, exp: ExperimentConfig,
                                                    "first_loss": first, "final_loss": final}, indent=2) + "\n")
     _publish(tmp, folder)
     log(f"pretrained stand-in: {cfg.pretrain_steps} steps of masked-patch reconstruction in {seconds:.0f} s, "
-        f"masked-patch MSE {first:.3f} -> {final:.3f} ({folder})")
+        f"MSE on the {cfg.pretrain_target} patches {first:.3f} -> {final:.3f} ({folder})")
     return Pretrained(key, folder, True, seconds, final, first)
 
 
@@ -1062,7 +1062,8 @@ def write_report(results: dict[str, Any], path: str | Path) -> None:
     ]
     if pre:
         lines += [f"Pretrained stand-in (regime `pretrained-lora`): {bench['pretrain_steps']} steps of masked-patch "
-                  f"reconstruction on train-split real crops, masked-patch MSE {_fmt(pre['first_loss'])} → "
+                  f"reconstruction on train-split real crops (loss on the {bench['pretrain_target']} patches), "
+                  f"MSE {_fmt(pre['first_loss'])} → "
                   f"{_fmt(pre['final_loss'])}, {_fmt(pre['train_seconds'], 0)} s; then frozen, LoRA "
                   f"({', '.join(bench['lora_overrides'])}).", ""]
     for regime in bench["regimes"]:
