@@ -187,9 +187,9 @@ class SynthBenchConfig:
 
         Sized for under 90 minutes on 2 shared cores (docs/RESULTS.md has the measured stage times):
         generators 1000 steps, 16 test crops per photo, the stand-in pretrained for 1000 steps, every
-        detector 8 epochs, robustness for the first seed of the scratch regime only. Two processes with one thread each
-        (``--regimes scratch`` and ``--regimes pretrained-lora`` sharing ``--cache``) use both cores without
-        the thread contention that slows one two-threaded process on a shared machine."""
+        detector 8 epochs, robustness for the first seed of the scratch regime only. Two processes with one
+        thread each (``--regimes scratch`` and ``--regimes pretrained-lora`` sharing ``--cache``) use both
+        cores without the thread contention that slows one two-threaded process on a shared machine."""
         return cls(test_crops_per_photo=16, generator_steps=1000, pretrain_steps=1000, pretrain_target="all",
                    robustness_seeds=1, detector_overrides=("train.epochs=8", "data.workers=1"))
 
