@@ -7,7 +7,7 @@ DEMO ?= runs/demo
 
 BIN := $(VENV)/bin
 
-.PHONY: install test lint demo clean services
+.PHONY: install test test-fast lint demo clean services
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,8 +26,13 @@ services:
 lint: install
 	$(BIN)/ruff check .
 
-test: lint
+# Everything: unit, integration (PostgreSQL + Redis, started if down), slow and fault-injection tests.
+test: lint services
 	$(BIN)/python -m pytest
+
+# The inner loop: the unit layer only (no services, no subprocess end-to-end runs).
+test-fast: install
+	$(BIN)/python -m pytest -m "not integration and not faults and not slow"
 
 # The main job end to end (deploy/local/demo.sh): demo data and model (cached after the first run), export,
 # PostgreSQL + Redis, migrations, a worker in the background, jobs from a separate producer, the verdicts.

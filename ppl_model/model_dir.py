@@ -1,4 +1,4 @@
-"""The model directory: the one format a trained detector is handed on in (DESIGN.md §4).
+"""The model directory: the one format a trained detector is handed on in (docs/ARCHITECTURE.md, "Contracts").
 
     model.safetensors   detector weights, LoRA merged (a plain transformers ViT plus two linear heads)
     model.json          architecture, input size, patch grid, normalisation, threshold, version id
@@ -6,6 +6,10 @@
 The version id is a hash of the weights and of the architecture description, so any change to what the
 model computes gives a new id. The threshold is not part of it: calibrating changes labels, not scores,
 and every stored verdict records the threshold it was judged with.
+
+Reading ``model.json`` (``read_model_info``) needs only the standard library: torch, safetensors and the
+backbones load inside the functions that handle weights, so that tools that only need a model's version
+(``ppl-worker submit``, ``rescan``) do not pay for the model stack.
 """
 
 from __future__ import annotations
@@ -16,14 +20,12 @@ import os
 from dataclasses import MISSING, asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+if TYPE_CHECKING:
+    import torch
 
-from ppl_model.backbones import BackboneError, backbone_from_config_dict
-from ppl_model.detector import PPLDetector
+    from ppl_model.detector import PPLDetector
 
 MODEL_JSON = "model.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -90,6 +92,8 @@ def describe(detector: PPLDetector) -> ModelInfo:
 def save_model_dir(detector: PPLDetector, out_dir: str | Path, *, threshold: float = 0.5,
                    training: dict[str, Any] | None = None) -> ModelInfo:
     """Write weights and description. LoRA adapters are merged into the detector in place."""
+    from safetensors.torch import save_file
+
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     detector.backbone.merge_lora()
@@ -143,6 +147,12 @@ def write_threshold(model_dir: str | Path, threshold: float) -> ModelInfo:
 def load_model_dir(model_dir: str | Path, device: str | torch.device = "cpu",
                    verify: bool = True) -> tuple[PPLDetector, ModelInfo]:
     """Rebuild the detector from a model directory, in eval mode, checking it is whole and consistent."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from ppl_model.backbones import BackboneError, backbone_from_config_dict
+    from ppl_model.detector import PPLDetector
+
     path = Path(model_dir)
     info = read_model_info(path)
     weights = path / WEIGHTS_FILE

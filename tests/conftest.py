@@ -22,19 +22,26 @@ def paired_dataset(tmp_path: Path) -> Path:
 @pytest.fixture(scope="session")
 def photos() -> Path:
     if not PHOTOS.is_dir():
-        pytest.fail(f"the shared photo folder is missing: {PHOTOS}")
+        pytest.fail(f"the repository's sample photos are missing: {PHOTOS}")
     return PHOTOS
 
 
+# A test that uses one of these fixtures talks to a real PostgreSQL or Redis: the `integration` layer.
+SERVICE_FIXTURES = frozenset({"pg_server_url", "database_url", "empty_database_url", "engine", "module_engine",
+                              "redis_server", "redis_url"})
+
+
 def pytest_collection_modifyitems(config, items):
-    """GPU tests run where CUDA is present and are skipped, saying why, everywhere else (CI has no GPU)."""
+    """Layers: tests that use PostgreSQL or Redis are marked ``integration`` (``make test-fast`` leaves them
+    out). GPU tests run where CUDA is present and are skipped, saying why, everywhere else (CI has no GPU)."""
     import torch
 
-    if torch.cuda.is_available():
-        return
+    integration = pytest.mark.integration
     skip = pytest.mark.skip(reason="needs a CUDA device, and there is none here (see docs/PERFORMANCE.md)")
     for item in items:
-        if "gpu" in item.keywords:
+        if SERVICE_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(integration)
+        if "gpu" in item.keywords and not torch.cuda.is_available():
             item.add_marker(skip)
 
 

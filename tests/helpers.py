@@ -10,7 +10,7 @@ from PIL import Image
 from ppl_model.config import ExperimentConfig, ModelConfig, from_dict
 
 REPO = Path(__file__).resolve().parent.parent
-PHOTOS = REPO.parent / "shared" / "data" / "photos"
+PHOTOS = REPO / "demo" / "photos"  # real photos the repository ships (attribution in SOURCES.md there)
 
 
 def tiny_model_config(arch: str = "clip", finetune: str = "lora", **overrides) -> ModelConfig:

@@ -23,7 +23,7 @@ from tests.worker.processes import WorkerProcess, produce, wait_until
 from tests.worker.services import PostgresCluster, RedisServer
 from worker import db
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.faults]
 
 BATCH = 32
 
