@@ -16,7 +16,7 @@ One module for every caller (training, ``ppl scan``, the worker), so that they a
   refuses an image over it and a ``MemoryBudget`` shared by threads makes a decode wait until its bytes
   are free. The factors were measured (``benchmarks/decode_memory.py --modes``, docs/PERFORMANCE.md).
 
-Every failure is ``UnreadableImage`` with one of these ``reason`` codes:
+Every failure is ``UnreadableImage`` with one of these ``reason`` codes (``ppl_model.reasons.Reason``):
 
 ======================  ==================================================================================
 reason                  raised for
@@ -59,14 +59,9 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, TiffImagePlugin, UnidentifiedImageError
 
-MISSING = "missing"
-UNREADABLE = "unreadable"
-NOT_AN_IMAGE = "not_an_image"
-UNSUPPORTED_FORMAT = "unsupported_format"
-TOO_LARGE = "too_large"
-CORRUPT = "corrupt"
-DECODE_BUSY = "decode_busy"
-REASONS = frozenset({MISSING, UNREADABLE, NOT_AN_IMAGE, UNSUPPORTED_FORMAT, TOO_LARGE, CORRUPT, DECODE_BUSY})
+from ppl_model.reasons import DECODER_REASONS, Reason
+
+REASONS = DECODER_REASONS  # the codes raised here (the table above)
 
 SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16B", "I;16L", "I;16N"})
 ALPHA_MODES = frozenset({"RGBA", "LA", "PA", "RGBa", "La"})
@@ -86,7 +81,8 @@ class UnreadableImage(Exception):
     decoder's own message or what the header said.
     """
 
-    def __init__(self, path: Path | str, reason: str, detail: str = ""):
+    def __init__(self, path: Path | str, reason: Reason, detail: str = ""):
+        reason = Reason(reason)  # an unknown code is a bug here, not a new category in scans and failure rows
         super().__init__(f"{path}: {reason}" + (f" ({detail})" if detail else ""))
         self.path = str(path)
         self.reason = reason
@@ -177,14 +173,14 @@ class MemoryBudget:
     def acquire(self, nbytes: int, path: str = "") -> Reservation:
         nbytes = int(nbytes)
         if nbytes > self.total:
-            raise UnreadableImage(path, TOO_LARGE, f"decoding needs about {nbytes} bytes, more than the whole "
+            raise UnreadableImage(path, Reason.TOO_LARGE, f"decoding needs about {nbytes} bytes, more than the whole "
                                                    f"decode memory budget of {self.total} bytes")
         deadline = time.monotonic() + self.wait_s
         with self._cond:
             while self.used + nbytes > self.total:
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    raise UnreadableImage(path, DECODE_BUSY, f"{nbytes} bytes of decode memory not free within "
+                    raise UnreadableImage(path, Reason.DECODE_BUSY, f"{nbytes} bytes of decode memory not free within "
                                                              f"{self.wait_s:.0f} s ({self.used} of {self.total} used)")
                 self._cond.wait(left)
             self.used += nbytes
@@ -231,9 +227,9 @@ def _read(source: Path | str | bytes, name: str) -> _Source:
     try:
         return _Source(Path(source).read_bytes(), path)
     except FileNotFoundError:
-        raise UnreadableImage(path, MISSING) from None
+        raise UnreadableImage(path, Reason.MISSING) from None
     except OSError as exc:  # a directory, permission denied, an I/O error
-        raise UnreadableImage(path, UNREADABLE, str(exc)) from None
+        raise UnreadableImage(path, Reason.UNREADABLE, str(exc)) from None
 
 
 def decode_rgb(source: Path | str | bytes, name: str = "", *, max_pixels: int | None = None,
@@ -258,13 +254,13 @@ def decode_rgb(source: Path | str | bytes, name: str = "", *, max_pixels: int | 
         # Pillow's own limit, checked here rather than by turning its warning into an error: the warnings
         # filters are process-wide, and catch_warnings in concurrent decode threads would corrupt them.
         if Image.MAX_IMAGE_PIXELS and width * height > Image.MAX_IMAGE_PIXELS:
-            raise UnreadableImage(path, TOO_LARGE, f"{width}x{height} pixels, over Pillow's limit of "
+            raise UnreadableImage(path, Reason.TOO_LARGE, f"{width}x{height} pixels, over Pillow's limit of "
                                                    f"{Image.MAX_IMAGE_PIXELS}")
         if max_pixels is not None and width * height > max_pixels:
-            raise UnreadableImage(path, TOO_LARGE, f"{width}x{height} pixels, over the limit of {max_pixels}")
+            raise UnreadableImage(path, Reason.TOO_LARGE, f"{width}x{height} pixels, over the limit of {max_pixels}")
         estimate = decoded_bytes(img)
         if max_bytes is not None and estimate > max_bytes:
-            raise UnreadableImage(path, TOO_LARGE, f"{width}x{height} {img.mode} needs about {estimate} bytes "
+            raise UnreadableImage(path, Reason.TOO_LARGE, f"{width}x{height} {img.mode} needs about {estimate} bytes "
                                                    f"to decode, over the limit of {max_bytes} bytes")
         reservation = budget.acquire(estimate, path) if budget is not None else None
         try:
@@ -281,9 +277,9 @@ def decode_rgb(source: Path | str | bytes, name: str = "", *, max_pixels: int | 
     except UnreadableImage:
         raise
     except (Image.DecompressionBombError, MemoryError) as exc:
-        raise UnreadableImage(path, TOO_LARGE, f"{type(exc).__name__}: {exc}") from None
+        raise UnreadableImage(path, Reason.TOO_LARGE, f"{type(exc).__name__}: {exc}") from None
     except NotImplementedError as exc:
-        raise UnreadableImage(path, UNSUPPORTED_FORMAT, f"{exc}" or "not implemented by the decoder") from None
+        raise UnreadableImage(path, Reason.UNSUPPORTED_FORMAT, f"{exc}" or "not implemented by the decoder") from None
     # Truncated or damaged data. Pillow's parsers also raise TypeError, KeyError or IndexError on a malformed
     # field (a TIFF strip offset stored as a FLOAT): damaged input too, not a bug to crash on.
     except (OSError, ValueError, TypeError, SyntaxError, EOFError, IndexError, KeyError, struct.error, zlib.error,
@@ -291,11 +287,11 @@ def decode_rgb(source: Path | str | bytes, name: str = "", *, max_pixels: int | 
         message = str(exc)
         refusal = _tiff_codec_refusal(src.data)
         if refusal:
-            raise UnreadableImage(path, UNSUPPORTED_FORMAT, _variant_detail(src.data, refusal)) from None
+            raise UnreadableImage(path, Reason.UNSUPPORTED_FORMAT, _variant_detail(src.data, refusal)) from None
         # Pillow's plugins refuse what they do not implement with an OSError or SyntaxError that says so
         if isinstance(exc, OSError | SyntaxError) and any(m in message.lower() for m in _UNSUPPORTED_MESSAGES):
-            raise UnreadableImage(path, UNSUPPORTED_FORMAT, _variant_detail(src.data, message)) from None
-        raise UnreadableImage(path, CORRUPT, message or type(exc).__name__) from None
+            raise UnreadableImage(path, Reason.UNSUPPORTED_FORMAT, _variant_detail(src.data, message)) from None
+        raise UnreadableImage(path, Reason.CORRUPT, message or type(exc).__name__) from None
 
 
 def _open(src: _Source, formats: Collection[str] | None) -> ImageFile.ImageFile:
@@ -307,7 +303,7 @@ def _open(src: _Source, formats: Collection[str] | None) -> ImageFile.ImageFile:
         order = [f for f in FORMAT_ORDER if f in allowed] + sorted(allowed - set(FORMAT_ORDER))
         order = [f for f in order if f in Image.OPEN]
         if not order:
-            raise UnreadableImage(src.path, UNSUPPORTED_FORMAT, "no format is accepted")
+            raise UnreadableImage(src.path, Reason.UNSUPPORTED_FORMAT, "no format is accepted")
     try:
         return Image.open(io.BytesIO(src.data), formats=order)
     except UnidentifiedImageError:
@@ -320,18 +316,19 @@ def _open(src: _Source, formats: Collection[str] | None) -> ImageFile.ImageFile:
         raise
     known = sniff_format(src.data)
     if known is None:
-        raise UnreadableImage(src.path, NOT_AN_IMAGE, f"no image decoder recognises data starting {src.data[:16]!r}")
+        raise UnreadableImage(src.path, Reason.NOT_AN_IMAGE,
+                              f"no image decoder recognises data starting {src.data[:16]!r}")
     if formats is not None and known not in {f.upper() for f in formats}:
-        raise UnreadableImage(src.path, UNSUPPORTED_FORMAT, f"{known} is not accepted")
+        raise UnreadableImage(src.path, Reason.UNSUPPORTED_FORMAT, f"{known} is not accepted")
     # An allowed format's signature, but its parser gave up: ask it why, to tell an unimplemented variant
     # (a 12-bit JPEG, a float RGB TIFF) from a damaged header.
     refusal = _tiff_codec_refusal(src.data) if known == "TIFF" else None
     if refusal:
-        raise UnreadableImage(src.path, UNSUPPORTED_FORMAT, _variant_detail(src.data, refusal))
+        raise UnreadableImage(src.path, Reason.UNSUPPORTED_FORMAT, _variant_detail(src.data, refusal))
     message = _parser_message(known, src.data)
     if any(m in message.lower() for m in _UNSUPPORTED_MESSAGES):
-        raise UnreadableImage(src.path, UNSUPPORTED_FORMAT, _variant_detail(src.data, f"{known}: {message}"))
-    raise UnreadableImage(src.path, NOT_AN_IMAGE, f"{known} signature, but its header is unreadable: {message}")
+        raise UnreadableImage(src.path, Reason.UNSUPPORTED_FORMAT, _variant_detail(src.data, f"{known}: {message}"))
+    raise UnreadableImage(src.path, Reason.NOT_AN_IMAGE, f"{known} signature, but its header is unreadable: {message}")
 
 
 

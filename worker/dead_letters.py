@@ -26,7 +26,6 @@ from typing import Any
 
 import redis
 
-MALFORMED_MESSAGE = "malformed_message"  # reason code of the failure row a dead letter gets
 STORE_KEY = "ppl:dead-letters"
 INDEX_KEY = "ppl:dead-letters:index"
 MAX_DETAIL_CHARS = 1000

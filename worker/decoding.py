@@ -26,12 +26,12 @@ from dataclasses import dataclass
 
 from PIL import Image
 
-from ppl_model.imageio import DECODE_BUSY, MemoryBudget, UnreadableImage, decode_rgb
+from ppl_model.imageio import MemoryBudget, UnreadableImage, decode_rgb
+from ppl_model.reasons import Reason, Transience
 from worker.settings import Settings
 from worker.sources import SourceError
 
 ALLOWED_FORMATS = frozenset({"JPEG", "MPO", "PNG", "WEBP", "GIF", "BMP", "TIFF"})
-NOT_AN_IMAGE = "not_an_image"
 DECODE_WAIT_S = 120.0  # far longer than any one decode: only a budget held by images nobody releases waits this
 
 MALLOC_ARENAS = 2  # glibc's M_ARENA_MAX for worker processes (see limit_malloc_arenas)
@@ -85,11 +85,14 @@ def decode_image(data: bytes, settings: Settings) -> DecodedImage:
     """First displayed frame, EXIF-oriented, converted to RGB; ``SourceError`` when it cannot be."""
     data = bytes(data)
     if not data:
-        raise SourceError(NOT_AN_IMAGE, "empty data")
+        raise SourceError(Reason.NOT_AN_IMAGE, "empty data")
     digest = hashlib.sha256(data).hexdigest()
     try:
         image, image_format = decode_rgb(data, max_pixels=settings.max_pixels, formats=ALLOWED_FORMATS,
                                          max_bytes=settings.max_decode_bytes, budget=process_budget(settings))
     except UnreadableImage as exc:
-        raise SourceError(exc.reason, exc.detail[:500], transient=exc.reason == DECODE_BUSY) from None
+        # The reason decides; one whose transience depends on the error (unreadable: only from a path, never
+        # from these bytes) would count as permanent.
+        transient = exc.reason.transience is Transience.ALWAYS
+        raise SourceError(exc.reason, exc.detail[:500], transient=transient) from None
     return DecodedImage(image=image, format=image_format, width=image.width, height=image.height, sha256=digest)

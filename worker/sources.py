@@ -8,8 +8,8 @@ of those, a body that never ends or trickles in one byte at a time. Only the sta
 (``http.client``, ``ssl``, ``socket``, ``ipaddress``): a generic HTTP client resolves the name again
 when it connects, which is exactly the rebinding hole, and follows redirects without asking.
 
-Every failure raises ``SourceError`` with one of these stable ``reason`` codes (``detection_failures``
-rows, metrics labels and analysts' SQL use them; never rename one):
+Every failure raises ``SourceError`` with one of these stable ``reason`` codes (``ppl_model.reasons.Reason``:
+``detection_failures`` rows, metrics labels and analysts' SQL use them; never rename one):
 
 ======================  =========  ===============================================================
 reason                  transient  meaning
@@ -57,24 +57,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import SplitResult, quote, unquote_to_bytes, urljoin, urlsplit
 
+from ppl_model.reasons import Reason
 from worker.settings import Settings
-
-INVALID_SOURCE = "invalid_source"
-PATH_FORBIDDEN = "path_forbidden"
-MISSING = "missing"
-UNREADABLE = "unreadable"
-BLOCKED_ADDRESS = "blocked_address"
-DNS_FAILED = "dns_failed"
-TOO_MANY_REDIRECTS = "too_many_redirects"
-TOO_LARGE = "too_large"
-HTTP_ERROR = "http_error"
-HTTP_UNAVAILABLE = "http_unavailable"
-TIMEOUT = "timeout"
-CONNECTION_FAILED = "connection_failed"
-TLS_ERROR = "tls_error"
-REASONS = frozenset({INVALID_SOURCE, PATH_FORBIDDEN, MISSING, UNREADABLE, BLOCKED_ADDRESS, DNS_FAILED,
-                     TOO_MANY_REDIRECTS, TOO_LARGE, HTTP_ERROR, HTTP_UNAVAILABLE, TIMEOUT, CONNECTION_FAILED,
-                     TLS_ERROR})
 
 MAX_SOURCE_CHARS = 4096
 DEADLINE_FACTOR = 3.0  # whole fetch, redirects included: (connect + read timeout) × this
@@ -96,10 +80,13 @@ Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 class SourceError(Exception):
     """A source that could not be fetched (or decoded: ``worker.decoding`` raises it too).
 
-    ``reason`` is a stable code (module docstring); ``transient`` says whether a retry may succeed.
+    ``reason`` is a stable code (module docstring); ``transient`` says whether a retry may succeed: given only
+    for the reasons whose transience depends on the error (``Reason.transience``), else the reason's own.
     """
 
-    def __init__(self, reason: str, detail: str = "", transient: bool = False):
+    def __init__(self, reason: Reason, detail: str = "", transient: bool | None = None):
+        reason = Reason(reason)  # a code outside the enum is a bug here, not a new row in detection_failures
+        transient = reason.check_transient(transient)
         super().__init__(reason, detail, transient)  # keeps the exception picklable
         self.reason = reason
         self.detail = detail
@@ -123,29 +110,29 @@ def fetch_source(source: str, settings: Settings) -> FetchedImage:
     """The bytes behind ``source``, or ``SourceError`` with a reason code. Never follows a URI that the
     settings do not allow: file roots, SSRF guard with ``url_allowlist``, redirect and size caps, timeouts."""
     if not isinstance(source, str):
-        raise SourceError(INVALID_SOURCE, f"source must be a string, not {type(source).__name__}")
+        raise SourceError(Reason.INVALID_SOURCE, f"source must be a string, not {type(source).__name__}")
     if not source.strip():
-        raise SourceError(INVALID_SOURCE, "empty source")
+        raise SourceError(Reason.INVALID_SOURCE, "empty source")
     if len(source) > MAX_SOURCE_CHARS:
-        raise SourceError(INVALID_SOURCE, f"source is {len(source)} characters, over {MAX_SOURCE_CHARS}")
+        raise SourceError(Reason.INVALID_SOURCE, f"source is {len(source)} characters, over {MAX_SOURCE_CHARS}")
     parts = _split(source)
     if parts.scheme == "file":
         return _fetch_file(parts, settings)
     if parts.scheme in ("http", "https"):
         return _fetch_http(source, settings)
-    raise SourceError(INVALID_SOURCE, f"scheme {parts.scheme or '(none)'!r} is not file, http or https")
+    raise SourceError(Reason.INVALID_SOURCE, f"scheme {parts.scheme or '(none)'!r} is not file, http or https")
 
 
 def _split(uri: str) -> SplitResult:
     if any(ord(c) < 0x20 or ord(c) == 0x7F for c in uri):
-        raise SourceError(INVALID_SOURCE, "control characters in the URI")
+        raise SourceError(Reason.INVALID_SOURCE, "control characters in the URI")
     try:
         parts = urlsplit(uri)
         parts.port  # noqa: B018 - validates the port (raises ValueError when out of range or not a number)
     except ValueError as exc:
-        raise SourceError(INVALID_SOURCE, f"unparseable URI: {exc}") from None
+        raise SourceError(Reason.INVALID_SOURCE, f"unparseable URI: {exc}") from None
     if "@" in parts.netloc:
-        raise SourceError(INVALID_SOURCE, "credentials (user:password@) in the URI are not accepted")
+        raise SourceError(Reason.INVALID_SOURCE, "credentials (user:password@) in the URI are not accepted")
     return parts
 
 
@@ -155,18 +142,18 @@ def _split(uri: str) -> SplitResult:
 def _fetch_file(parts: SplitResult, settings: Settings) -> FetchedImage:
     host = (parts.hostname or "").rstrip(".")
     if parts.netloc and host not in LOCAL_FILE_HOSTS:
-        raise SourceError(PATH_FORBIDDEN, f"file URI names a remote host {host!r}")
+        raise SourceError(Reason.PATH_FORBIDDEN, f"file URI names a remote host {host!r}")
     if parts.query or parts.fragment:
-        raise SourceError(INVALID_SOURCE, "file URI with a query or fragment")
+        raise SourceError(Reason.INVALID_SOURCE, "file URI with a query or fragment")
     # Percent-decoded to bytes and then to a file-system name, the inverse of Path.as_uri()
     path = os.fsdecode(unquote_to_bytes(parts.path))
     if not path.startswith("/") or "\x00" in path:
-        raise SourceError(INVALID_SOURCE, "file URI without an absolute path")
+        raise SourceError(Reason.INVALID_SOURCE, "file URI without an absolute path")
     if not settings.file_roots:
-        raise SourceError(PATH_FORBIDDEN, "no file roots are configured (PPL_FILE_ROOTS)")
+        raise SourceError(Reason.PATH_FORBIDDEN, "no file roots are configured (PPL_FILE_ROOTS)")
     real = os.path.realpath(path)  # resolves '..' and every symlink, the last one included
     if not any((real + os.sep).startswith(prefix) for prefix in _root_prefixes(settings.file_roots)):
-        raise SourceError(PATH_FORBIDDEN, f"{path} is outside the configured file roots")
+        raise SourceError(Reason.PATH_FORBIDDEN, f"{path} is outside the configured file roots")
     return FetchedImage(_read_file(Path(real), settings.max_download_bytes), Path(real).as_uri(), None)
 
 
@@ -184,32 +171,32 @@ def _read_file(path: Path, limit: int) -> bytes:
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
     except (FileNotFoundError, NotADirectoryError):
-        raise SourceError(MISSING, f"{path} does not exist") from None
+        raise SourceError(Reason.MISSING, f"{path} does not exist") from None
     except PermissionError as exc:
-        raise SourceError(UNREADABLE, f"{path}: {exc.strerror}") from None
+        raise SourceError(Reason.UNREADABLE, f"{path}: {exc.strerror}", transient=False) from None
     except OSError as exc:
         if exc.errno == errno.ELOOP:
-            raise SourceError(PATH_FORBIDDEN, f"{path} became a symlink") from None
-        raise SourceError(UNREADABLE, f"{path}: {exc.strerror}", transient=True) from None
+            raise SourceError(Reason.PATH_FORBIDDEN, f"{path} became a symlink") from None
+        raise SourceError(Reason.UNREADABLE, f"{path}: {exc.strerror}", transient=True) from None
     try:
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode):
-            raise SourceError(MISSING, f"{path} is not a regular file")
+            raise SourceError(Reason.MISSING, f"{path} is not a regular file")
         if info.st_size > limit:
-            raise SourceError(TOO_LARGE, f"{path} is {info.st_size} bytes, over the limit of {limit}")
+            raise SourceError(Reason.TOO_LARGE, f"{path} is {info.st_size} bytes, over the limit of {limit}")
         chunks: list[bytes] = []
         remaining = limit + 1  # one byte more than allowed tells a file that grew since fstat
         while remaining > 0 and (chunk := os.read(fd, min(remaining, 1024 * 1024))):
             chunks.append(chunk)
             remaining -= len(chunk)
     except PermissionError as exc:
-        raise SourceError(UNREADABLE, f"{path}: {exc.strerror}") from None
+        raise SourceError(Reason.UNREADABLE, f"{path}: {exc.strerror}", transient=False) from None
     except OSError as exc:
-        raise SourceError(UNREADABLE, f"{path}: {exc.strerror}", transient=True) from None
+        raise SourceError(Reason.UNREADABLE, f"{path}: {exc.strerror}", transient=True) from None
     finally:
         os.close(fd)
     if remaining <= 0:
-        raise SourceError(TOO_LARGE, f"{path} is over the limit of {limit} bytes")
+        raise SourceError(Reason.TOO_LARGE, f"{path} is over the limit of {limit} bytes")
     return b"".join(chunks)
 
 
@@ -223,15 +210,15 @@ def _fetch_http(url: str, settings: Settings) -> FetchedImage:
     while True:
         parts = _split(url)
         if parts.scheme not in ("http", "https"):
-            raise SourceError(INVALID_SOURCE, f"redirect to scheme {parts.scheme or '(none)'!r} refused")
+            raise SourceError(Reason.INVALID_SOURCE, f"redirect to scheme {parts.scheme or '(none)'!r} refused")
         location = _get(parts, settings, deadline)
         if isinstance(location, FetchedImage):
             return location
         redirects += 1
         if redirects > settings.max_redirects:
-            raise SourceError(TOO_MANY_REDIRECTS, f"more than {settings.max_redirects} redirects")
+            raise SourceError(Reason.TOO_MANY_REDIRECTS, f"more than {settings.max_redirects} redirects")
         if len(location) > MAX_SOURCE_CHARS:
-            raise SourceError(INVALID_SOURCE, f"redirect target over {MAX_SOURCE_CHARS} characters")
+            raise SourceError(Reason.INVALID_SOURCE, f"redirect target over {MAX_SOURCE_CHARS} characters")
         url = urljoin(url, location)
 
 
@@ -239,7 +226,7 @@ def _get(parts: SplitResult, settings: Settings, deadline: float) -> FetchedImag
     """One request: the image, or the ``Location`` of a redirect (not yet checked)."""
     host = parts.hostname
     if not host:
-        raise SourceError(INVALID_SOURCE, "URL without a host")
+        raise SourceError(Reason.INVALID_SOURCE, "URL without a host")
     port = parts.port or (443 if parts.scheme == "https" else 80)
     addresses = resolve_checked(host, port, settings.url_allowlist)
     connection_class = _PinnedHTTPSConnection if parts.scheme == "https" else _PinnedHTTPConnection
@@ -255,40 +242,40 @@ def _get(parts: SplitResult, settings: Settings, deadline: float) -> FetchedImag
         if status in REDIRECT_STATUSES:
             location = response.getheader("Location")
             if not location:
-                raise SourceError(HTTP_ERROR, f"HTTP {status} redirect without a Location")
+                raise SourceError(Reason.HTTP_ERROR, f"HTTP {status} redirect without a Location")
             return location.strip()
         if status == 429 or status >= 500:
-            raise SourceError(HTTP_UNAVAILABLE, f"HTTP {status} {response.reason}"[:200], transient=True)
+            raise SourceError(Reason.HTTP_UNAVAILABLE, f"HTTP {status} {response.reason}"[:200], transient=True)
         if not 200 <= status < 300:
-            raise SourceError(HTTP_ERROR, f"HTTP {status} {response.reason}"[:200])
+            raise SourceError(Reason.HTTP_ERROR, f"HTTP {status} {response.reason}"[:200])
         limit = settings.max_download_bytes
         if response.length is not None and response.length > limit:
-            raise SourceError(TOO_LARGE, f"Content-Length {response.length}, over the limit of {limit}")
+            raise SourceError(Reason.TOO_LARGE, f"Content-Length {response.length}, over the limit of {limit}")
         declared = response.length
         data = _read_body(response, limit)
         if declared is not None and len(data) < declared:  # http.client returns a short body silently
-            raise SourceError(CONNECTION_FAILED, f"{host}: body ended after {len(data)} of {declared} bytes",
+            raise SourceError(Reason.CONNECTION_FAILED, f"{host}: body ended after {len(data)} of {declared} bytes",
                               transient=True)
         return FetchedImage(data, parts.geturl(), response.getheader("Content-Type"))
     except SourceError:
         raise
     except TimeoutError as exc:  # socket.timeout is TimeoutError
-        raise SourceError(TIMEOUT, f"{host}: {exc or 'timed out'}", transient=True) from None
+        raise SourceError(Reason.TIMEOUT, f"{host}: {exc or 'timed out'}", transient=True) from None
     except ssl.SSLCertVerificationError as exc:
-        raise SourceError(TLS_ERROR, f"{host}: {exc.verify_message or exc}") from None
+        raise SourceError(Reason.TLS_ERROR, f"{host}: {exc.verify_message or exc}") from None
     except ssl.SSLEOFError as exc:
-        raise SourceError(CONNECTION_FAILED, f"{host}: TLS connection closed: {exc}", transient=True) from None
+        raise SourceError(Reason.CONNECTION_FAILED, f"{host}: TLS connection closed: {exc}", transient=True) from None
     except ssl.SSLError as exc:
-        raise SourceError(TLS_ERROR, f"{host}: {exc.reason or exc}") from None
+        raise SourceError(Reason.TLS_ERROR, f"{host}: {exc.reason or exc}") from None
     except http.client.IncompleteRead as exc:
-        raise SourceError(CONNECTION_FAILED, f"{host}: body ended early ({len(exc.partial)} bytes read)",
+        raise SourceError(Reason.CONNECTION_FAILED, f"{host}: body ended early ({len(exc.partial)} bytes read)",
                           transient=True) from None
     except ConnectionError as exc:  # refused, reset, and http.client's RemoteDisconnected
-        raise SourceError(CONNECTION_FAILED, f"{host}: {exc}", transient=True) from None
+        raise SourceError(Reason.CONNECTION_FAILED, f"{host}: {exc}", transient=True) from None
     except http.client.HTTPException as exc:
-        raise SourceError(HTTP_ERROR, f"{host}: malformed response: {type(exc).__name__} {exc}"[:300]) from None
+        raise SourceError(Reason.HTTP_ERROR, f"{host}: malformed response: {type(exc).__name__} {exc}"[:300]) from None
     except OSError as exc:  # unreachable network or host, and the like
-        raise SourceError(CONNECTION_FAILED, f"{host}: {exc.strerror or exc}", transient=True) from None
+        raise SourceError(Reason.CONNECTION_FAILED, f"{host}: {exc.strerror or exc}", transient=True) from None
     finally:
         if response is not None:  # owns the socket once http.client has handed it over (Connection: close)
             response.close()
@@ -305,7 +292,7 @@ def _read_body(response: http.client.HTTPResponse, limit: int) -> bytes:
             return b"".join(chunks)
         total += len(chunk)
         if total > limit:
-            raise SourceError(TOO_LARGE, f"body over the limit of {limit} bytes")
+            raise SourceError(Reason.TOO_LARGE, f"body over the limit of {limit} bytes")
         chunks.append(chunk)
 
 
@@ -320,23 +307,23 @@ def resolve_checked(host: str, port: int, allowlist: tuple[str, ...] = ()) -> li
     networks, names = _parse_allowlist(tuple(allowlist))
     host_allowed = name in names
     if name in METADATA_HOSTNAMES and not host_allowed:
-        raise SourceError(BLOCKED_ADDRESS, f"{host} is a cloud metadata service")
+        raise SourceError(Reason.BLOCKED_ADDRESS, f"{host} is a cloud metadata service")
     if (name == "localhost" or name.endswith(".localhost")) and not host_allowed:  # RFC 6761: always loopback
-        raise SourceError(BLOCKED_ADDRESS, f"{host} is a loopback name")
+        raise SourceError(Reason.BLOCKED_ADDRESS, f"{host} is a loopback name")
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP)
     except socket.gaierror as exc:
         transient = exc.errno == socket.EAI_AGAIN
-        raise SourceError(DNS_FAILED, f"{host}: {exc.strerror or exc}", transient=transient) from None
+        raise SourceError(Reason.DNS_FAILED, f"{host}: {exc.strerror or exc}", transient=transient) from None
     except (UnicodeError, ValueError) as exc:  # e.g. an IDNA label over 63 characters
-        raise SourceError(INVALID_SOURCE, f"host name {host[:100]!r}: {exc}") from None
+        raise SourceError(Reason.INVALID_SOURCE, f"host name {host[:100]!r}: {exc}") from None
     if not infos:
-        raise SourceError(DNS_FAILED, f"{host}: no addresses")
+        raise SourceError(Reason.DNS_FAILED, f"{host}: no addresses", transient=False)
     addresses: list[tuple[Any, ...]] = []
     for family, _, _, _, sockaddr in infos:
         address = ipaddress.ip_address(sockaddr[0])
         if not host_allowed and not _allowed(address, networks) and is_blocked(address):
-            raise SourceError(BLOCKED_ADDRESS, f"{host} resolves to {address}, a non-public address")
+            raise SourceError(Reason.BLOCKED_ADDRESS, f"{host} resolves to {address}, a non-public address")
         if (family, sockaddr) not in addresses:
             addresses.append((family, sockaddr))
     return addresses

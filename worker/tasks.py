@@ -29,15 +29,15 @@ from celery_batches import Batches, SimpleRequest
 from celery_batches.trace import apply_batches_task
 from kombu.message import Message
 
+from ppl_model.reasons import Reason
 from worker import broker, db, metrics
 from worker.app import DETECT_QUEUE, DETECT_TASK, RESCAN_TASK, app, detect_kwargs
-from worker.dead_letters import MALFORMED_MESSAGE, DeadLetter, DeadLetterStore
+from worker.dead_letters import DeadLetter, DeadLetterStore
 from worker.pipeline import BatchProcessor, DatabaseUnavailable, Job, JobRequest, Refusal
 from worker.settings import Settings
 
 log = logging.getLogger(__name__)
 BATCH_DONE = "batch-done"  # what a batch returns once its rows are committed
-EXPIRED, REVOKED = "expired", "revoked"  # reason codes of jobs recorded without being judged
 ETA_SLACK_S = 1.0  # a job due within this long runs now (celery-batches holds it in memory until due)
 RELEASE_EVERY_S = 1.0  # how often each worker returns due delayed jobs to their queues
 
@@ -209,13 +209,13 @@ class BatchRequest(SimpleRequest):
 def _refusal(request: Request) -> Refusal | None:
     """Revoked (``celery control revoke``, which every running worker hears) or past ``expires``: recorded, not run."""
     if request.id in worker_state.revoked:
-        return Refusal(REVOKED, "revoked before it ran")
+        return Refusal(Reason.REVOKED, "revoked before it ran")
     try:
         expires = parse_time("expires", (request.request_dict or {}).get("expires"))
     except MalformedMessage:
         return None  # read_task refused such messages before they became requests
     if expires is not None and expires <= datetime.now(UTC):
-        return Refusal(EXPIRED, f"expired at {expires.isoformat()} before it ran")
+        return Refusal(Reason.EXPIRED, f"expired at {expires.isoformat()} before it ran")
     return None
 
 
@@ -266,7 +266,7 @@ class DetectBatches(Batches):
         kwargs = _guess_kwargs(message)
         if not isinstance(kwargs.get("source"), str) or not kwargs["source"]:
             kwargs = {**kwargs, "source": f"dead-letter:{letter.id}"}
-        request = JobRequest(task_id=letter.task_id, kwargs=kwargs, refused=Refusal(MALFORMED_MESSAGE, detail))
+        request = JobRequest(task_id=letter.task_id, kwargs=kwargs, refused=Refusal(Reason.MALFORMED_MESSAGE, detail))
         log.error("message quarantined as a dead letter", extra={
             "dead_letter_id": letter.id, "task_id": letter.task_id, "queue": letter.queue, "detail": detail})
         metrics.DEAD_LETTERS.inc()
@@ -288,7 +288,7 @@ class DetectBatches(Batches):
             except Exception as exc:  # read_task checked the shape; this is the belt to its braces
                 item = BatchRequest(request.id, request.name, (), {}, request.delivery_info, request.hostname,
                                     False, None, None, {})
-                item.refused = Refusal(MALFORMED_MESSAGE, f"{type(exc).__name__}: {exc}"[:500])
+                item.refused = Refusal(Reason.MALFORMED_MESSAGE, f"{type(exc).__name__}: {exc}"[:500])
                 item.dead_letter = dead_letter_for(request.message, item.refused.detail)
                 items.append(item)
 
