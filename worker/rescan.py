@@ -24,6 +24,7 @@ from kombu import Producer
 from kombu.exceptions import ChannelError
 from tqdm import tqdm
 
+from ppl_model.categories import Label, choices
 from ppl_model.model_dir import ModelDirError, read_model_info
 from worker import db
 from worker.app import DETECT_QUEUE, DETECT_TASK, detect_kwargs
@@ -41,7 +42,7 @@ class RescanRequest:
     stale_only: bool = True  # images with no verdict from the target version; False = every image matched
     since: datetime | None = None  # verdict created_at range
     until: datetime | None = None
-    label: str | None = None  # "real" | "fake"
+    label: Label | None = None
     min_score: float | None = None
     max_score: float | None = None
     target_model_version: str | None = None  # default: the model in PPL_MODEL_DIR, else the active one
@@ -64,8 +65,8 @@ class RescanRequest:
                     raise RescanError(f"{name} must be an ISO date-time, got {values[name]!r}") from None
                 values[name] = when if when.tzinfo else when.replace(tzinfo=UTC)  # naive = UTC
         request = cls(**values)
-        if request.label not in (None, "real", "fake"):
-            raise RescanError(f"label must be real or fake, got {request.label!r}")
+        if request.label is not None and request.label not in tuple(Label):
+            raise RescanError(f"label must be {choices(Label)}, got {request.label!r}")
         return request
 
     def filters(self) -> db.RescanFilters:

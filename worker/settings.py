@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, get_type_hints
 
+from ppl_model.categories import Backend, Precision, choices
+
 PREFIX = "PPL_"
 
 
@@ -28,8 +30,8 @@ class Settings:
 
     # Model: a model directory (see ppl_model.model_dir); the backend is chosen by name or "auto"
     model_dir: Path | None = None
-    backend: str = "auto"  # auto | tensorrt | torch | onnxruntime
-    precision: str = "fp32"  # torch on CUDA: fp32 | bf16 | fp16
+    backend: Backend = Backend.AUTO  # auto | tensorrt | torch | onnxruntime
+    precision: Precision = Precision.FP32  # torch on CUDA: fp32 | bf16 | fp16
     device: str | None = None  # e.g. "cuda:0"; None = the backend's choice
     tiles: int = 1  # crops judged per image (1 = the centre crop; more cover large images, max-aggregated)
 
@@ -96,9 +98,12 @@ class Settings:
         for name in positive:
             if getattr(self, name) <= 0:
                 raise SettingsError(f"{env_name(name)} must be positive, got {getattr(self, name)}")
-        if self.backend not in ("auto", "tensorrt", "torch", "onnxruntime"):
-            raise SettingsError(f"{env_name('backend')} must be auto, tensorrt, torch or onnxruntime, "
-                                f"got {self.backend!r}")
+        # The environment and keyword overrides give plain strings: each becomes its enum's member here.
+        for name, enum in (("backend", Backend), ("precision", Precision)):
+            value = getattr(self, name)
+            if value not in tuple(enum):
+                raise SettingsError(f"{env_name(name)} must be {choices(enum)}, got {value!r}")
+            object.__setattr__(self, name, enum(value))  # frozen: the documented way to normalise a field
 
     @property
     def prefetch_multiplier(self) -> int:

@@ -13,6 +13,7 @@ from typing import NamedTuple, Protocol
 import numpy as np
 import torch
 
+from ppl_model.categories import Backend
 from ppl_model.model_dir import ModelInfo
 
 
@@ -26,7 +27,7 @@ class Prediction(NamedTuple):
 
 
 class InferenceBackend(Protocol):
-    name: str  # "torch", "onnxruntime", "tensorrt"
+    name: Backend  # never AUTO: the backend that was chosen
     device: str  # where inputs should be prepared ("cpu" or "cuda:0")
     info: ModelInfo  # the model directory's description (threshold, input size, version id)
 

@@ -6,13 +6,14 @@ from pathlib import Path
 
 import torch
 
+from ppl_model.categories import Backend
 from ppl_model.inference.base import BackendError, Prediction, predict_in_chunks
 from ppl_model.inference.export import INPUT_NAME, ONNX_FILE, OUTPUT_NAMES, onnx_version_id
 from ppl_model.model_dir import read_model_info
 
 
 class OnnxRuntimeBackend:
-    name = "onnxruntime"
+    name = Backend.ONNXRUNTIME
     device = "cpu"
 
     def __init__(self, model_dir: str | Path, threads: int = 0, max_batch: int = 256):

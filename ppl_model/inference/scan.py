@@ -16,11 +16,12 @@ from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
+from typing import IO, Any, Literal, TypedDict
 
 import torch
 from tqdm import tqdm
 
+from ppl_model.categories import Label
 from ppl_model.data.datasets import list_images
 from ppl_model.data.transforms import UnreadableImage, decode_rgb
 from ppl_model.inference.base import InferenceBackend
@@ -32,7 +33,8 @@ from ppl_model.inference.preprocess import (
     prepare,
     prepare_image,
 )
-from ppl_model.inference.verdict import FAKE, make_verdict
+from ppl_model.inference.verdict import make_verdict
+from ppl_model.reasons import Reason
 
 
 @dataclass
@@ -40,7 +42,7 @@ class ScanRecord:
     path: str
     sha256: str = ""
     score: float | None = None
-    label: str = ""
+    label: Label | Literal[""] = ""  # "" when the file could not be judged
     threshold: float | None = None
     width: int | None = None
     height: int | None = None
@@ -52,8 +54,19 @@ class ScanRecord:
     patch_frac_above: float | None = None
     top_patch_row: int | None = None
     top_patch_col: int | None = None
-    error: str = ""  # stable reason code when the file could not be judged ("" when it was)
+    error: Reason | Literal[""] = ""  # why the file could not be judged ("" when it was)
     error_detail: str = ""
+
+
+class ScanSummary(TypedDict):
+    """What ``run_scan`` counted; ``ppl scan`` prints it as one JSON object (a dict, so it serialises as is)."""
+
+    files: int
+    judged: int
+    fake: int  # judged files labelled fake
+    errors: dict[Reason, int]  # files that could not be judged, by reason
+    seconds: float
+    images_per_s: float | None
 
 
 def collect_files(paths: Iterable[str | Path]) -> list[Path]:
@@ -71,7 +84,7 @@ def _load(path: Path, prep: Preprocessing, perturb: Perturbation | None) -> tupl
     try:
         data = path.read_bytes()
     except OSError as exc:
-        reason = "missing" if isinstance(exc, FileNotFoundError) else "unreadable"
+        reason = Reason.MISSING if isinstance(exc, FileNotFoundError) else Reason.UNREADABLE
         return "", UnreadableImage(path, reason, str(exc))
     digest = hashlib.sha256(data).hexdigest()
     try:
@@ -134,11 +147,11 @@ class RecordWriter:
 
 
 def run_scan(paths: Sequence[str], backend: InferenceBackend, prep: Preprocessing, threshold: float,
-             out: IO[str], fmt: str, **options) -> dict[str, object]:
+             out: IO[str], fmt: str, **options: Any) -> ScanSummary:
     """Scan, write each record as it comes, and return a summary (counted as it goes: no records kept)."""
     started = time.perf_counter()
     writer = RecordWriter(out, fmt)
-    files, judged, fake, errors = 0, 0, 0, Counter()
+    files, judged, fake, errors = 0, 0, 0, Counter[Reason]()
     for record in scan(collect_files(paths), backend, prep, threshold, **options):
         writer.write(record)
         files += 1
@@ -146,7 +159,7 @@ def run_scan(paths: Sequence[str], backend: InferenceBackend, prep: Preprocessin
             errors[record.error] += 1
         else:
             judged += 1
-            fake += record.label == FAKE
+            fake += record.label == Label.FAKE
     seconds = time.perf_counter() - started
-    return {"files": files, "judged": judged, "fake": fake, "errors": dict(errors), "seconds": round(seconds, 3),
-            "images_per_s": round(judged / seconds, 2) if seconds else None}
+    return ScanSummary(files=files, judged=judged, fake=fake, errors=dict(errors), seconds=round(seconds, 3),
+                       images_per_s=round(judged / seconds, 2) if seconds else None)

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from ppl_model.categories import Backend, Precision
 from ppl_model.inference.base import BackendError, Prediction, predict_in_chunks
 from ppl_model.inference.export import FP16_ONNX_FILE, INPUT_NAME, ONNX_FILE, OUTPUT_NAMES, onnx_version_id
 from ppl_model.model_dir import ModelDirError, ModelInfo, atomic_write_bytes, read_model_info
@@ -23,7 +24,7 @@ from ppl_model.model_dir import ModelDirError, ModelInfo, atomic_write_bytes, re
 ENGINE_FILE = "model.plan"
 SIDECAR_FILE = "model.plan.json"
 TIMING_CACHE_FILE = "timing.cache"
-PRECISIONS = ("fp32", "fp16", "bf16")
+PRECISIONS = (Precision.FP32, Precision.FP16, Precision.BF16)
 
 
 def _import_tensorrt() -> Any:
@@ -45,7 +46,7 @@ class EngineSidecar:
     tensorrt_version: str
     gpu_name: str
     compute_capability: str  # "9.0"
-    precision: str  # "fp32", "fp16", "bf16"
+    precision: Precision
     min_batch: int
     opt_batch: int
     max_batch: int
@@ -78,8 +79,11 @@ class EngineSidecar:
             elif type(value) is not kind:  # bool is no int here, and "128" is no batch size
                 problems.append(f"{f.name} must be {kind.__name__}, not {type(value).__name__}")
             values[f.name] = value
+        if isinstance(values["precision"], str) and values["precision"] not in PRECISIONS:
+            problems.append(f"precision must be one of {', '.join(PRECISIONS)}, not {values['precision']!r}")
         if problems:
             raise BackendError(f"engine sidecar {path} is invalid: {'; '.join(problems)}")
+        values["precision"] = Precision(values["precision"])
         return cls(**values)
 
 
@@ -134,11 +138,12 @@ def _check_onnx(onnx_path: Path, info: ModelInfo, model_dir: Path) -> None:
                            f"says {info.version_id!r}: re-run `ppl export --model {model_dir}`")
 
 
-def build_engine(model_dir: str | Path, *, precision: str = "fp16", min_batch: int = 1, opt_batch: int = 32,
-                 max_batch: int = 128, workspace_gib: float = 8.0) -> EngineSidecar:
+def build_engine(model_dir: str | Path, *, precision: Precision = Precision.FP16, min_batch: int = 1,
+                 opt_batch: int = 32, max_batch: int = 128, workspace_gib: float = 8.0) -> EngineSidecar:
     """Build ``model.plan`` (+ sidecar) from ``model.onnx`` for the current GPU, reusing ``timing.cache``."""
     if precision not in PRECISIONS:
         raise BackendError(f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
+    precision = Precision(precision)  # the CLI passes the plain value
     if not 1 <= min_batch <= opt_batch <= max_batch:
         raise BackendError(f"the batch profile needs 1 <= min <= opt <= max, got min {min_batch}, opt {opt_batch}, "
                            f"max {max_batch}")
@@ -151,13 +156,13 @@ def build_engine(model_dir: str | Path, *, precision: str = "fp16", min_batch: i
     trt = _import_tensorrt()
     dev = _cuda_device()
     gpu_name, capability = _gpu_facts(dev)
-    low_flag = {"fp16": "FP16", "bf16": "BF16"}.get(precision)
-    if precision == "bf16" and torch.cuda.get_device_capability(dev) < (8, 0):
+    low_flag = {Precision.FP16: "FP16", Precision.BF16: "BF16"}.get(precision)
+    if precision is Precision.BF16 and torch.cuda.get_device_capability(dev) < (8, 0):
         raise BackendError(f"bf16 needs compute capability 8.0 or newer; {gpu_name} has {capability}")
     # TensorRT 11 dropped the FP16/BF16 builder flags: every network is strongly typed and takes its precision
     # from the ONNX types, so an fp16 engine is built from the float16 export instead.
     flags_removed = bool(low_flag) and not hasattr(trt.BuilderFlag, low_flag)
-    if flags_removed and precision == "bf16":
+    if flags_removed and precision is Precision.BF16:
         raise BackendError(f"TensorRT {trt.__version__} takes precision from the ONNX types and this project "
                            "exports float32 and float16 only: build with --fp16 or fp32")
     if flags_removed:
@@ -215,7 +220,7 @@ def build_engine(model_dir: str | Path, *, precision: str = "fp16", min_batch: i
 class TensorRTBackend:
     """Runs a model directory's plan on one GPU with torch CUDA tensors as TensorRT's I/O buffers."""
 
-    name = "tensorrt"
+    name = Backend.TENSORRT
 
     def __init__(self, model_dir: str | Path, device: str = "cuda:0") -> None:
         model_dir = Path(model_dir)

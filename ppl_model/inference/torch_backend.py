@@ -11,10 +11,12 @@ from pathlib import Path
 
 import torch
 
+from ppl_model.categories import Backend, Precision, choices
 from ppl_model.inference.base import BackendError, Prediction, predict_in_chunks
 from ppl_model.model_dir import load_model_dir
 
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+PRECISIONS: dict[Precision, torch.dtype | None] = {Precision.FP32: None, Precision.BF16: torch.bfloat16,
+                                                   Precision.FP16: torch.float16}
 
 
 def bucket_sizes(max_batch: int) -> list[int]:
@@ -26,17 +28,18 @@ def bucket_sizes(max_batch: int) -> list[int]:
 
 
 class TorchBackend:
-    name = "torch"
+    name = Backend.TORCH
 
-    def __init__(self, model_dir: str | Path, device: str = "cpu", precision: str = "fp32",
+    def __init__(self, model_dir: str | Path, device: str = "cpu", precision: Precision = Precision.FP32,
                  cuda_graphs: bool = False, max_batch: int = 256):
-        if precision not in PRECISIONS:
-            raise BackendError(f"precision must be one of {', '.join(PRECISIONS)}")
+        if precision not in PRECISIONS:  # a plain string from an untyped caller is fine when it is a member's value
+            raise BackendError(f"precision must be {choices(Precision)}, not {precision!r}")
+        precision = Precision(precision)
         self.device = str(torch.device(device))
         on_cuda = self.device.startswith("cuda")
         if on_cuda and not torch.cuda.is_available():
             raise BackendError(f"device {device} asked for, but CUDA is not available")
-        if (precision != "fp32" or cuda_graphs) and not on_cuda:
+        if (precision != Precision.FP32 or cuda_graphs) and not on_cuda:
             raise BackendError("bf16/fp16 and CUDA graphs need a CUDA device")
         self.detector, self.info = load_model_dir(model_dir, device=self.device)
         self.dtype = PRECISIONS[precision]

@@ -9,13 +9,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
-FAKE, REAL = "fake", "real"
+from ppl_model.categories import Label
 
 
 @dataclass(frozen=True)
 class Verdict:
     score: float  # probability the image is generated
-    label: str  # "fake" when score >= threshold
+    label: Label  # FAKE when score >= threshold
     threshold: float
     patch_mean: float
     patch_max: float
@@ -28,7 +28,8 @@ class Verdict:
 def make_verdict(score: float, patch_grid: np.ndarray, threshold: float) -> Verdict:
     grid = np.asarray(patch_grid, dtype=np.float32)
     row, col = np.unravel_index(int(grid.argmax()), grid.shape)
-    return Verdict(score=float(score), label=FAKE if score >= threshold else REAL, threshold=float(threshold),
+    label = Label.FAKE if score >= threshold else Label.REAL
+    return Verdict(score=float(score), label=label, threshold=float(threshold),
                    patch_mean=float(grid.mean()), patch_max=float(grid.max()),
                    patch_p90=float(np.percentile(grid, 90)), patch_frac_above=float((grid >= threshold).mean()),
                    top_patch_row=int(row), top_patch_col=int(col))
