@@ -1,11 +1,12 @@
-"""Benchmark-only: ``detect_image`` served the naive way, the baseline ``ppl bench worker`` compares with.
+"""Benchmark-only: ``detect_image`` served the naive way, the baseline ``ppl-worker bench`` compares with.
 
 One image per task, one inference call per image and one transaction per verdict, with the same code as the
 real pipeline for everything else (``fetch_source``, ``decode_image``, ``prepare_image``, the served model's
 backend, ``make_verdict``, ``upsert_verdicts``) and the same settings (``PPL_*``). It has no verdict-cache
 lookup and no failure handling: the benchmark feeds it good, distinct images only, and leaving those steps
-out can only make the baseline faster. Nothing in the service imports this module; the benchmark runs it
-as ``python -m worker.naive_worker`` (one process, threads pool, concurrency 1, as ``ppl-worker run``).
+out can only make the baseline faster. It lives with the benchmarks, outside the shipped packages; the
+benchmark runs it as ``python -m benchmarks.naive_worker`` (one process, threads pool, concurrency 1, as
+``ppl-worker run``).
 """
 
 from __future__ import annotations
@@ -82,7 +83,7 @@ def detect_image(source: str, external_id: str | None = None, metadata: dict[str
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``python -m worker.naive_worker [--hostname NAME]``: one worker process on the detect queue."""
+    """``python -m benchmarks.naive_worker [--hostname NAME]``: one worker process on the detect queue."""
     app.worker_main(["worker", "--queues", DETECT_QUEUE, "--pool", "threads", "--concurrency", "1",
                      "--loglevel", settings.log_level, *(sys.argv[1:] if argv is None else argv)])
 

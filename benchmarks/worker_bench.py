@@ -1,4 +1,4 @@
-"""``ppl bench worker``: the moderation worker's throughput end to end, against its baselines, in one run.
+"""``ppl-worker bench``: the moderation worker's throughput end to end, against its baselines, in one run.
 
 Measured, each on its own fresh database (``ppl_bench_<hex>``, migrated, dropped afterwards) and the
 benchmark's own Redis database (flushed before and after), over the same generated images:
@@ -9,7 +9,7 @@ benchmark's own Redis database (flushed before and after), over the same generat
 * **scan**: ``ppl scan``'s engine (``run_scan``) in this process over the same files, with the same model,
   backend (torch, CPU), batch size and decode threads: what the same work costs with no broker or
   database. *Efficiency* = end to end / scan;
-* **naive**: a worker with one image per task and one insert per image (``worker.naive_worker``), same
+* **naive**: a worker with one image per task and one insert per image (``benchmarks.naive_worker``), same
   model, backend and settings. *Speedup* = end to end / naive;
 * **upserts**: ``db.upsert_verdicts`` of synthetic rows, one transaction per batch, at the worker's batch
   size (and, for context, at batch 1 and 256);
@@ -17,16 +17,21 @@ benchmark's own Redis database (flushed before and after), over the same generat
   second, with this process's resident memory sampled throughout (start, peak, end). A thread empties the
   detect queue as it fills, counting every message, as consuming workers would (``rescan_drain``).
 
-``run_soak`` (``ppl bench worker --soak N``) is the separate soak: N distinct images through one worker,
+``run_soak`` (``ppl-worker bench --soak N``) is the separate soak: N distinct images through one worker,
 its resident memory at the start and end and the throughput of each successive 1,000 jobs.
 
 Targets (the issue's, for the tiny model on the 2-core CPU machine) are printed with PASS or MISS; see
 docs/PERFORMANCE.md for the figures and how they were made. Every wait is bounded (``timeout_s``), child
 processes are stopped on the way out, databases dropped and the Redis database flushed, even on error.
+
+A source checkout's benchmark, not shipped: ``ppl-worker bench`` runs ``python -m benchmarks.worker_bench``
+from the repository root. Worker processes, waits, producers and synthetic rows come from
+``benchmarks.harness``, which the worker tests use too.
 """
 
 from __future__ import annotations
 
+import argparse
 import cProfile
 import dataclasses
 import io
@@ -34,11 +39,9 @@ import json
 import os
 import platform
 import pstats
-import secrets
 import shutil
 import signal
 import statistics
-import subprocess
 import sys
 import threading
 import time
@@ -53,6 +56,14 @@ from PIL import Image
 from sqlalchemy import text
 from sqlalchemy.engine import Engine, make_url
 
+from benchmarks.harness import (
+    HarnessError,
+    WorkerProcess,
+    insert_synthetic_verdicts,
+    send_jobs,
+    synthetic_rows,
+    wait_until,
+)
 from worker import db
 
 Log = Callable[[str], None]
@@ -74,8 +85,9 @@ RESCAN_FLAT_RSS_MIB = 64
 OLD_VERSION, NEW_VERSION = "bench-old-model", "bench-new-model"
 
 
-class BenchError(RuntimeError):
-    """A benchmark step that could not finish: a service down, a worker that died or timed out."""
+class BenchError(HarnessError):
+    """A benchmark step that could not finish: a service down, a worker that died or timed out (the harness's
+    own errors, HarnessError, are the latter)."""
 
 
 @dataclass(frozen=True)
@@ -277,57 +289,11 @@ class QueueDrain:
         self.peak_memory = max(self.peak_memory, int(self.client.info("memory")["used_memory"]))
 
 
-class ChildWorker:
-    """A worker process (the real one or the naive one) with its log file; stopped on exit, killed if it
-    does not stop."""
-
-    def __init__(self, kind: str, env: dict[str, str], log_path: Path):
-        module = {"batched": "worker.cli", "naive": "worker.naive_worker"}[kind]
-        args = ["run", "--queues", "detect", "--concurrency", "1"] if kind == "batched" else []
-        self.hostname = f"bench-{kind}-{os.getpid()}-{secrets.token_hex(3)}@%h"
-        self.argv = [sys.executable, "-m", module, *args, "--hostname", self.hostname]
-        self.env, self.log_path = env, log_path
-        self.proc: subprocess.Popen | None = None
-
-    def __enter__(self) -> ChildWorker:
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        with self.log_path.open("w") as log:
-            self.proc = subprocess.Popen(self.argv, env=self.env, stdout=log, stderr=subprocess.STDOUT,
-                                         stdin=subprocess.DEVNULL)
-        return self
-
-    def __exit__(self, *_: object) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.proc.send_signal(signal.SIGTERM)  # Celery's warm shutdown
-        try:
-            self.proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(timeout=30)
-
-    @property
-    def pid(self) -> int:
-        assert self.proc is not None
-        return self.proc.pid
-
-    def check_alive(self) -> None:
-        assert self.proc is not None
-        if self.proc.poll() is not None:
-            raise BenchError(f"the worker exited with status {self.proc.returncode}; the end of its log "
-                             f"({self.log_path}):\n{self.log_tail()}")
-
-    def log_tail(self, lines: int = 30) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return "(no log)"
-
-
 def worker_env(config: WorkerBenchConfig, database_url: str, model_dir: Path, roots: Sequence[Path]) -> dict[str, str]:
     env = dict(os.environ)
     env.update({
-        "PPL_DATABASE_URL": database_url, "PPL_BROKER_URL": config.broker_url, "PPL_MODEL_DIR": str(model_dir),
+        "PPL_DATABASE_URL": database_url, "PPL_BROKER_URL": config.broker_url,
+        "PPL_MODEL_DIR": str(model_dir.resolve()),  # the workers start in the repository root, not here
         "PPL_BACKEND": "torch", "PPL_DEVICE": "cpu", "PPL_FILE_ROOTS": ",".join(str(r.resolve()) for r in roots),
         "PPL_BATCH_SIZE": str(config.batch_size), "PPL_BATCH_TIMEOUT_MS": str(config.batch_timeout_ms),
         "PPL_DECODE_THREADS": str(config.decode_threads), "PPL_METRICS_PORT": "0", "PPL_LOG_LEVEL": config.log_level,
@@ -343,44 +309,25 @@ def verdict_count(engine: Engine) -> tuple[int, int]:
     return int(verdicts), int(failures)
 
 
-def wait_for_verdicts(engine: Engine, expected: int, worker: ChildWorker, timeout: float, what: str,
+def wait_for_verdicts(engine: Engine, expected: int, worker: WorkerProcess, timeout: float, what: str,
                       every: float = 0.02, on_poll: Callable[[int], None] | None = None) -> float:
     """Poll until ``expected`` verdict rows exist; the time it happened (perf_counter). Stops with a clear
     error on a timeout, a dead worker, or any failure row (the benchmark's images are all good ones)."""
-    deadline = time.perf_counter() + timeout
-    while True:
-        verdicts, failures = verdict_count(engine)
+    seen = 0
+
+    def done() -> float | None:
+        nonlocal seen
+        seen, failures = verdict_count(engine)
         now = time.perf_counter()
         if on_poll is not None:
-            on_poll(verdicts)
+            on_poll(seen)
         if failures:
             with engine.connect() as conn:
                 reasons = conn.execute(text("SELECT reason, detail FROM detection_failures LIMIT 3")).all()
             raise BenchError(f"{failures} job(s) failed while waiting for {what}: {reasons}")
-        if verdicts >= expected:
-            return now
-        worker.check_alive()
-        if now > deadline:
-            raise BenchError(f"timed out after {timeout:.0f} s waiting for {what} ({verdicts} of {expected} "
-                             f"verdicts); the end of the worker log ({worker.log_path}):\n{worker.log_tail()}")
-        time.sleep(every)
+        return now if seen >= expected else None
 
-
-def send_jobs(broker_url: str, paths: Sequence[Path], pipeline: int = 100) -> None:
-    """One ``detect_image`` message per file, made by ``send_task`` through one pooled producer, as
-    ``ppl-worker submit`` sends them, but pipelined ``pipeline`` messages per Redis round trip (kombu's
-    ``producer.batch``): on a 2-core machine that the producer shares with the worker, a round trip per
-    message would spend a third of a core of the worker's CPU on the benchmark's own sending."""
-    from worker.app import DETECT_QUEUE, DETECT_TASK, make_app
-    from worker.settings import Settings
-
-    app = make_app(Settings.from_env({}, broker_url=broker_url))
-    with app.producer_or_acquire() as producer:
-        for start in range(0, len(paths), pipeline):
-            with producer.batch(max_size=pipeline):
-                for path in paths[start:start + pipeline]:
-                    app.send_task(DETECT_TASK, kwargs={"source": path.resolve().as_uri()}, queue=DETECT_QUEUE,
-                                  producer=producer)
+    return wait_until(done, timeout, lambda: f"{what} ({seen} of {expected} verdicts)", every, worker=worker)
 
 
 @contextmanager
@@ -418,7 +365,8 @@ def measure_worker(config: WorkerBenchConfig, kind: str, model_dir: Path, images
         roots = sorted({p.parent for p in [*images, *warmup]})
         env = worker_env(config, url, model_dir, roots)
         try:
-            with ChildWorker(kind, env, config.out / "logs" / f"worker-{kind}{tag}.log") as worker:
+            with WorkerProcess(env, config.out / "logs" / f"worker-{kind}{tag}.log", f"bench-{kind}-",
+                               kind) as worker:
                 started = time.perf_counter()
                 send_jobs(config.broker_url, warmup)
                 wait_for_verdicts(engine, len(warmup), worker, config.timeout_s, f"the {kind} worker's warm-up")
@@ -470,27 +418,6 @@ def measure_scan(config: WorkerBenchConfig, model_dir: Path, images: Sequence[Pa
             "cpu_s": round(cpu, 2), "load_average": load}
 
 
-def synthetic_rows(count: int, start: int, model_version: str, grid: int = 4) -> list[db.VerdictRow]:
-    """Valid verdict rows with distinct content hashes, shaped like the worker's (tiny model: 4×4 grid)."""
-    import hashlib
-
-    rng = np.random.default_rng(start)
-    rows = []
-    for i in range(start, start + count):
-        patches = rng.random((grid, grid))
-        packed, grid_rows, grid_cols = db.quantise_patch_grid(patches)
-        score = float(patches.max())
-        label = "fake" if score >= 0.5 else "real"
-        rows.append(db.VerdictRow(
-            sha256=hashlib.sha256(f"bench-{i}".encode()).hexdigest(), model_version=model_version, score=score,
-            label=label, threshold=0.5, source=f"file:///srv/uploads/2026/05/{i:09d}.jpg", external_id=f"post-{i}",
-            metadata=None, width=256, height=256, format="JPEG", patch_mean=float(patches.mean()), patch_max=score,
-            patch_p90=float(np.percentile(patches, 90)), patch_frac_above=float((patches >= 0.5).mean()),
-            top_patch_row=0, top_patch_col=0, patch_grid=packed, grid_rows=grid_rows, grid_cols=grid_cols,
-            timings_ms={"fetch": 0.4, "decode": 1.2, "infer": 3.1, "batch_images": 32}))
-    return rows
-
-
 def measure_upserts(config: WorkerBenchConfig, log: Log) -> dict[str, Any]:
     """Rows/s of ``db.upsert_verdicts``, one transaction per batch (as the worker commits a batch), into a
     fresh database, at the chosen batch size and at the context sizes."""
@@ -526,18 +453,6 @@ def measure_upserts(config: WorkerBenchConfig, log: Log) -> dict[str, Any]:
     return {"batch": config.batch_size, "rows_per_s": chosen["rows_per_s"], "by_batch": by_batch}
 
 
-INSERT_STALE_VERDICTS = """
-INSERT INTO verdicts (sha256, model_version, score, label, threshold, source, external_id, metadata, width, height,
-                      format, patch_mean, patch_max, patch_p90, patch_frac_above, top_patch_row, top_patch_col,
-                      patch_grid, grid_rows, grid_cols, timings_ms)
-SELECT md5(i::text) || md5('bench' || i::text), :version, s, CASE WHEN s >= 0.5 THEN 'fake' ELSE 'real' END, 0.5,
-       'file:///srv/uploads/2026/05/' || lpad(i::text, 9, '0') || '.jpg', 'post-' || i,
-       jsonb_build_object('post', i), 256, 256, 'JPEG', s / 2, s, s, 0.25, 1, 2,
-       decode(repeat('7f', 16), 'hex'), 4, 4, '{"infer": 3.1}'::jsonb
-FROM (SELECT i, (i % 1000) / 1000.0 AS s FROM generate_series(1, :rows) AS i) AS t
-"""
-
-
 def measure_rescan(config: WorkerBenchConfig, log: Log) -> dict[str, Any]:
     """Jobs/s of ``run_rescan`` over ``rescan_rows`` stored verdicts of an old model, all stale for the
     target, with back-pressure out of reach; this process's RSS sampled throughout."""
@@ -553,7 +468,7 @@ def measure_rescan(config: WorkerBenchConfig, log: Log) -> dict[str, Any]:
             with engine.begin() as conn:
                 db.register_model_version(conn, OLD_VERSION, {}, 0.5, {}, activate=False)
                 db.register_model_version(conn, NEW_VERSION, {}, 0.5, {}, activate=True)
-                conn.execute(text(INSERT_STALE_VERDICTS), {"version": OLD_VERSION, "rows": rows})
+                insert_synthetic_verdicts(conn, OLD_VERSION, rows)
             with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
                 conn.execute(text("VACUUM (ANALYZE) verdicts"))  # as autovacuum leaves a table that has settled
             insert_s = time.perf_counter() - started
@@ -706,7 +621,7 @@ def run_soak(config: WorkerBenchConfig, log: Log = print) -> dict[str, Any]:
             engine = db.make_engine(url).execution_options(isolation_level="AUTOCOMMIT")
             env = worker_env(config, url, model_dir, [folder, warmup[0].parent])
             try:
-                with ChildWorker("batched", env, config.out / "logs" / "worker-soak.log") as worker:
+                with WorkerProcess(env, config.out / "logs" / "worker-soak.log", "bench-soak-") as worker:
                     send_jobs(config.broker_url, warmup[:config.warmup_jobs])
                     wait_for_verdicts(engine, config.warmup_jobs, worker, config.timeout_s, "the soak's warm-up")
                     rss_start = rss_bytes(worker.pid)
@@ -803,3 +718,95 @@ def soak_table(result: dict[str, Any]) -> str:
                   f"the end ({100 * result['rss_growth']:+.1f} %, bound +{100 * result['rss_growth_bound']:.0f} %): "
                   f"{bounded}"]
     return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------ command line
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ppl-worker bench",
+        description="End-to-end images/s from send_task through Redis, one worker process and PostgreSQL, against "
+                    "ppl scan's engine in-process and a naive worker (one image per task, one insert per image) on "
+                    "the same images; PostgreSQL upsert rows/s; rescan enqueue rate over synthetic stored "
+                    "verdicts with its peak memory. --soak N runs the soak instead. Needs PostgreSQL (creates and "
+                    "drops ppl_bench_* databases) and Redis (a database of its own, flushed). See "
+                    "docs/PERFORMANCE.md.")
+    parser.add_argument("--out", required=True, type=Path,
+                        help="output folder: worker-bench.json (or worker-soak.json), images, model, logs")
+    parser.add_argument("--model", type=Path,
+                        help="model directory (default: build a tiny random-initialised one into OUT/model)")
+    parser.add_argument("--database-url",
+                        help="PostgreSQL server to create the benchmark's databases on (default: PPL_DATABASE_URL, "
+                             "else postgresql+psycopg://postgres@127.0.0.1:5432/postgres)")
+    parser.add_argument("--broker-url", default=DEFAULT_BROKER_URL,
+                        help="Redis database of the benchmark's own: it is flushed before and after (not /0)")
+    parser.add_argument("--images", type=int, default=2000, help="distinct images for the throughput figures")
+    parser.add_argument("--image-size", type=int, default=256, help="side of the generated JPEGs")
+    parser.add_argument("--batch-size", type=int, default=32, help="the worker's batch, scan's batch, upsert batch")
+    parser.add_argument("--decode-threads", type=int, default=8, help="the worker's and scan's decoding threads")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="measure scan, end to end and naive this many times, interleaved; report the median")
+    parser.add_argument("--upsert-rows", type=int, default=20_000)
+    parser.add_argument("--rescan-rows", type=int, default=1_000_000, help="synthetic stale verdicts to rescan")
+    parser.add_argument("--keep-rescan-queue", action="store_true",
+                        help="let the rescan's messages pile up in Redis (about 1.3 kB each) instead of draining "
+                             "them as they come, as workers would")
+    parser.add_argument("--parts", help="comma-separated subset of scan,end_to_end,naive,upserts,rescan")
+    parser.add_argument("--soak", type=int, metavar="JOBS",
+                        help="run the soak instead: JOBS distinct images through one worker, RSS and images/s per "
+                             "1,000 jobs (writes OUT/worker-soak.json)")
+    parser.add_argument("--log-level", default="INFO", help="the workers' PPL_LOG_LEVEL")
+    parser.add_argument("--timeout", type=float, default=900.0, help="seconds any one wait may take")
+    parser.add_argument("--profile", action="store_true", help="cProfile the in-process parts into OUT/profiles/")
+    return parser
+
+
+# ``ppl-worker bench`` starts this module from the repository root (so that it imports) and names here the
+# folder it was started in, against which relative paths are read.
+CALLER_CWD_ENV = "PPL_BENCH_CWD"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``ppl-worker bench``: 0 when it ran (targets missed or not), 1 when a step could not finish."""
+    caller_cwd = os.environ.pop(CALLER_CWD_ENV, None)
+    if caller_cwd:
+        os.chdir(caller_cwd)
+    args = build_parser().parse_args(argv)
+    server_url = args.database_url or os.environ.get("PPL_DATABASE_URL") or None
+    values = {"out": args.out.absolute(), "model_dir": args.model and args.model.absolute(),
+              "broker_url": args.broker_url, "images": args.images, "image_size": args.image_size,
+              "batch_size": args.batch_size, "decode_threads": args.decode_threads, "repeats": args.repeats,
+              "upsert_rows": args.upsert_rows, "rescan_rows": args.rescan_rows, "timeout_s": args.timeout,
+              "profile": args.profile, "log_level": args.log_level, "rescan_drain": not args.keep_rescan_queue}
+    if server_url:
+        values["server_url"] = server_url
+    if args.parts:
+        values["parts"] = tuple(p.strip() for p in args.parts.split(",") if p.strip())
+    if args.soak:
+        values["soak_jobs"] = args.soak
+    config = WorkerBenchConfig(**values)
+
+    def log(message: str) -> None:
+        print(f"[bench worker {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+    # SIGTERM unwinds like Ctrl-C, so the worker processes are stopped and the databases dropped.
+    previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    try:
+        if args.soak:
+            print(soak_table(run_soak(config, log)))
+            print(f"\nwritten to {args.out / 'worker-soak.json'}")
+        else:
+            result = run_worker_bench(config, log)
+            print(markdown_table(result))
+            print(f"\nwall time {result['wall_s']:.0f} s; written to {args.out / 'worker-bench.json'}")
+    except HarnessError as exc:  # BenchError, a dead worker or a wait that ran out: one line, no traceback
+        print(f"ppl-worker bench: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -278,6 +278,33 @@ def _run(args: argparse.Namespace, settings: Settings) -> int:
     return int(app.start(argv) or 0)
 
 
+def _bench(args: argparse.Namespace, settings: Settings) -> int:
+    """The worker benchmark, benchmarks/worker_bench.py: a source checkout's, outside the shipped packages, so
+    it runs as ``python -m benchmarks.worker_bench`` from the repository root and this package never imports it."""
+    import signal
+    import subprocess
+
+    from worker.db import REPO_ROOT
+
+    if not (REPO_ROOT / "benchmarks" / "worker_bench.py").is_file():
+        raise CliError(f"the worker benchmark comes with a source checkout (benchmarks/ in the repository); there "
+                       f"is none at {REPO_ROOT}: clone the repository and install it with pip install -e .")
+    env = {**os.environ, "PPL_BENCH_CWD": os.getcwd()}  # relative paths are read from where this was started
+    proc = subprocess.Popen([sys.executable, "-m", "benchmarks.worker_bench", *args.bench_args], cwd=REPO_ROOT,
+                            env=env)
+    # SIGTERM is passed on, so that the benchmark stops its workers and drops its databases; Ctrl-C reaches it
+    # directly (same process group), and this process waits for it to finish cleaning up.
+    previous = signal.signal(signal.SIGTERM, lambda *_: proc.terminate())
+    try:
+        while True:
+            try:
+                return proc.wait()
+            except KeyboardInterrupt:
+                continue
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ppl-worker", description="PPL moderation worker: operations")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -344,6 +371,14 @@ def build_parser() -> argparse.ArgumentParser:
     doctor = commands.add_parser("doctor", help="check broker, database, migrations and model; exit 1 on failure")
     doctor.add_argument("--skip-model", action="store_true", help="do not load the model (for non-worker hosts)")
     doctor.set_defaults(handler=_doctor)
+
+    # Every argument, options and --help included, goes to the benchmark's own parser (a prefix that no
+    # argument uses keeps this one from reading them); its options are those of the old ppl bench worker.
+    bench = commands.add_parser("bench", add_help=False, prefix_chars="+",
+                                help="worker benchmark from a source checkout: end to end vs ppl scan and a naive "
+                                     "worker, upserts, rescan, soak (ppl-worker bench --help)")
+    bench.add_argument("bench_args", nargs=argparse.REMAINDER)
+    bench.set_defaults(handler=_bench)
     return parser
 
 

@@ -6,23 +6,22 @@ run without its database must not pass by testing nothing.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import subprocess
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
-import numpy as np
 import pytest
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.pool import NullPool
 
-from worker.db import VerdictRow, make_engine, quantise_patch_grid, temporary_database
+from benchmarks.harness import sha_of  # noqa: F401 (tests import it from here)
+from benchmarks.harness import verdict_row as build_verdict_row
+from worker.db import VerdictRow, make_engine, temporary_database
 
 DEFAULT_PG_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
 TEST_DATABASE_PREFIX = "ppl_test_"
@@ -105,30 +104,6 @@ def module_engine(pg_server_url: str) -> Iterator[Engine]:
             yield engine
         finally:
             engine.dispose()
-
-
-def sha_of(name: str) -> str:
-    """A stable content hash for a test image name."""
-    return hashlib.sha256(name.encode()).hexdigest()
-
-
-def build_verdict_row(name: str, model_version: str, score: float = 0.25, threshold: float = 0.5,
-                      grid: np.ndarray | None = None, **overrides: Any) -> VerdictRow:
-    """A valid verdict row for image ``name``; the label follows score and threshold, as in make_verdict."""
-    patch_grid = np.full((4, 4), score, dtype=np.float32) if grid is None else grid
-    data, rows, cols = quantise_patch_grid(patch_grid)
-    values: dict[str, Any] = {
-        "sha256": sha_of(name), "model_version": model_version, "score": score,
-        "label": "fake" if score >= threshold else "real", "threshold": threshold,
-        "source": f"https://images.example.com/{name}.jpg", "external_id": f"ext-{name}", "metadata": {"name": name},
-        "width": 640, "height": 480, "format": "JPEG", "patch_mean": float(patch_grid.mean()),
-        "patch_max": float(patch_grid.max()), "patch_p90": float(np.percentile(patch_grid, 90)),
-        "patch_frac_above": float((patch_grid >= threshold).mean()), "top_patch_row": 0, "top_patch_col": 0,
-        "patch_grid": data, "grid_rows": rows, "grid_cols": cols,
-        "timings_ms": {"fetch": 12.5, "decode": 3.0, "infer": 8.25, "db": 1.5},
-    }
-    values.update(overrides)
-    return VerdictRow(**values)
 
 
 @pytest.fixture(scope="session")

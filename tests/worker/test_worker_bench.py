@@ -1,7 +1,7 @@
-"""``ppl bench worker`` at a tiny scale against the real services: every part runs, every job is accounted
-for, the ratios come from the measured figures, the JSON is written, and nothing is left behind (databases,
-Redis keys, worker processes). Timing targets are not checked here: they belong to the full-size run
-(docs/PERFORMANCE.md)."""
+"""``ppl-worker bench`` (benchmarks/worker_bench.py) at a tiny scale against the real services: every part
+runs, every job is accounted for, the ratios come from the measured figures, the JSON is written, and nothing
+is left behind (databases, Redis keys, worker processes). Timing targets are not checked here: they belong to
+the full-size run (docs/PERFORMANCE.md)."""
 
 from __future__ import annotations
 
@@ -12,8 +12,7 @@ import redis
 from sqlalchemy import create_engine, text
 from sqlalchemy.pool import NullPool
 
-from ppl_model.cli import main
-from worker.benchmark import (
+from benchmarks.worker_bench import (
     BenchError,
     WorkerBenchConfig,
     markdown_table,
@@ -22,6 +21,7 @@ from worker.benchmark import (
     soak_table,
     with_comment,
 )
+from worker.cli import main
 
 
 def bench_databases(server_url: str) -> list[str]:
@@ -87,11 +87,14 @@ def test_soak_reports_memory_and_throughput_per_block(config, redis_url):
     assert not (config.out / "soak-images").exists() and redis.Redis.from_url(redis_url).dbsize() == 0
 
 
-def test_the_command_runs_a_part_and_refuses_a_shared_redis_database(tmp_path, pg_server_url, redis_url, capsys):
+def test_the_command_runs_a_part_and_refuses_a_shared_redis_database(tmp_path, pg_server_url, redis_url, capfd,
+                                                                     monkeypatch):
+    # ppl-worker bench runs the benchmark from the repository root; a relative --out is still read from here.
+    monkeypatch.chdir(tmp_path)
     out = tmp_path / "cli"
-    assert main(["bench", "worker", "--out", str(out), "--parts", "upserts", "--upsert-rows", "200",
+    assert main(["bench", "--out", "cli", "--parts", "upserts", "--upsert-rows", "200",
                  "--images", "4", "--database-url", pg_server_url, "--broker-url", redis_url]) == 0
-    printed = capsys.readouterr().out
+    printed = capfd.readouterr().out
     assert "PostgreSQL upserts, batch 32" in printed and "| rescan enqueue rate | – |" in printed
     assert json.loads((out / "worker-bench.json").read_text())["upserts"]["batch"] == 32
     with pytest.raises(BenchError, match="not /0"):
@@ -103,7 +106,7 @@ def test_the_command_runs_a_part_and_refuses_a_shared_redis_database(tmp_path, p
 def test_a_jpeg_comment_changes_the_bytes_not_the_pixels(tmp_path):
     from PIL import Image
 
-    from worker.benchmark import make_images
+    from benchmarks.worker_bench import make_images
 
     (path,) = make_images(tmp_path, 1, 48, seed=3)
     data = path.read_bytes()
@@ -112,3 +115,12 @@ def test_a_jpeg_comment_changes_the_bytes_not_the_pixels(tmp_path):
     (tmp_path / "copy.jpg").write_bytes(copy)
     with Image.open(path) as a, Image.open(tmp_path / "copy.jpg") as b:
         assert a.tobytes() == b.tobytes()
+
+
+def test_the_command_needs_a_source_checkout(tmp_path, monkeypatch, capsys):
+    import worker.db
+
+    monkeypatch.setattr(worker.db, "REPO_ROOT", tmp_path)  # as in a wheel install: no benchmarks/ beside worker/
+    assert main(["bench", "--out", str(tmp_path / "out")]) == 2
+    assert "source checkout" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

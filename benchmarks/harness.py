@@ -1,0 +1,249 @@
+"""What the worker tests and the worker benchmark share: worker child processes, bounded waits, producers and
+synthetic verdict rows.
+
+``tests/`` imports it as ``benchmarks.harness`` (pytest puts the repository root on the import path) and the
+benchmarks import it from the repository root; it is not part of the shipped packages. Every wait here is
+bounded and says what it waited for when it gives up; every child process is stopped on the way out.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+import numpy as np
+from sqlalchemy import text
+from sqlalchemy.engine import Connection
+
+from worker.db import VerdictRow, quantise_patch_grid
+
+T = TypeVar("T")
+
+# Child workers start here, so that ``python -m worker.cli`` and ``python -m benchmarks.naive_worker`` are this
+# checkout's modules, whatever the caller's working directory.
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+# ``python -m MODULE ARGS``: the real worker, and the one-image-per-task baseline the benchmark compares with.
+WORKER_COMMANDS: dict[str, tuple[str, ...]] = {
+    "batched": ("worker.cli", "run", "--queues", "detect", "--concurrency", "1"),
+    "naive": ("benchmarks.naive_worker",),
+}
+
+
+class HarnessError(RuntimeError):
+    """A worker process that died while something waited on it, or a bounded wait that ran out."""
+
+
+class WaitTimeout(HarnessError, AssertionError):
+    """A bounded wait that ran out; an AssertionError too, so that a test fails on it as on an assert."""
+
+
+# ------------------------------------------------------------------------------------- processes
+
+
+class WorkerProcess:
+    """A worker (``kind``: ``batched``, ``ppl-worker run``; ``naive``, the benchmark's baseline) as a child
+    process with its own log file: one process, threads pool, concurrency 1. Start and stop it by hand, or
+    use it as a context manager (started on entry, stopped on exit)."""
+
+    def __init__(self, env: Mapping[str, str], log_path: Path, name: str = "worker", kind: str = "batched"):
+        if kind not in WORKER_COMMANDS:
+            raise ValueError(f"unknown worker kind {kind!r}; choose from {', '.join(WORKER_COMMANDS)}")
+        self.env = dict(env)
+        self.log_path = log_path
+        self.name = name
+        self.kind = kind
+        self.proc: subprocess.Popen | None = None
+        self.starts = 0
+        self._token = secrets.token_hex(3)  # distinct Celery node names for workers one process starts in turn
+
+    @property
+    def hostname(self) -> str:
+        return f"{self.name}{os.getpid()}-{self._token}-{self.starts}@%h"
+
+    def start(self) -> WorkerProcess:
+        assert self.proc is None or self.proc.poll() is not None, "already running"
+        self.starts += 1
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        # A restart appends, so a test that kills and restarts the worker keeps the whole story in one log.
+        with self.log_path.open("w" if self.starts == 1 else "a") as log:
+            log.write(f"---- start {self.starts} ----\n")
+            log.flush()
+            argv = [sys.executable, "-m", *WORKER_COMMANDS[self.kind], "--hostname", self.hostname]
+            self.proc = subprocess.Popen(argv, env=self.env, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT,
+                                         stdin=subprocess.DEVNULL)
+        return self
+
+    def __enter__(self) -> WorkerProcess:
+        return self.start()
+
+    def __exit__(self, *_: object) -> None:
+        self.stop()
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    @property
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def check_alive(self) -> None:
+        """Raise HarnessError, with the end of the log, if the process has exited."""
+        assert self.proc is not None
+        if self.proc.poll() is not None:
+            raise HarnessError(f"the {self.name} process exited with status {self.proc.returncode}; the end of its "
+                               f"log ({self.log_path}):\n{self.log_tail()}")
+
+    def kill(self) -> None:
+        """SIGKILL: no shutdown code runs, as when the machine or the OOM killer takes the process."""
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(timeout=30)
+
+    def terminate(self, timeout: float = 60.0) -> int:
+        """SIGTERM (Celery's warm shutdown) and wait for the process to exit by itself."""
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout=timeout)
+
+    def stop(self) -> None:
+        """Best-effort cleanup for fixtures and the benchmark's way out: SIGTERM, then SIGKILL."""
+        if not self.alive:
+            return
+        try:
+            self.terminate(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.kill()
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def log_tail(self, lines: int = 30) -> str:
+        return "\n".join(self.log().splitlines()[-lines:]) or "(no log)"
+
+
+def wait_until(condition: Callable[[], T], timeout: float = 60.0, what: str | Callable[[], str] = "condition",
+               every: float = 0.3, worker: WorkerProcess | None = None) -> T:
+    """Poll ``condition`` until it returns something truthy, and return that. Raises WaitTimeout after
+    ``timeout`` seconds (``what`` may be a callable, to describe how far it got), and HarnessError as soon as
+    ``worker``, when given, has exited; both end with the worker's log tail."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if worker is not None:
+            worker.check_alive()
+        if time.monotonic() > deadline:
+            described = what() if callable(what) else what
+            tail = f"; the end of the worker log ({worker.log_path}):\n{worker.log_tail()}" if worker else ""
+            raise WaitTimeout(f"timed out after {timeout:.0f} s waiting for {described}{tail}")
+        time.sleep(every)
+
+
+# ------------------------------------------------------------------------------------- producers
+
+PRODUCER = """
+import json, sys
+from celery import Celery
+app = Celery(broker=sys.argv[1])
+app.conf.task_serializer = "json"
+app.conf.broker_connection_retry = True
+for kwargs in json.loads(sys.stdin.read()):
+    app.send_task("detect_image", kwargs=kwargs, queue="detect")
+"""
+
+
+def produce(broker_url: str, jobs: list[dict], timeout: float = 120.0) -> None:
+    """Send jobs from a separate Python process that knows only Celery, the task name and the queue (as the
+    services that feed the worker do); it starts outside the checkout, so it cannot import the worker."""
+    subprocess.run([sys.executable, "-c", PRODUCER, broker_url], input=json.dumps(jobs), text=True, check=True,
+                   timeout=timeout, cwd="/")
+
+
+def send_jobs(broker_url: str, paths: Sequence[Path], pipeline: int = 100) -> None:
+    """One ``detect_image`` message per file from this process, made by ``send_task`` through one pooled
+    producer as ``ppl-worker submit`` sends them, but pipelined ``pipeline`` messages per Redis round trip
+    (kombu's ``producer.batch``). For timed runs: on a 2-core machine that the producer shares with the worker,
+    a process start or a round trip per message would take the worker's CPU."""
+    from worker.app import DETECT_QUEUE, DETECT_TASK, make_app
+    from worker.settings import Settings
+
+    app = make_app(Settings.from_env({}, broker_url=broker_url))
+    with app.producer_or_acquire() as producer:
+        for start in range(0, len(paths), pipeline):
+            with producer.batch(max_size=pipeline):
+                for path in paths[start:start + pipeline]:
+                    app.send_task(DETECT_TASK, kwargs={"source": path.resolve().as_uri()}, queue=DETECT_QUEUE,
+                                  producer=producer)
+
+
+# ---------------------------------------------------------------------------------- verdict rows
+
+
+def sha_of(name: str) -> str:
+    """A stable content hash for a synthetic image name."""
+    return hashlib.sha256(name.encode()).hexdigest()
+
+
+def verdict_row(name: str, model_version: str, score: float = 0.25, threshold: float = 0.5,
+                grid: np.ndarray | None = None, **overrides: Any) -> VerdictRow:
+    """A valid verdict row for image ``name``; the label follows score and threshold, as in make_verdict, and
+    the patch statistics follow the grid (a uniform 4×4 grid of ``score`` when none is given)."""
+    patch_grid = np.full((4, 4), score, dtype=np.float32) if grid is None else grid
+    data, rows, cols = quantise_patch_grid(patch_grid)
+    values: dict[str, Any] = {
+        "sha256": sha_of(name), "model_version": model_version, "score": score,
+        "label": "fake" if score >= threshold else "real", "threshold": threshold,
+        "source": f"https://images.example.com/{name}.jpg", "external_id": f"ext-{name}", "metadata": {"name": name},
+        "width": 640, "height": 480, "format": "JPEG", "patch_mean": float(patch_grid.mean()),
+        "patch_max": float(patch_grid.max()), "patch_p90": float(np.percentile(patch_grid, 90)),
+        "patch_frac_above": float((patch_grid >= threshold).mean()), "top_patch_row": 0, "top_patch_col": 0,
+        "patch_grid": data, "grid_rows": rows, "grid_cols": cols,
+        "timings_ms": {"fetch": 12.5, "decode": 3.0, "infer": 8.25, "db": 1.5},
+    }
+    values.update(overrides)
+    return VerdictRow(**values)
+
+
+def synthetic_rows(count: int, start: int, model_version: str, grid: int = 4) -> list[VerdictRow]:
+    """``count`` verdict rows with distinct content hashes (images ``bench-<start>`` on), shaped like the
+    worker's for the tiny model: a random grid, scored by its most suspicious patch. Deterministic for a start."""
+    rng = np.random.default_rng(start)
+    rows = []
+    for i in range(start, start + count):
+        patches = rng.random((grid, grid))
+        rows.append(verdict_row(
+            f"bench-{i}", model_version, score=float(patches.max()), grid=patches,
+            source=f"file:///srv/uploads/2026/05/{i:09d}.jpg", external_id=f"post-{i}", metadata=None, width=256,
+            height=256, timings_ms={"fetch": 0.4, "decode": 1.2, "infer": 3.1, "batch_images": 32}))
+    return rows
+
+
+# In SQL, so that a million rows take seconds: the same shape as synthetic_rows, one stored verdict per image.
+INSERT_VERDICTS_SQL = """
+INSERT INTO verdicts (sha256, model_version, score, label, threshold, source, external_id, metadata, width, height,
+                      format, patch_mean, patch_max, patch_p90, patch_frac_above, top_patch_row, top_patch_col,
+                      patch_grid, grid_rows, grid_cols, timings_ms)
+SELECT md5(i::text) || md5('bench' || i::text), :version, s, CASE WHEN s >= 0.5 THEN 'fake' ELSE 'real' END, 0.5,
+       'file:///srv/uploads/2026/05/' || lpad(i::text, 9, '0') || '.jpg', 'post-' || i,
+       jsonb_build_object('post', i), 256, 256, 'JPEG', s / 2, s, s, 0.25, 1, 2,
+       decode(repeat('7f', 16), 'hex'), 4, 4, '{"infer": 3.1}'::jsonb
+FROM (SELECT i, (i % 1000) / 1000.0 AS s FROM generate_series(1, :rows) AS i) AS t
+"""
+
+
+def insert_synthetic_verdicts(conn: Connection, model_version: str, rows: int) -> None:
+    """``rows`` stored verdicts of ``model_version`` for distinct images, made by the server."""
+    conn.execute(text(INSERT_VERDICTS_SQL), {"version": model_version, "rows": rows})
