@@ -10,7 +10,6 @@ from __future__ import annotations
 import io
 
 import numpy as np
-import torch
 from PIL import Image, ImageFilter
 
 from ppl_model.config import AugmentConfig
@@ -27,10 +26,9 @@ from ppl_model.imageio import (  # noqa: F401
     to_rgb,
 )
 
-
-def fill_colour(mean: tuple[float, ...]) -> tuple[int, int, int]:
-    r, g, b = (round(255 * m) for m in mean)
-    return (r, g, b)
+# Cropping and normalisation are shared with inference and live there (inference must not import the
+# training-data package); these names stay importable from here.
+from ppl_model.inference.preprocess import centre_offset, crop_at, fill_colour, to_tensor  # noqa: F401
 
 
 def random_offset(length: int, crop: int, rng: np.random.Generator) -> int:
@@ -38,19 +36,6 @@ def random_offset(length: int, crop: int, rng: np.random.Generator) -> int:
     if length >= crop:
         return int(rng.integers(0, length - crop + 1))
     return -int(rng.integers(0, crop - length + 1))
-
-
-def centre_offset(length: int, crop: int) -> int:
-    return (length - crop) // 2
-
-
-def crop_at(img: Image.Image, left: int, top: int, crop: int, fill: tuple[int, int, int]) -> Image.Image:
-    """A crop×crop window at (left, top), padded with ``fill`` wherever it leaves the image."""
-    if left >= 0 and top >= 0 and left + crop <= img.width and top + crop <= img.height:
-        return img.crop((left, top, left + crop, top + crop))
-    canvas = Image.new("RGB", (crop, crop), fill)
-    canvas.paste(img, (-left, -top))
-    return canvas
 
 
 def jpeg_roundtrip(img: Image.Image, quality: int) -> Image.Image:
@@ -69,12 +54,3 @@ def augment_quality(img: Image.Image, cfg: AugmentConfig, rng: np.random.Generat
         lo, hi = cfg.jpeg_quality
         img = jpeg_roundtrip(img, int(rng.integers(lo, hi + 1)))
     return img
-
-
-def to_tensor(img: Image.Image | np.ndarray, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
-    """(H, W, 3) uint8 → normalised float (3, H, W)."""
-    array = np.asarray(img, dtype=np.float32) / 255.0
-    tensor = torch.from_numpy(array).permute(2, 0, 1)
-    mean_t = torch.tensor(mean, dtype=torch.float32)[:, None, None]
-    std_t = torch.tensor(std, dtype=torch.float32)[:, None, None]
-    return (tensor - mean_t) / std_t

@@ -8,7 +8,7 @@ resized, as in training: smaller ones are padded with the normalisation mean.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ppl_model.data.transforms import centre_offset, crop_at, decode_rgb, fill_colour, to_tensor
+from ppl_model.imageio import decode_rgb
 from ppl_model.inference.base import Prediction
 from ppl_model.model_dir import ModelInfo
 
@@ -38,7 +38,40 @@ class Preprocessing:
 
     @classmethod
     def for_model(cls, info: ModelInfo, tiles: int = 1) -> Preprocessing:
-        return cls(info.input_size, tuple(info.mean), tuple(info.std), tiles)
+        return cls(info.input_size, _rgb(info.mean, "mean"), _rgb(info.std, "std"), tiles)
+
+
+def _rgb(values: Sequence[float], name: str) -> tuple[float, float, float]:
+    if len(values) != 3:
+        raise ValueError(f"the normalisation {name} needs one value per RGB channel, got {list(values)}")
+    return float(values[0]), float(values[1]), float(values[2])
+
+
+def fill_colour(mean: tuple[float, ...]) -> tuple[int, int, int]:
+    r, g, b = (round(255 * m) for m in mean)
+    return (r, g, b)
+
+
+def centre_offset(length: int, crop: int) -> int:
+    return (length - crop) // 2
+
+
+def crop_at(img: Image.Image, left: int, top: int, crop: int, fill: tuple[int, int, int]) -> Image.Image:
+    """A crop×crop window at (left, top), padded with ``fill`` wherever it leaves the image."""
+    if left >= 0 and top >= 0 and left + crop <= img.width and top + crop <= img.height:
+        return img.crop((left, top, left + crop, top + crop))
+    canvas = Image.new("RGB", (crop, crop), fill)
+    canvas.paste(img, (-left, -top))
+    return canvas
+
+
+def to_tensor(img: Image.Image | np.ndarray, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
+    """(H, W, 3) uint8 → normalised float (3, H, W)."""
+    array = np.asarray(img, dtype=np.float32) / 255.0
+    tensor = torch.from_numpy(array).permute(2, 0, 1)
+    mean_t = torch.tensor(mean, dtype=torch.float32)[:, None, None]
+    std_t = torch.tensor(std, dtype=torch.float32)[:, None, None]
+    return (tensor - mean_t) / std_t
 
 
 class Prepared(NamedTuple):
