@@ -52,8 +52,8 @@ class WaitTimeout(HarnessError, AssertionError):
 
 class WorkerProcess:
     """A worker (``kind``: ``batched``, ``ppl-worker run``; ``naive``, the benchmark's baseline) as a child
-    process with its own log file: one process, threads pool, concurrency 1. Start and stop it by hand, or
-    use it as a context manager (started on entry, stopped on exit)."""
+    process with its own log file: one process, threads pool, concurrency 1; ``name`` starts its Celery node
+    name. Start and stop it by hand, or use it as a context manager (started on entry, stopped on exit)."""
 
     def __init__(self, env: Mapping[str, str], log_path: Path, name: str = "worker", kind: str = "batched"):
         if kind not in WORKER_COMMANDS:
@@ -102,7 +102,7 @@ class WorkerProcess:
         """Raise HarnessError, with the end of the log, if the process has exited."""
         assert self.proc is not None
         if self.proc.poll() is not None:
-            raise HarnessError(f"the {self.name} process exited with status {self.proc.returncode}; the end of its "
+            raise HarnessError(f"the {self.kind} worker exited with status {self.proc.returncode}; the end of its "
                                f"log ({self.log_path}):\n{self.log_tail()}")
 
     def kill(self) -> None:
