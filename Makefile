@@ -7,24 +7,35 @@ DEMO ?= runs/demo
 
 BIN := $(VENV)/bin
 
-.PHONY: install test test-fast lint demo clean services
+.PHONY: install lock test test-fast lint demo clean services
 
-$(BIN)/.installed: pyproject.toml
+# Exact versions from requirements.lock (every dependency but torch, whose build depends on the machine);
+# the project itself is installed on top without resolving anything again.
+$(BIN)/.installed: pyproject.toml requirements.lock
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q "$(TORCH_SPEC)"
-	$(BIN)/pip install -q -e ".[dev]"
+	$(BIN)/pip install -q -r requirements.lock
+	$(BIN)/pip install -q --no-deps -e ".[dev]"
 	touch $@
 
 install: $(BIN)/.installed
+
+# After changing dependencies in pyproject.toml: pin them again (pip-tools), then review the diff.
+lock: install
+	$(BIN)/pip install -q pip-tools
+	$(BIN)/pip-compile --quiet --extra dev --unsafe-package torch --strip-extras --no-emit-index-url --no-emit-find-links \
+		--output-file requirements.lock pyproject.toml
 
 # PostgreSQL and Redis on their standard local ports: the running ones, else the machine's own servers
 # started, else the exact command to install them.
 services:
 	@sh deploy/local/ensure-services.sh
 
+# ruff, then mypy over ppl_model and worker (its strictness and exclusions: [tool.mypy] in pyproject.toml).
 lint: install
 	$(BIN)/ruff check .
+	$(BIN)/mypy
 
 # Everything: unit, integration (PostgreSQL + Redis, started if down), slow and fault-injection tests.
 test: lint services
@@ -40,4 +51,4 @@ demo: install services
 	BIN=$(BIN) DEMO=$(DEMO) sh deploy/local/demo.sh
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache .ruff_cache *.egg-info
+	rm -rf $(VENV) runs .pytest_cache .ruff_cache .mypy_cache *.egg-info

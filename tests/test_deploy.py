@@ -365,8 +365,9 @@ def test_dockerfiles_install_the_repository_as_a_non_root_ppl_worker_image(name)
     assert ("WORKDIR", "/app") in instructions
     runs = [re.sub(r"\$\{(\w+)\}", lambda m: args[m[1]].strip('"'), a) for k, a in instructions if k == "RUN"]
     torch_at = next(i for i, r in enumerate(runs) if "torch" in r and "--index-url" in r)
-    project_at = next(i for i, r in enumerate(runs) if re.search(r"pip install -e (/app|\.)(\s|$)", r))
-    assert torch_at < project_at, "install torch from its index first, or the project pulls another build"
+    project_at = next(i for i, r in enumerate(runs) if re.search(r"pip install --no-deps -e (/app|\.)(\s|$)", r))
+    lock_at = next(i for i, r in enumerate(runs) if re.search(r"pip install -r requirements\.lock(\s|$)", r))
+    assert torch_at < lock_at < project_at, "torch from its index, then the lock, then the project on top"
     if name == "Dockerfile.cpu":
         assert "https://download.pytorch.org/whl/cpu" in runs[torch_at]
     copied: set[str] = set()
