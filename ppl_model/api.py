@@ -16,17 +16,20 @@ import hashlib
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps
 
+from ppl_model.categories import Backend, Label, Precision
 from ppl_model.imageio import UnreadableImage, decode_rgb, to_rgb
 from ppl_model.inference.backends import load_backend
 from ppl_model.inference.base import InferenceBackend
 from ppl_model.inference.preprocess import Prepared, Preprocessing, aggregate, prepare_image
 from ppl_model.inference.verdict import make_verdict
 from ppl_model.model_dir import ModelInfo, read_model_info
+from ppl_model.reasons import Reason
 
 ImageInput = str | Path | bytes | Image.Image
 
@@ -44,7 +47,7 @@ class Detection:
     model_version: str
     threshold: float
     score: float | None = None  # probability that the image is AI-generated
-    label: str = ""  # "fake" when score >= threshold, else "real"; "" when not judged
+    label: Label | Literal[""] = ""  # FAKE when score >= threshold, else REAL; "" when not judged
     patch_grid: np.ndarray | None = None  # (rows, cols) per-patch probabilities of the deciding crop
     patch_max: float | None = None
     patch_frac_above: float | None = None  # share of patches at or above the threshold
@@ -53,7 +56,7 @@ class Detection:
     format: str = ""
     width: int | None = None
     height: int | None = None
-    error: str = ""
+    error: Reason | Literal[""] = ""
     error_detail: str = ""
 
 
@@ -68,8 +71,8 @@ class Detector:
         self.aggregation = aggregation
 
     @classmethod
-    def load(cls, model_dir: str | Path, backend: str = "auto", *, device: str | None = None,
-             precision: str = "fp32", tiles: int = 1, aggregation: str = "max") -> Detector:
+    def load(cls, model_dir: str | Path, backend: Backend | str = Backend.AUTO, *, device: str | None = None,
+             precision: Precision | str = Precision.FP32, tiles: int = 1, aggregation: str = "max") -> Detector:
         """``backend``: auto, tensorrt, torch or onnxruntime. ``tiles`` > 1 judges up to that many crops
         spread over a large image and combines them by ``aggregation`` (max or mean)."""
         info = read_model_info(model_dir)
@@ -99,12 +102,12 @@ class Detector:
         return results
 
     def _prepare(self, index: int, image: ImageInput) -> tuple[Detection, Prepared | None]:
-        base = {"model_version": self.info.version_id, "threshold": self.info.threshold}
+        version, threshold = self.info.version_id, self.info.threshold
         if isinstance(image, Image.Image):
             rgb = to_rgb(ImageOps.exif_transpose(image))
             prepared = prepare_image(rgb, self.preprocessing, image.format or "")
-            return Detection(source=f"<image #{index}>", format=image.format or "", width=rgb.width,
-                             height=rgb.height, **base), prepared
+            return Detection(source=f"<image #{index}>", model_version=version, threshold=threshold,
+                             format=image.format or "", width=rgb.width, height=rgb.height), prepared
         if isinstance(image, bytes | bytearray | memoryview):
             source, data = f"<bytes #{index}>", bytes(image)
         else:
@@ -112,16 +115,18 @@ class Detector:
             try:
                 data = Path(image).read_bytes()
             except OSError as exc:
-                reason = "missing" if isinstance(exc, FileNotFoundError) else "unreadable"
-                return Detection(source=source, error=reason, error_detail=str(exc), **base), None
+                reason = Reason.MISSING if isinstance(exc, FileNotFoundError) else Reason.UNREADABLE
+                return Detection(source=source, model_version=version, threshold=threshold, error=reason,
+                                 error_detail=str(exc)), None
         digest = hashlib.sha256(data).hexdigest()
         try:
             rgb, image_format = decode_rgb(data, source)
         except UnreadableImage as exc:
-            return Detection(source=source, sha256=digest, error=exc.reason, error_detail=exc.detail, **base), None
+            return Detection(source=source, model_version=version, threshold=threshold, sha256=digest,
+                             error=exc.reason, error_detail=exc.detail), None
         prepared = prepare_image(rgb, self.preprocessing, image_format)
-        return Detection(source=source, sha256=digest, format=image_format, width=rgb.width, height=rgb.height,
-                         **base), prepared
+        return Detection(source=source, model_version=version, threshold=threshold, sha256=digest,
+                         format=image_format, width=rgb.width, height=rgb.height), prepared
 
     def _judge(self, batch: list[tuple[int, Detection, Prepared]], results: list[Detection]) -> None:
         crops = torch.cat([prepared.crops for _, _, prepared in batch]).to(self.backend.device)
@@ -131,6 +136,6 @@ class Detector:
             verdict = make_verdict(float(prediction.image_prob[0]), grid, self.info.threshold)
             results[index] = Detection(
                 source=header.source, model_version=header.model_version, threshold=verdict.threshold,
-                score=verdict.score, label=str(verdict.label), patch_grid=grid, patch_max=verdict.patch_max,
+                score=verdict.score, label=verdict.label, patch_grid=grid, patch_max=verdict.patch_max,
                 patch_frac_above=verdict.patch_frac_above, top_patch=(verdict.top_patch_row, verdict.top_patch_col),
                 sha256=header.sha256, format=header.format, width=header.width, height=header.height)

@@ -16,7 +16,14 @@ from typing import Any
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
-from transformers import CLIPVisionConfig, CLIPVisionModel, Dinov2Config, Dinov2Model, PretrainedConfig
+from transformers import (
+    CLIPVisionConfig,
+    CLIPVisionModel,
+    Dinov2Config,
+    Dinov2Model,
+    PretrainedConfig,
+    PreTrainedModel,
+)
 
 from ppl_model.config import LoRAConfig, ModelConfig
 
@@ -46,7 +53,7 @@ NAMED_SHAPES: dict[str, ViTShape] = {
 class BackboneFamily:
     name: str
     model_types: tuple[str, ...]  # config.json `model_type` values this family accepts
-    model_class: type[nn.Module]
+    model_class: type[PreTrainedModel]
     config_class: type[PretrainedConfig]
     config_from_shape: Callable[[ViTShape], PretrainedConfig]
     mean: tuple[float, float, float]
@@ -107,11 +114,11 @@ def get_family(name: str) -> BackboneFamily:
 class ViTBackbone(nn.Module):
     """A transformers ViT that returns ``(pooled, patch_tokens)``, both after the final layer norm."""
 
-    def __init__(self, family: BackboneFamily, model: nn.Module, input_size: int,
+    def __init__(self, family: BackboneFamily, model: PreTrainedModel, input_size: int,
                  mean: tuple[float, ...], std: tuple[float, ...]):
         super().__init__()
         self.family = family
-        self.model = model
+        self.model: PreTrainedModel | PeftModel = model
         self.input_size = input_size
         self.mean = tuple(float(v) for v in mean)
         self.std = tuple(float(v) for v in std)
@@ -121,8 +128,11 @@ class ViTBackbone(nn.Module):
         self._interpolate = family.needs_interpolate_flag and input_size != cfg.image_size
 
     @property
-    def base_model(self) -> nn.Module:
-        return self.model.get_base_model() if isinstance(self.model, PeftModel) else self.model
+    def base_model(self) -> PreTrainedModel:
+        model = self.model.get_base_model() if isinstance(self.model, PeftModel) else self.model
+        if not isinstance(model, PreTrainedModel):  # peft wraps the model it was given, which was one
+            raise BackboneError(f"the backbone is a {type(model).__name__}, not a transformers model")
+        return model
 
     @property
     def hf_config(self) -> PretrainedConfig:
@@ -147,6 +157,8 @@ class ViTBackbone(nn.Module):
         if self.family.name == "clip":
             # CLIP normalises only the pooled CLS token; apply the same norm to the patch tokens.
             norm = getattr(self.base_model, "vision_model", self.base_model).post_layernorm
+            if not isinstance(norm, nn.Module):
+                raise BackboneError("the CLIP vision model has no post_layernorm module")
             return out.pooler_output, norm(tokens[:, 1:])
         # DINOv2's last_hidden_state is already layer-normed; token 0 is CLS.
         return tokens[:, 0], tokens[:, 1:]
@@ -164,7 +176,8 @@ class ViTBackbone(nn.Module):
     def apply_lora(self, cfg: LoRAConfig) -> None:
         if isinstance(self.model, PeftModel):
             raise BackboneError("LoRA is already applied")
-        lora = LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
+        # peft annotates lora_alpha as int but scales by lora_alpha / r with any number; model.lora.alpha is a float.
+        lora = LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,  # type: ignore[arg-type]
                           target_modules=self.lora_targets(cfg.targets), bias="none")
         # peft freezes every base weight and leaves only the adapters trainable.
         self.model = get_peft_model(self.model, lora)
@@ -182,7 +195,7 @@ def _read_json(path: Path) -> dict[str, Any]:
         raise BackboneError(f"cannot read {path}: {exc}") from None
 
 
-def _load_pretrained(family: BackboneFamily, folder: Path) -> tuple[nn.Module, tuple, tuple]:
+def _load_pretrained(family: BackboneFamily, folder: Path) -> tuple[PreTrainedModel, tuple, tuple]:
     if not (folder / "config.json").is_file():
         raise BackboneError(f"{folder} is not a Hugging Face model folder (no config.json)")
     model_type = _read_json(folder / "config.json").get("model_type")

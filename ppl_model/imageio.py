@@ -371,6 +371,8 @@ class _LayoutBmp(ImageFile.ImageFile):
         return header is not None and header["width"] > 0 and header["height"] != 0
 
     def _open(self) -> None:
+        if self.fp is None:  # Image.open always gives one; the attribute is optional for closed images
+            raise SyntaxError("no file to read")
         self._data = self.fp.read()
         header = self._header(self._data)
         if header is None:

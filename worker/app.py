@@ -20,7 +20,7 @@ Delivery guarantees, and the settings they rest on:
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Required, TypedDict
 
 from celery import Celery, signals
 from kombu import Queue
@@ -33,10 +33,18 @@ DETECT_TASK, DETECT_QUEUE = "detect_image", "detect"
 RESCAN_TASK, RESCAN_QUEUE = "rescan", "rescan"
 
 
+class DetectKwargs(TypedDict, total=False):
+    """The keyword arguments of a ``detect_image`` job (docs/ARCHITECTURE.md, "Contracts")."""
+
+    source: Required[str]
+    external_id: str
+    metadata: dict[str, Any]
+
+
 def detect_kwargs(source: str, external_id: str | None = None, metadata: dict[str, Any] | None = None
-                  ) -> dict[str, Any]:
+                  ) -> DetectKwargs:
     """The keyword arguments of one ``detect_image`` job, leaving out the optional ones that are unset."""
-    kwargs: dict[str, Any] = {"source": source}
+    kwargs = DetectKwargs(source=source)
     if external_id is not None:
         kwargs["external_id"] = external_id
     if metadata is not None:

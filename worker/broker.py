@@ -225,7 +225,7 @@ class QoS(kombu_redis.QoS):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._pending_acks: list[str] = []
-        self._pending_defers: dict[str, tuple[str, float]] = {}  # tag → (delayed-set member, due time)
+        self._pending_defers: dict[str, tuple[bytes, float]] = {}  # tag → (delayed-set member, due time)
         self._pending_lock = threading.Lock()
 
     def ack(self, delivery_tag: str) -> None:
@@ -291,6 +291,10 @@ class Channel(kombu_redis.Channel):
     Message = Message
     _fetch_next = True  # the next command sent on the polling connection: the fetch script, else the wait
     _sent: str | None = None  # which of the two is awaiting its reply
+    # kombu declares these as False and None at class level, then stores a connection and a monotonic time in
+    # them itself; redeclared (as loosely as kombu's own declarations allow) so doing the same here type-checks.
+    _in_poll: Any
+    _brpop_sent_at: Any
 
     @cached_property
     def atomic_fetch(self) -> bool:
@@ -395,7 +399,8 @@ class Transport(kombu_redis.Transport):
         # Delivery tags the fetch script recorded → (queue, message as fetched), until QoS.append sees their
         # message (kept on the transport: the channel that polls is not always the one whose consumer receives).
         self.recorded_tags: dict[str, tuple[str, bytes]] = {}
-        heartbeat = (self.client.transport_options or {}).get("heartbeat_file")
+        options = self.client.transport_options if self.client is not None else None  # kombu's Connection
+        heartbeat = (options or {}).get("heartbeat_file")
         self.heartbeat_file = Path(heartbeat) if heartbeat else None
         self._alive_marked = 0.0
 

@@ -15,11 +15,12 @@ import os
 import re
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+from ppl_model.categories import Label
 from worker.settings import Settings, SettingsError
 
 _AGO = re.compile(r"^(\d+)([smhd])$")
@@ -133,6 +134,7 @@ def _verdicts(args: argparse.Namespace, settings: Settings) -> int:
 
     engine = db.make_engine(settings.database_url)
     by_job = bool(args.task_id or args.external_id)
+    rows: Sequence[Mapping[str, Any]]  # db.SubmissionAnswer or db.VerdictListing rows
     with engine.connect() as conn:
         if by_job:  # one row per job that carried these ids, whatever answered it
             rows = db.find_submissions(conn, task_ids=args.task_id or (), external_ids=args.external_id or (),
@@ -153,7 +155,7 @@ def _verdicts(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
-def format_table(rows: list[dict[str, Any]], columns: Sequence[str]) -> str:
+def format_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> str:
     def cell(value: Any) -> str:
         if isinstance(value, float):
             return f"{value:.4f}"
@@ -359,7 +361,7 @@ def build_parser() -> argparse.ArgumentParser:
     rescan.add_argument("--all", action="store_true", help="every matching image, not only stale ones")
     rescan.add_argument("--since", type=parse_when, help="verdicts created from (24h, 7d or ISO)")
     rescan.add_argument("--until", type=parse_when, help="verdicts created before")
-    rescan.add_argument("--label", choices=["real", "fake"])
+    rescan.add_argument("--label", choices=[label.value for label in Label])
     rescan.add_argument("--min-score", type=float)
     rescan.add_argument("--max-score", type=float)
     rescan.add_argument("--model-version", help="target version (default: PPL_MODEL_DIR's model, else the active)")

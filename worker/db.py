@@ -30,7 +30,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, fields
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Final, cast
+from typing import TYPE_CHECKING, Any, Final, TypedDict, cast
 
 import numpy as np
 from sqlalchemy import (
@@ -66,6 +66,10 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.engine import Connection, Engine, make_url
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.sql.elements import TextClause
+from sqlalchemy.sql.selectable import NamedFromClause
+
+from ppl_model.categories import Label
+from ppl_model.reasons import Reason
 
 if TYPE_CHECKING:
     from alembic.config import Config
@@ -80,7 +84,7 @@ MIGRATIONS_DIR: Final = REPO_ROOT / "migrations"
 MIGRATION_LOCK_ID: Final = 0x70706C_0001  # serialises `migrate` when several workers start at once
 MODEL_VERSION_LOCK_ID: Final = 0x70706C_0002  # serialises activations (one active version)
 
-LABELS: Final = ("real", "fake")
+LABELS: Final = tuple(Label)
 RESCAN_STATUSES: Final = ("running", "paused", "done", "failed")
 UNFINISHED_STATUSES: Final = ("running", "paused")
 FINISHED_STATUSES: Final = ("done", "failed")
@@ -325,6 +329,8 @@ def create_database_if_missing(url: str, *, drop_first: bool = False) -> bool:
     from sqlalchemy.pool import NullPool
 
     target = make_url(normalise_url(url))
+    if not target.database:
+        raise ValueError("the database URL names no database to create")
     admin = create_engine(target.set(database="postgres"), isolation_level="AUTOCOMMIT", poolclass=NullPool)
     try:
         with admin.connect() as conn:
@@ -418,7 +424,7 @@ class VerdictRow:
     sha256: str
     model_version: str
     score: float
-    label: str
+    label: Label
     threshold: float
     source: str
     external_id: str | None
@@ -518,7 +524,7 @@ class FailureRow:
 
     source: str
     external_id: str | None
-    reason: str
+    reason: Reason
     detail: str
 
 
@@ -634,8 +640,31 @@ def record_submissions(bind: Bind, rows: Sequence[SubmissionRow]) -> int:
         return len(conn.execute(_INSERT_SUBMISSIONS, columns).all())
 
 
+class SubmissionAnswer(TypedDict):
+    """A row of ``find_submissions``: the job, and the verdict or the failure that answered it (the other's
+    columns are None). ``label`` and ``reason`` are as stored: the values of ``Label`` and ``Reason``."""
+
+    submission_id: int
+    task_id: str | None
+    external_id: str | None
+    source: str
+    metadata: dict[str, Any] | None
+    received_at: datetime
+    answered_at: datetime
+    outcome: str
+    label: str | None
+    score: float | None
+    threshold: float | None
+    model_version: str | None
+    sha256: str | None
+    patch_max: float | None
+    patch_frac_above: float | None
+    reason: str | None
+    detail: str | None
+
+
 def find_submissions(bind: Bind, *, task_ids: Collection[str] = (), external_ids: Collection[str] = (),
-                     limit: int = 100) -> list[dict[str, Any]]:
+                     limit: int = 100) -> list[SubmissionAnswer]:
     """Jobs by task id or external id, newest first, each with the verdict or failure that answered it
     (``ppl-worker verdicts --task-id/--external-id``)."""
     if not task_ids and not external_ids:
@@ -653,8 +682,8 @@ def find_submissions(bind: Bind, *, task_ids: Collection[str] = (), external_ids
                v.c.sha256, v.c.patch_max, v.c.patch_frac_above, f.c.reason, f.c.detail)
         .select_from(s.outerjoin(v, v.c.id == s.c.verdict_id).outerjoin(f, f.c.id == s.c.failure_id))
         .where(or_(*conditions)).order_by(s.c.answered_at.desc(), s.c.id.desc()).limit(limit))
-    with _transaction(bind) as conn:
-        return [dict(row._mapping) for row in conn.execute(statement)]
+    with _transaction(bind) as conn:  # the select above names exactly SubmissionAnswer's keys (a test checks)
+        return [cast(SubmissionAnswer, dict(row._mapping)) for row in conn.execute(statement)]
 
 
 # ------------------------------------------------------------------------------------ model versions
@@ -714,7 +743,7 @@ class RescanFilters:
     stale_only: bool = True
     since: datetime | None = None
     until: datetime | None = None
-    label: str | None = None
+    label: Label | None = None
     min_score: float | None = None
     max_score: float | None = None
 
@@ -726,6 +755,8 @@ class RescanFilters:
                              f"until={self.until.isoformat()}")
         if self.label is not None and self.label not in LABELS:
             raise ValueError(f"rescan filter label must be one of {', '.join(LABELS)}, got {self.label!r}")
+        if self.label is not None:  # from JSON or a caller's string: the member, so to_json writes its value
+            object.__setattr__(self, "label", Label(self.label))
         for name in ("min_score", "max_score"):
             value = getattr(self, name)
             if value is not None and not (0.0 <= value <= 1.0):
@@ -753,7 +784,7 @@ class RescanFilters:
 
 
 def _rescan_conditions(filters: RescanFilters, target_model_version: str, up_to_id: int | None,
-                       candidate: Table) -> list[ColumnElement[bool]]:
+                       candidate: NamedFromClause) -> list[ColumnElement[bool]]:
     """WHERE clauses selecting, per image, its latest verdict row when it matches the filters.
 
     Written as anti-joins so each candidate row costs two probes of the (sha256, model_version) unique
@@ -896,7 +927,34 @@ def latest_unfinished_rescan_run(bind: Bind, target_model_version: str, filters:
 # ------------------------------------------------------------------------------------ reading, checks
 
 
-def query_verdicts(bind: Bind, *, flagged_only: bool, since: datetime | None, limit: int) -> list[dict[str, Any]]:
+class VerdictListing(TypedDict):
+    """A row of ``query_verdicts``: every ``verdicts`` column but the patch grid bytes."""
+
+    id: int
+    sha256: str
+    model_version: str
+    score: float
+    label: str  # a Label value, as stored
+    threshold: float
+    source: str
+    external_id: str | None
+    metadata: dict[str, Any] | None
+    width: int
+    height: int
+    format: str
+    patch_mean: float
+    patch_max: float
+    patch_p90: float
+    patch_frac_above: float
+    top_patch_row: int
+    top_patch_col: int
+    grid_rows: int
+    grid_cols: int
+    timings_ms: dict[str, float]
+    created_at: datetime
+
+
+def query_verdicts(bind: Bind, *, flagged_only: bool, since: datetime | None, limit: int) -> list[VerdictListing]:
     """Latest verdicts, newest first (what ``ppl-worker verdicts`` prints): every column but the patch grid
     bytes (see ``find_verdicts`` and ``dequantise_patch_grid`` for those).
 
@@ -913,13 +971,13 @@ def query_verdicts(bind: Bind, *, flagged_only: bool, since: datetime | None, li
                         tuple_(newer.c.created_at, newer.c.id) > tuple_(v.c.created_at, v.c.id)),
     ]
     if flagged_only:
-        conditions.append(v.c.label == "fake")
+        conditions.append(v.c.label == Label.FAKE)
     if since is not None:
         conditions.append(v.c.created_at >= since)
-    columns = [c for c in v.c if c.name != "patch_grid"]
+    columns = [v.c[name] for name in VerdictListing.__annotations__]
     statement = select(*columns).where(and_(*conditions)).order_by(v.c.created_at.desc(), v.c.id.desc()).limit(limit)
     with _transaction(bind) as conn:
-        return [dict(row._mapping) for row in conn.execute(statement)]
+        return [cast(VerdictListing, dict(row._mapping)) for row in conn.execute(statement)]
 
 
 def answered_sources(bind: Bind, sources: Collection[str], model_version: str) -> set[str]:

@@ -22,7 +22,7 @@ import json
 import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, cast
 
 import redis
 
@@ -106,7 +106,8 @@ class DeadLetterStore:
 
     def list(self, limit: int = 50) -> list[DeadLetter]:
         """Newest first."""
-        ids = self.client.zrevrange(INDEX_KEY, 0, max(0, limit - 1))
+        # Without withscores the reply is the members alone; the stubs type every form zrevrange can return.
+        ids = cast(list[bytes], self.client.zrevrange(INDEX_KEY, 0, max(0, limit - 1)))
         if not ids:
             return []
         return [DeadLetter.from_json(item) for item in self.client.hmget(STORE_KEY, ids) if item is not None]
@@ -117,7 +118,8 @@ class DeadLetterStore:
 
     def delete(self, letter_id: str) -> bool:
         with self.client.pipeline() as pipe:
-            pipe.hdel(STORE_KEY, letter_id).zrem(INDEX_KEY, letter_id)
+            pipe.hdel(STORE_KEY, letter_id)  # one call per statement: the stubs type a pipeline's commands as
+            pipe.zrem(INDEX_KEY, letter_id)  # their replies (int), not as the pipeline they return for chaining
             removed, _ = pipe.execute()
         return bool(removed)
 
@@ -128,7 +130,9 @@ class DeadLetterStore:
         if letter is None:
             return None
         with self.client.pipeline() as pipe:  # MULTI/EXEC: both or neither
-            pipe.lpush(queue or letter.queue, letter.raw_bytes()).hdel(STORE_KEY, letter_id).zrem(INDEX_KEY, letter_id)
+            pipe.lpush(queue or letter.queue, letter.raw_bytes())
+            pipe.hdel(STORE_KEY, letter_id)
+            pipe.zrem(INDEX_KEY, letter_id)
             pipe.execute()
         return letter
 

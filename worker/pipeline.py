@@ -12,6 +12,7 @@ Nothing here imports Celery: the processor is tested with plain job lists.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import time
@@ -28,6 +29,7 @@ from sqlalchemy.exc import DBAPIError, OperationalError
 
 from ppl_model.inference.preprocess import Prepared, aggregate, prepare_image
 from ppl_model.inference.verdict import make_verdict
+from ppl_model.reasons import Reason
 from worker import db, metrics
 from worker.decoding import decode_image
 from worker.model import ServedModel, load_model
@@ -37,8 +39,6 @@ from worker.sources import SourceError, fetch_source
 log = logging.getLogger(__name__)
 
 TASK_KWARGS = frozenset({"source", "external_id", "metadata"})
-INVALID_ARGUMENTS = "invalid_arguments"  # reason code: the task was called with arguments it cannot take
-UNSTORABLE = "unstorable"  # reason code: the database refused the job's verdict row (not an outage)
 MAX_EXTERNAL_ID = 256
 MAX_SOURCE_CHARS = 4096
 T = TypeVar("T")
@@ -56,7 +56,7 @@ class DatabaseUnavailable(RuntimeError):
 class Refusal:
     """Why the task layer will not run a delivered job (``worker.tasks``): a stable reason code and a detail."""
 
-    reason: str
+    reason: Reason
     detail: str
 
 
@@ -198,6 +198,12 @@ class _Loaded:
     fetch_ms: float = 0.0
     decode_ms: float = 0.0
 
+    @property
+    def crops(self) -> torch.Tensor:
+        if self.prepared is None:  # a job that failed to load has its error instead, and is never judged
+            raise RuntimeError(f"{self.job.source[:200]} was not loaded")
+        return self.prepared.crops
+
 
 Resend = Callable[[Job, float], None]  # (job, countdown seconds): re-enqueue with a delay
 
@@ -233,7 +239,7 @@ class BatchProcessor:
                     jobs.append(parse_job(request, self.settings))
                     continue
                 except InvalidJob as exc:
-                    refusal = Refusal(INVALID_ARGUMENTS, str(exc))
+                    refusal = Refusal(Reason.INVALID_ARGUMENTS, str(exc))
             job = _refused_job(request)
             failure = db.FailureRow(job.source, job.external_id, refusal.reason, refusal.detail)
             failures.append(failure)
@@ -308,7 +314,7 @@ class BatchProcessor:
             item.error = exc
         except Exception as exc:  # a decoder bug must not take the other jobs of the batch down with it
             log.exception("unexpected error loading %s", job.source[:200])
-            item.error = SourceError("decode_error", f"{type(exc).__name__}: {exc}"[:500], transient=False)
+            item.error = SourceError(Reason.DECODE_ERROR, f"{type(exc).__name__}: {exc}"[:500])
         if item.fetch_ms:
             item.decode_ms = 1000 * (time.perf_counter() - started)
         return item
@@ -340,8 +346,8 @@ class BatchProcessor:
             return []
         started = time.perf_counter()
         items = list(first.values())
-        crops = torch.cat([item.prepared.crops for item in items]).to(model.backend.device)
-        predictions = aggregate(model.backend.predict(crops), [len(item.prepared.crops) for item in items])
+        crops = torch.cat([item.crops for item in items]).to(model.backend.device)
+        predictions = aggregate(model.backend.predict(crops), [len(item.crops) for item in items])
         infer_s = time.perf_counter() - started
         report.seconds["infer"] = infer_s
         report.inferred = len(items)
@@ -403,9 +409,9 @@ class BatchProcessor:
         refused: dict[tuple[str, str], db.FailureRow] = {}
         for row in rows:
             try:
-                inserted += self._with_database(lambda row=row: self._write([row], [], []))
+                inserted += self._with_database(functools.partial(self._write, [row], [], []))
             except DBAPIError as exc:
-                failure = db.FailureRow(row.source, row.external_id, UNSTORABLE,
+                failure = db.FailureRow(row.source, row.external_id, Reason.UNSTORABLE,
                                         f"{type(exc.orig or exc).__name__}: {exc.orig or exc}"[:500])
                 failures.append(failure)
                 refused[(row.sha256, row.model_version)] = failure
@@ -414,7 +420,7 @@ class BatchProcessor:
         dropped: set[int] = set()
         for failure in list(failures):
             try:
-                self._with_database(lambda failure=failure: self._write([], [failure], []))
+                self._with_database(functools.partial(self._write, [], [failure], []))
             except DBAPIError as exc:
                 failures.remove(failure)
                 dropped.add(id(failure))
@@ -425,7 +431,7 @@ class BatchProcessor:
             if submission.failure is not None and id(submission.failure) in dropped:
                 continue
             try:
-                self._with_database(lambda submission=submission: self._write([], [], [submission]))
+                self._with_database(functools.partial(self._write, [], [], [submission]))
             except DBAPIError as exc:
                 log.error("submission row refused by the database; its answer is stored without it", extra={
                     "task_id": submission.task_id, "source": submission.source[:200],

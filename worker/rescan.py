@@ -27,7 +27,7 @@ from tqdm import tqdm
 from ppl_model.categories import Label, choices
 from ppl_model.model_dir import ModelDirError, read_model_info
 from worker import db
-from worker.app import DETECT_QUEUE, DETECT_TASK, detect_kwargs
+from worker.app import DETECT_QUEUE, DETECT_TASK, DetectKwargs, detect_kwargs
 from worker.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -64,10 +64,13 @@ class RescanRequest:
                 except ValueError:
                     raise RescanError(f"{name} must be an ISO date-time, got {values[name]!r}") from None
                 values[name] = when if when.tzinfo else when.replace(tzinfo=UTC)  # naive = UTC
-        request = cls(**values)
-        if request.label is not None and request.label not in tuple(Label):
-            raise RescanError(f"label must be {choices(Label)}, got {request.label!r}")
-        return request
+        return cls(**values)
+
+    def __post_init__(self) -> None:
+        if self.label is not None:  # the CLI and task arguments give the plain value
+            if self.label not in tuple(Label):
+                raise RescanError(f"label must be {choices(Label)}, got {self.label!r}")
+            object.__setattr__(self, "label", Label(self.label))  # frozen: the way to normalise a field
 
     def filters(self) -> db.RescanFilters:
         return db.RescanFilters(stale_only=self.stale_only, since=self.since, until=self.until, label=self.label,
@@ -119,7 +122,7 @@ def _declared_length(channel: Any, queue: str) -> int:
         return 0
 
 
-def _kwargs_repr(kwargs: dict[str, Any], maxsize: int) -> str:
+def _kwargs_repr(kwargs: DetectKwargs, maxsize: int) -> str:
     """What the ``kwargsrepr`` header shows (Flower, worker logs): ``repr``, cut at ``maxsize`` characters. The
     values come from the database's text and JSON columns, so plain ``repr`` is safe, and it is 30 times
     cheaper than Celery's ``saferepr``, which was a third of a rescan's time."""
@@ -127,7 +130,7 @@ def _kwargs_repr(kwargs: dict[str, Any], maxsize: int) -> str:
     return text if len(text) <= maxsize else text[:maxsize - 3] + "..."
 
 
-def publish_chunk(app: Celery, producer: Producer, jobs: list[dict[str, Any]]) -> None:
+def publish_chunk(app: Celery, producer: Producer, jobs: list[DetectKwargs]) -> None:
     """Enqueue one ``detect_image`` message per keyword-argument dict, in one Redis round trip.
 
     The messages are the ones ``app.send_task(DETECT_TASK, kwargs=..., queue=DETECT_QUEUE)`` sends, made by

@@ -337,8 +337,8 @@ def is_blocked(address: Address) -> bool:
     embedded = _embedded_ipv4(address)
     if embedded is not None and is_blocked(embedded):
         return True
-    flags = (address.is_private, address.is_loopback, address.is_link_local, address.is_multicast,
-             address.is_reserved, address.is_unspecified, not address.is_global)
+    flags: tuple[bool, ...] = (address.is_private, address.is_loopback, address.is_link_local, address.is_multicast,
+                               address.is_reserved, address.is_unspecified, not address.is_global)
     if isinstance(address, ipaddress.IPv6Address):
         flags += (address.is_site_local,)
     return any(flags)

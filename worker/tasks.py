@@ -248,7 +248,7 @@ class DetectBatches(Batches):
                 return self.quarantine(message, str(exc))
             qos = getattr(message.channel, "qos", None)
             if fields.eta is not None and fields.eta.timestamp() > time.time() + ETA_SLACK_S \
-                    and isinstance(qos, broker.QoS):
+                    and isinstance(qos, broker.QoS) and isinstance(message, broker.Message):  # ours, with .raw
                 qos.defer(message, fields.eta.timestamp())
                 metrics.DELAYED.inc()
                 return None

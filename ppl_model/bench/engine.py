@@ -8,6 +8,7 @@ the fraction of the GPU's dense bf16 matmul rate, measured in the same run, that
 
 from __future__ import annotations
 
+import functools
 import io
 import statistics
 import tempfile
@@ -16,11 +17,13 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any, TypedDict
 
 import numpy as np
 import torch
 from PIL import Image
 
+from ppl_model.categories import Backend, Precision
 from ppl_model.config import ModelConfig
 from ppl_model.detector import build_detector
 from ppl_model.inference.backends import load_backend
@@ -114,23 +117,36 @@ def _row(backend: InferenceBackend, variant: str, inputs: str, batch: int, times
     return BenchRow(backend.name, variant, inputs, batch, rate, p50 * 1e3, p90 * 1e3, fraction)
 
 
-def backend_variants(names: Sequence[str], cuda: bool) -> list[tuple[str, str, dict]]:
-    """(backend, label, options) to run: on CUDA, torch in bf16 with and without CUDA graphs."""
-    variants = []
+def backend_variants(names: Sequence[str], cuda: bool) -> list[tuple[str, str, dict[str, Any]]]:
+    """(backend, label, load_backend options) to run: on CUDA, torch in bf16 with and without CUDA graphs.
+    Names are as the user typed them: an unknown one is refused by load_backend, and reported, in its turn."""
+    variants: list[tuple[str, str, dict[str, Any]]] = []
     for name in names:
-        if name == "torch" and cuda:
-            variants += [("torch", "bf16", {"precision": "bf16"}),
-                         ("torch", "bf16+graphs", {"precision": "bf16", "cuda_graphs": True})]
-        elif name == "torch":
-            variants.append(("torch", "fp32-cpu", {"device": "cpu"}))
+        if name == Backend.TORCH and cuda:
+            variants += [(name, "bf16", {"precision": Precision.BF16}),
+                         (name, "bf16+graphs", {"precision": Precision.BF16, "cuda_graphs": True})]
+        elif name == Backend.TORCH:
+            variants.append((name, "fp32-cpu", {"device": "cpu"}))
         else:
             variants.append((name, "default", {}))
     return variants
 
 
+class EngineBench(TypedDict):
+    """``run_engine_bench``'s result: what ``ppl bench engine`` writes as JSON and ``markdown_table`` tables."""
+
+    arch: str
+    size: str
+    device: str
+    threads: int
+    gflop_per_image: float
+    matmul_tflops: float | None
+    rows: list[dict[str, Any]]  # BenchRow fields
+
+
 def run_engine_bench(arch: str, size: str, backends: Sequence[str], batch_sizes: Sequence[int], *,
                      jpeg: bool = True, warmup: int = 3, iters: int = 10, min_seconds: float = 1.0,
-                     workers: int = 4, log: Callable[[str], None] = print) -> dict[str, object]:
+                     workers: int = 4, log: Callable[[str], None] = print) -> EngineBench:
     cuda = torch.cuda.is_available()
     with tempfile.TemporaryDirectory(prefix="ppl-bench-") as tmp:
         model_dir = Path(tmp) / "model"
@@ -139,16 +155,18 @@ def run_engine_bench(arch: str, size: str, backends: Sequence[str], batch_sizes:
         flops = vit_flops_per_image(info)
         matmul_rate = measure_matmul_rate("cuda:0") if cuda else None
         log(f"{arch} {size}: input {info.input_size}, grid {info.grid[0]}x{info.grid[1]}, "
-            f"{flops / 1e9:.3g} GFLOP/image" + (f"; bf16 matmul {matmul_rate / 1e12:.0f} TFLOP/s" if cuda else ""))
-        if "onnxruntime" in backends:
+            f"{flops / 1e9:.3g} GFLOP/image"
+            + (f"; bf16 matmul {matmul_rate / 1e12:.0f} TFLOP/s" if matmul_rate is not None else ""))
+        if Backend.ONNXRUNTIME in backends:
             from ppl_model.inference.export import export_onnx
 
             export_onnx(model_dir)
-        if "tensorrt" in backends and cuda:
+        if Backend.TENSORRT in backends and cuda:
             from ppl_model.inference.tensorrt_engine import build_engine
 
             try:
-                build_engine(model_dir, precision="bf16", max_batch=max(batch_sizes), opt_batch=max(batch_sizes))
+                build_engine(model_dir, precision=Precision.BF16, max_batch=max(batch_sizes),
+                             opt_batch=max(batch_sizes))
             except BackendError as exc:
                 log(f"tensorrt: skipped ({exc})")
         prep = Preprocessing.for_model(info)
@@ -163,14 +181,14 @@ def run_engine_bench(arch: str, size: str, backends: Sequence[str], batch_sizes:
                     continue
                 for batch in batch_sizes:
                     pixels = torch.randn(batch, 3, info.input_size, info.input_size).to(backend.device)
-                    times = time_calls(lambda b=backend, x=pixels: b.predict(x), backend, warmup=warmup, iters=iters,
-                                       min_seconds=min_seconds)
+                    times = time_calls(functools.partial(backend.predict, pixels), backend, warmup=warmup,
+                                       iters=iters, min_seconds=min_seconds)
                     rows.append(_row(backend, variant, "tensors", batch, times, flops, matmul_rate))
                     log(_format(rows[-1]))
                     if not jpeg:
                         continue
 
-                    def from_jpeg(b=backend, n=batch) -> object:
+                    def from_jpeg(b: InferenceBackend = backend, n: int = batch) -> object:
                         crops = [p.crops for p in pool.map(lambda data: prepare(data, prep), jpegs[:n])]
                         return b.predict(torch.cat(crops).to(b.device))
 
@@ -178,9 +196,9 @@ def run_engine_bench(arch: str, size: str, backends: Sequence[str], batch_sizes:
                     rows.append(_row(backend, variant, "jpeg", batch, times, flops, matmul_rate))
                     log(_format(rows[-1]))
     device = torch.cuda.get_device_name(0) if cuda else "cpu"
-    return {"arch": arch, "size": size, "device": device, "threads": torch.get_num_threads(),
-            "gflop_per_image": flops / 1e9, "matmul_tflops": matmul_rate / 1e12 if matmul_rate else None,
-            "rows": [asdict(row) for row in rows]}
+    return EngineBench(arch=arch, size=size, device=device, threads=torch.get_num_threads(),
+                       gflop_per_image=flops / 1e9, matmul_tflops=matmul_rate / 1e12 if matmul_rate else None,
+                       rows=[asdict(row) for row in rows])
 
 
 def _format(row: BenchRow) -> str:
@@ -189,10 +207,10 @@ def _format(row: BenchRow) -> str:
             f"  p50 {row.latency_ms_p50:8.2f} ms  p90 {row.latency_ms_p90:8.2f} ms{fraction}")
 
 
-def markdown_table(result: dict[str, object]) -> str:
+def markdown_table(result: EngineBench) -> str:
     lines = ["| backend | variant | inputs | batch | images/s | p50 ms | p90 ms | % of bf16 matmul |",
              "|---|---|---|---|---|---|---|---|"]
-    for row in result["rows"]:  # type: ignore[union-attr]
+    for row in result["rows"]:
         fraction = f"{100 * row['matmul_fraction']:.1f}" if row["matmul_fraction"] is not None else "–"
         lines.append(f"| {row['backend']} | {row['variant']} | {row['inputs']} | {row['batch']} | "
                      f"{row['images_per_s']:.1f} | {row['latency_ms_p50']:.2f} | {row['latency_ms_p90']:.2f} | "

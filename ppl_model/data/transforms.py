@@ -49,7 +49,8 @@ def jpeg_roundtrip(img: Image.Image, quality: int) -> Image.Image:
 def augment_quality(img: Image.Image, cfg: AugmentConfig, rng: np.random.Generator) -> Image.Image:
     """Gaussian blur then JPEG re-compression, each with its probability, on either class alike."""
     if rng.random() < cfg.blur_prob:
-        img = img.filter(ImageFilter.GaussianBlur(radius=float(rng.uniform(*cfg.blur_sigma))))
+        low, high = cfg.blur_sigma  # [lo, hi], checked by the config
+        img = img.filter(ImageFilter.GaussianBlur(radius=float(rng.uniform(low, high))))
     if rng.random() < cfg.jpeg_prob:
         lo, hi = cfg.jpeg_quality
         img = jpeg_roundtrip(img, int(rng.integers(lo, hi + 1)))

@@ -12,19 +12,22 @@ from pathlib import Path
 
 import torch
 
-from ppl_model.categories import Backend, Precision
+from ppl_model.categories import Backend, Precision, choices
 from ppl_model.inference.base import BackendError, InferenceBackend
 
 BACKENDS = tuple(Backend)
 
 
-def load_backend(name: Backend, model_dir: str | Path, *, device: str | None = None,
-                 precision: Precision = Precision.FP32, cuda_graphs: bool = False,
+def load_backend(name: Backend | str, model_dir: str | Path, *, device: str | None = None,
+                 precision: Precision | str = Precision.FP32, cuda_graphs: bool = False,
                  max_batch: int = 256) -> InferenceBackend:
-    """The backend ``name`` (a member's plain value is accepted too: the CLI and tests pass strings)."""
+    """The backend ``name``. Names and precisions may be given as the strings users type (``--backend``,
+    ``Detector.load``): checked here, once, and members from here on."""
     if name not in BACKENDS:
         raise BackendError(f"unknown backend {name!r}; choose from {', '.join(BACKENDS)}")
-    name = Backend(name)
+    if precision not in tuple(Precision):
+        raise BackendError(f"precision must be {choices(Precision)}, not {precision!r}")
+    name, precision = Backend(name), Precision(precision)
     if name is Backend.AUTO:
         backend, _ = choose_backend(model_dir, precision=precision, cuda_graphs=cuda_graphs, max_batch=max_batch)
         return backend

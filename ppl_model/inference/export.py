@@ -86,6 +86,8 @@ def export_onnx(model_dir: str | Path, *, fp16: bool = False, batch_sizes: tuple
     program = torch.onnx.export(model, (example,), dynamo=True, opset_version=OPSET, input_names=[INPUT_NAME],
                                 output_names=list(OUTPUT_NAMES), dynamic_shapes={"pixel_values": {0: batch}},
                                 verbose=False)
+    if program is None:  # only the legacy exporter (dynamo=False) returns nothing
+        raise RuntimeError("torch.onnx.export returned no ONNX program")
     proto = program.model_proto
     onnx.helper.set_model_props(proto, {VERSION_KEY: info.version_id})
     onnx.save_model(proto, str(tmp), save_as_external_data=proto.ByteSize() > 1_900_000_000)

@@ -138,12 +138,13 @@ def _check_onnx(onnx_path: Path, info: ModelInfo, model_dir: Path) -> None:
                            f"says {info.version_id!r}: re-run `ppl export --model {model_dir}`")
 
 
-def build_engine(model_dir: str | Path, *, precision: Precision = Precision.FP16, min_batch: int = 1,
+def build_engine(model_dir: str | Path, *, precision: Precision | str = Precision.FP16, min_batch: int = 1,
                  opt_batch: int = 32, max_batch: int = 128, workspace_gib: float = 8.0) -> EngineSidecar:
-    """Build ``model.plan`` (+ sidecar) from ``model.onnx`` for the current GPU, reusing ``timing.cache``."""
+    """Build ``model.plan`` (+ sidecar) from ``model.onnx`` for the current GPU, reusing ``timing.cache``.
+    ``precision``: a member, or its value as ``ppl build-engine`` gives it."""
     if precision not in PRECISIONS:
         raise BackendError(f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
-    precision = Precision(precision)  # the CLI passes the plain value
+    precision = Precision(precision)
     if not 1 <= min_batch <= opt_batch <= max_batch:
         raise BackendError(f"the batch profile needs 1 <= min <= opt <= max, got min {min_batch}, opt {opt_batch}, "
                            f"max {max_batch}")
@@ -161,7 +162,7 @@ def build_engine(model_dir: str | Path, *, precision: Precision = Precision.FP16
         raise BackendError(f"bf16 needs compute capability 8.0 or newer; {gpu_name} has {capability}")
     # TensorRT 11 dropped the FP16/BF16 builder flags: every network is strongly typed and takes its precision
     # from the ONNX types, so an fp16 engine is built from the float16 export instead.
-    flags_removed = bool(low_flag) and not hasattr(trt.BuilderFlag, low_flag)
+    flags_removed = low_flag is not None and not hasattr(trt.BuilderFlag, low_flag)
     if flags_removed and precision is Precision.BF16:
         raise BackendError(f"TensorRT {trt.__version__} takes precision from the ONNX types and this project "
                            "exports float32 and float16 only: build with --fp16 or fp32")
@@ -178,7 +179,7 @@ def build_engine(model_dir: str | Path, *, precision: Precision = Precision.FP16
     # fp16/bf16 under TensorRT 10: a strongly typed network would ignore the FP16/BF16 builder flags and stay
     # float32, so those use a weakly typed network, where the flags let TensorRT choose reduced-precision
     # kernels layer by layer while the I/O tensors stay float32.
-    use_flag = bool(low_flag) and not flags_removed
+    use_flag = low_flag is not None and not flags_removed
     strongly_typed = not use_flag and hasattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED")
     flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED) if strongly_typed else 0
     network = builder.create_network(flags)
@@ -192,7 +193,7 @@ def build_engine(model_dir: str | Path, *, precision: Precision = Precision.FP16
 
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gib * (1 << 30)))
-    if use_flag:
+    if use_flag and low_flag is not None:  # (use_flag implies a flag name; said again for the type checker)
         config.set_flag(getattr(trt.BuilderFlag, low_flag))
     size = info.input_size
     profile = builder.create_optimization_profile()

@@ -157,6 +157,7 @@ def test_submissions_point_at_their_answer_and_a_redelivery_adds_none(verdict_ro
     assert db.record_submissions(engine, jobs[:1]) == 0  # the same task again
     found = db.find_submissions(engine, external_ids=["post-1", "post-2", "post-3"])
     by_task = {r["task_id"]: r for r in found}
+    assert all(list(r) == list(db.SubmissionAnswer.__annotations__) for r in found)  # the declared row type
     assert by_task["t1"]["sha256"] == by_task["t2"]["sha256"] == row.sha256 and by_task["t2"]["label"] == row.label
     assert by_task["t1"]["metadata"] == {"k": 1}
     assert (by_task["t3"]["outcome"], by_task["t3"]["reason"], by_task["t3"]["label"]) == ("failure", "corrupt", None)
@@ -552,6 +553,8 @@ def test_query_verdicts_lists_latest_verdicts_newest_first(verdict_row: MakeRow,
     load(engine, verdict_row, HAND_BUILT)
     rows = db.query_verdicts(engine, flagged_only=False, since=None, limit=100)
     assert len(rows) == 6 and "patch_grid" not in rows[0]
+    assert list(rows[0]) == list(db.VerdictListing.__annotations__) == [c.name for c in db.verdicts.c
+                                                                        if c.name != "patch_grid"]
     with engine.connect() as conn:
         expected = conn.execute(text("SELECT id FROM latest_verdicts ORDER BY created_at DESC, id DESC")).scalars()
         assert [r["id"] for r in rows] == list(expected)

@@ -2,6 +2,7 @@ from pathlib import Path
 
 import pytest
 
+from ppl_model.categories import Backend, Precision
 from worker.settings import Settings, SettingsError, env_names
 
 REPO = Path(__file__).resolve().parents[2]
@@ -37,10 +38,18 @@ def test_keyword_overrides_win_over_the_environment():
     assert Settings.from_env({"PPL_BATCH_SIZE": "8"}, batch_size=4).batch_size == 4
 
 
+def test_backend_and_precision_become_enum_members_from_the_same_strings():
+    settings = Settings.from_env({"PPL_BACKEND": "onnxruntime"}, precision="bf16")
+    assert settings.backend is Backend.ONNXRUNTIME and settings.precision is Precision.BF16
+    assert settings.backend == "onnxruntime" and settings.redacted()["precision"] == "bf16"
+    assert Settings.from_env({}).backend is Backend.AUTO
+
+
 @pytest.mark.parametrize(("name", "value", "message"), [
     ("PPL_BATCH_SIZE", "many", "PPL_BATCH_SIZE='many' is not a valid int"),
     ("PPL_BATCH_SIZE", "0", "PPL_BATCH_SIZE must be positive"),
     ("PPL_BACKEND", "tpu", "PPL_BACKEND must be"),
+    ("PPL_PRECISION", "fp8", "PPL_PRECISION must be fp32, bf16 or fp16, got 'fp8'"),
 ])
 def test_bad_values_name_the_variable(name, value, message):
     with pytest.raises(SettingsError, match=message):
