@@ -96,7 +96,7 @@ class BatchReport:
     inferred: int = 0  # images the model judged in this batch (after de-duplication)
     cached: int = 0  # jobs answered from a stored verdict or from a duplicate in the batch
     inserted: int = 0  # verdict rows new in the database
-    failed: dict[str, int] = field(default_factory=dict)  # reason → jobs recorded in detection_failures
+    failed: dict[Reason, int] = field(default_factory=dict)  # reason → jobs recorded in detection_failures
     retried: int = 0  # jobs sent back with a delay
     seconds: dict[str, float] = field(default_factory=dict)
 
