@@ -27,10 +27,15 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from PIL import Image, ImageOps
+
+if TYPE_CHECKING:
+    from ppl_model.imageio import MemoryBudget
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -42,7 +47,7 @@ BOMB_SIDE = 8000
 # -- files --------------------------------------------------------------------------------------------------------
 
 
-def _encode(image: Image.Image, format: str, **params) -> bytes:
+def _encode(image: Image.Image, format: str, **params: Any) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format=format, **params)
     return buffer.getvalue()
@@ -76,7 +81,7 @@ def gradient(mode: str, side: int) -> Image.Image:
     return rgb.convert(mode)
 
 
-MODE_CASES = {  # name: (mode, format, save parameters)
+MODE_CASES: dict[str, tuple[str, str, dict[str, Any]]] = {  # name: (mode, format, save parameters)
     "jpeg_rgb": ("RGB", "JPEG", {"quality": 90}),
     "jpeg_rgb_progressive": ("RGB", "JPEG", {"quality": 90, "progressive": True}),
     "jpeg_rgb_rotated": ("RGB", "JPEG", {"quality": 90, "exif": b"rotate"}),
@@ -157,36 +162,42 @@ def old_decode(data: bytes) -> Image.Image:
     with Image.open(io.BytesIO(data)) as img:
         img.seek(0)
         img.load()
-        img = ImageOps.exif_transpose(img)
-        if img.mode == "F":
-            data64 = np.nan_to_num(np.asarray(img).astype(np.float64), nan=0.0, posinf=0.0, neginf=0.0)
-            low, high = min(0.0, float(data64.min())), float(data64.max())
-            if low >= 0.0 and high <= 1.0:
-                grey = np.rint(data64 * 255.0).astype(np.uint8)
-            else:
-                grey = np.rint((data64 - low) * (255.0 / max(high - low, 1e-12))).astype(np.uint8)
-            return Image.fromarray(grey).convert("RGB")
-        if img.mode in ("RGBA", "LA", "PA") or "transparency" in img.info:
-            rgba = img.convert("RGBA")
-            background = Image.new("RGBA", rgba.size, (128, 128, 128, 255))
-            return Image.alpha_composite(background, rgba).convert("RGB")
-        return img.convert("RGB")
+        return _old_to_rgb(ImageOps.exif_transpose(img))
+
+
+def _old_to_rgb(img: Image.Image) -> Image.Image:
+    if img.mode == "F":
+        data64 = np.nan_to_num(np.asarray(img).astype(np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+        low, high = min(0.0, float(data64.min())), float(data64.max())
+        if low >= 0.0 and high <= 1.0:
+            grey = np.rint(data64 * 255.0).astype(np.uint8)
+        else:
+            grey = np.rint((data64 - low) * (255.0 / max(high - low, 1e-12))).astype(np.uint8)
+        return Image.fromarray(grey).convert("RGB")
+    if img.mode in ("RGBA", "LA", "PA") or "transparency" in img.info:
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (128, 128, 128, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return img.convert("RGB")
 
 
 def child_batch(kinds: list[str], threads: int, path: str, folder: Path) -> dict:
     """Decode one file of each kind in ``kinds`` at once on ``threads`` threads; peak RSS and each result."""
-    if path == "old":  # not even imported: worker.decoding changes how this process's malloc behaves
-        decode_image = process_budget = Settings = None
-        SourceError = ValueError
-    else:
+    decode: Callable[[bytes], Image.Image] = old_decode
+    budget: MemoryBudget | None = None
+    if path != "old":  # not even imported for it: worker.decoding changes how this process's malloc behaves
         from worker.decoding import decode_image, process_budget
         from worker.settings import Settings
-        from worker.sources import SourceError
+
+        settings = Settings.from_env()
+        budget = process_budget(settings)
+
+        def decode(data: bytes) -> Image.Image:
+            return decode_image(data, settings).image
 
     # Written by the parent: making them here would leave the encoder's freed memory in this process's heap,
     # where the decodes would reuse it unseen.
     files = {kind: (folder / kind).read_bytes() for kind in set(kinds)}
-    settings = Settings.from_env() if Settings else None
     results: list[dict] = [{} for _ in kinds]
     barrier = threading.Barrier(len(kinds))
     semaphore = threading.Semaphore(threads)
@@ -196,12 +207,14 @@ def child_batch(kinds: list[str], threads: int, path: str, folder: Path) -> dict
         with semaphore:
             started = time.perf_counter()
             try:
-                image = old_decode(files[kind]) if path == "old" else decode_image(files[kind], settings).image
+                image = decode(files[kind])
                 centre = image.getpixel((image.width // 2, image.height // 2))
                 results[index] = {"kind": kind, "result": f"{image.width}x{image.height} RGB, centre {centre}"}
                 del image  # as the pipeline does once its crops are cut
-            except SourceError as exc:
-                results[index] = {"kind": kind, "result": f"refused: {exc.reason} ({exc.detail[:90]})"}
+            except Exception as exc:  # the new path's SourceError (not imported for the old one)
+                if not hasattr(exc, "reason"):
+                    raise
+                results[index] = {"kind": kind, "result": f"refused: {exc.reason} ({getattr(exc, 'detail', '')[:90]})"}
             results[index]["seconds"] = round(time.perf_counter() - started, 2)
 
     workers = [threading.Thread(target=run, args=(i, kind)) for i, kind in enumerate(kinds)]
@@ -214,8 +227,7 @@ def child_batch(kinds: list[str], threads: int, path: str, folder: Path) -> dict
     out = {"path": path, "files": len(kinds), "threads": threads, "seconds": round(time.perf_counter() - started, 1),
            "rss_before_mib": round(peak.start / MiB), "peak_rss_mib": round(peak.peak() / MiB),
            "peak_exact": peak.exact, "results": results}
-    if path != "old":
-        budget = process_budget(settings)
+    if budget is not None:
         out["budget_peak_mib"] = round(budget.peak / MiB)
         out["budget_mib"] = round(budget.total / MiB)
     return out

@@ -133,7 +133,7 @@ class WorkerProcess:
         return "\n".join(self.log().splitlines()[-lines:]) or "(no log)"
 
 
-def wait_until(condition: Callable[[], T], timeout: float = 60.0, what: str | Callable[[], str] = "condition",
+def wait_until(condition: Callable[[], T | None], timeout: float = 60.0, what: str | Callable[[], str] = "condition",
                every: float = 0.3, worker: WorkerProcess | None = None) -> T:
     """Poll ``condition`` until it returns something truthy, and return that. Raises WaitTimeout after
     ``timeout`` seconds (``what`` may be a callable, to describe how far it got), and HarnessError as soon as
