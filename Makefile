@@ -32,7 +32,7 @@ lock: install
 services:
 	@sh deploy/local/ensure-services.sh
 
-# ruff, then mypy over ppl_model and worker (its strictness and exclusions: [tool.mypy] in pyproject.toml).
+# ruff, then mypy over ppl_model, worker and benchmarks (strictness, exclusions: [tool.mypy] in pyproject.toml).
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/mypy
