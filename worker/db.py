@@ -12,7 +12,7 @@ atomically:
 The models describe the schema for readers and for ``alembic check``; the schema itself is created only by
 the hand-written Alembic revisions under ``migrations/`` (``migrate()``), never by ``metadata.create_all``.
 
-Two invariants the rest of the system relies on (DESIGN.md §3):
+Two invariants the rest of the system relies on (docs/ARCHITECTURE.md):
 
 * ``verdicts`` holds at most one row per (image content sha256, model version) and every write is
   ``INSERT ... ON CONFLICT DO NOTHING``, so a redelivered job never makes a second row or fails its batch.
@@ -351,7 +351,7 @@ def temporary_database(server_url: str, *, prefix: str, migrated: bool = True,
                        connect_timeout: float = 10) -> Iterator[str]:
     """A new database ``<prefix><hex>`` on the server of ``server_url``, migrated unless asked not to; dropped
     afterwards even on error (FORCE: pooled connections of workers that used it do not keep it alive). For
-    the tests and ``ppl bench worker``."""
+    the tests and ``ppl-worker bench``."""
     import secrets
 
     from sqlalchemy.pool import NullPool

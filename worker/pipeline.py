@@ -102,7 +102,7 @@ class BatchReport:
 
 
 def parse_job(request: JobRequest, settings: Settings) -> Job:
-    """The job's arguments, checked against the task's contract (DESIGN.md §4)."""
+    """The job's arguments, checked against the task's contract (docs/ARCHITECTURE.md, "Contracts")."""
     if request.args:
         raise InvalidJob(f"detect_image takes keyword arguments only, got {len(request.args)} positional")
     kwargs = request.kwargs

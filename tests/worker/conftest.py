@@ -1,6 +1,6 @@
 """PostgreSQL fixtures for the worker tests: a reachable server, and a fresh migrated database per test.
 
-Integration tests talk to a real server (DESIGN.md §5). When none answers they fail, never skip: a CI
+Integration tests talk to a real server, as the service does. When none answers they fail, never skip: a CI
 run without its database must not pass by testing nothing.
 """
 
