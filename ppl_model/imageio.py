@@ -232,6 +232,15 @@ def _read(source: Path | str | bytes, name: str) -> _Source:
         raise UnreadableImage(path, Reason.UNREADABLE, str(exc)) from None
 
 
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"})
+
+
+def list_images(folder: Path) -> list[Path]:
+    """Image files under ``folder``, recursively, by suffix (hidden files left out), sorted."""
+    return sorted(p for p in folder.rglob("*")
+                  if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file() and not p.name.startswith("."))
+
+
 def decode_rgb(source: Path | str | bytes, name: str = "", *, max_pixels: int | None = None,
                formats: Collection[str] | None = None, max_bytes: int | None = None,
                budget: MemoryBudget | None = None) -> tuple[Image.Image, str]:

@@ -51,3 +51,28 @@ def test_the_benchmarks_are_not_in_the_shipped_packages():
 
     found = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]
     assert found["include"] == ["ppl_model*", "worker*"]
+
+
+def test_inference_does_not_import_the_training_data_package():
+    """data → inference only (training reuses inference's preprocessing); the other way would be a cycle."""
+    files = sorted((REPO_ROOT / "ppl_model" / "inference").rglob("*.py"))
+    offending = {f"{path.relative_to(REPO_ROOT)}: {name}" for path in files for name in imported_modules(path)
+                 if name == "ppl_model.data" or name.startswith("ppl_model.data.")}
+    assert not offending, offending
+
+
+def test_operations_commands_load_no_model_stack():
+    """`ppl-worker submit`, `rescan` and their --help read at most a model's JSON description: no torch,
+    transformers or peft (seconds of start-up and hundreds of MB on a host that runs no model)."""
+    code = ("import contextlib, io, sys\n"
+            "from worker import cli\n"
+            "import worker.rescan, worker.app\n"
+            "for command in ('rescan', 'submit', 'verdicts', 'dead-letters'):\n"
+            "    with contextlib.suppress(SystemExit), contextlib.redirect_stdout(io.StringIO()):\n"
+            "        cli.main([command, '--help'])\n"
+            "cli.source_uris([sys.argv[1]])\n"
+            "print(sorted(m for m in ('torch', 'transformers', 'peft') if m in sys.modules))\n")
+    done = subprocess.run([sys.executable, "-c", code, str(REPO_ROOT / "demo" / "photos")], cwd=REPO_ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]", done.stdout

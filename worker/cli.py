@@ -45,7 +45,7 @@ def parse_when(text: str) -> datetime:
 
 def source_uris(items: Sequence[str]) -> list[str]:
     """URLs as given; files and folders (recursively, image files only) as absolute file:// URIs."""
-    from ppl_model.data.datasets import list_images
+    from ppl_model.imageio import list_images
 
     uris: list[str] = []
     for item in items:

@@ -38,10 +38,10 @@ from ppl_model.data.transforms import (
     random_offset,
     to_tensor,
 )
+from ppl_model.imageio import IMAGE_SUFFIXES, list_images  # noqa: F401  (importable from here, as always)
 from ppl_model.inference.preprocess import Preprocessing, prepare_image
 from ppl_model.rpr import make_rpr_sample
 
-IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"})
 REAL, FAKE = 0, 1
 
 
@@ -67,11 +67,6 @@ class DataSplits:
 class Skipped(NamedTuple):
     path: str
     reason: str
-
-
-def list_images(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*")
-                  if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file() and not p.name.startswith("."))
 
 
 def _in_val(key: str, fraction: float) -> bool:

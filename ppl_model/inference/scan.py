@@ -22,8 +22,7 @@ import torch
 from tqdm import tqdm
 
 from ppl_model.categories import Label
-from ppl_model.data.datasets import list_images
-from ppl_model.data.transforms import UnreadableImage, decode_rgb
+from ppl_model.imageio import UnreadableImage, decode_rgb, list_images
 from ppl_model.inference.base import InferenceBackend
 from ppl_model.inference.preprocess import (
     Perturbation,
