@@ -26,9 +26,10 @@ from transformers import (
 )
 
 from ppl_model.config import LoRAConfig, ModelConfig
+from ppl_model.errors import PPLError
 
 
-class BackboneError(ValueError):
+class BackboneError(PPLError, ValueError):
     """A backbone that cannot be built or loaded as asked."""
 
 

@@ -8,15 +8,9 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from ppl_model.backbones import BackboneError
 from ppl_model.config import ConfigError, load_config
-from ppl_model.data.datasets import DataLayoutError
-from ppl_model.inference.base import BackendError
-from ppl_model.model_dir import ModelDirError
-from ppl_model.training.runner import TrainingError, run_training
-
-# Errors that come from what the user asked for: reported in one line, exit status 2, no traceback.
-USER_ERRORS = (ConfigError, DataLayoutError, TrainingError, BackboneError, ModelDirError, BackendError)
+from ppl_model.errors import PPLError
+from ppl_model.training.runner import run_training
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -163,6 +157,8 @@ def _eval(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ppl", description="PPL AI-generated image detector: model side")
+    parser.add_argument("--debug", action="store_true",
+                        help="show the traceback of an error instead of one line (before the command)")
     commands = parser.add_subparsers(dest="command", required=True)
 
     train = commands.add_parser("train", help="train a detector (PPL, or the plain baseline)",
@@ -290,9 +286,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.handler(args)
-    except USER_ERRORS as exc:
+    except PPLError as exc:  # what the user asked for cannot be done as asked: one line (bugs keep tracebacks)
+        if args.debug:
+            raise
         print(f"ppl {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+        return exc.exit_code
 
 
 if __name__ == "__main__":

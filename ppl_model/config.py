@@ -14,8 +14,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ppl_model.errors import PPLError
 
-class ConfigError(ValueError):
+
+class ConfigError(PPLError, ValueError):
     """A configuration file or override that cannot be applied."""
 
 

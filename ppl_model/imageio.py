@@ -59,6 +59,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, TiffImagePlugin, UnidentifiedImageError
 
+from ppl_model.errors import PPLError
 from ppl_model.reasons import DECODER_REASONS, Reason
 
 REASONS = DECODER_REASONS  # the codes raised here (the table above)
@@ -74,7 +75,7 @@ _UNSUPPORTED_MESSAGES = ("cannot handle", "unknown pixel mode", "unsupported", "
                          "unknown compression", "not available")
 
 
-class UnreadableImage(Exception):
+class UnreadableImage(PPLError):
     """A file that cannot be decoded as an image.
 
     ``reason`` is a stable code (see the module docstring) for counting and querying; ``detail`` is the

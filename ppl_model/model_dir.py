@@ -22,6 +22,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ppl_model.errors import PPLError
+
 if TYPE_CHECKING:
     import torch
 
@@ -32,7 +34,7 @@ WEIGHTS_FILE = "model.safetensors"
 FORMAT_VERSION = 1
 
 
-class ModelDirError(ValueError):
+class ModelDirError(PPLError, ValueError):
     """A model directory that is missing, incomplete, or does not match its description."""
 
 

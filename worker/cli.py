@@ -21,13 +21,14 @@ from pathlib import Path
 from typing import Any
 
 from ppl_model.categories import Label
-from worker.settings import Settings, SettingsError
+from worker.errors import WorkerError
+from worker.settings import Settings
 
 _AGO = re.compile(r"^(\d+)([smhd])$")
 _UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}
 
 
-class CliError(RuntimeError):
+class CliError(WorkerError, RuntimeError):
     """Reported in one line with exit status 2."""
 
 
@@ -309,6 +310,8 @@ def _bench(args: argparse.Namespace, settings: Settings) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ppl-worker", description="PPL moderation worker: operations")
+    parser.add_argument("--debug", action="store_true",
+                        help="show the traceback of an error instead of one line (before the command)")
     commands = parser.add_subparsers(dest="command", required=True)
 
     run = commands.add_parser("run", help="start a worker process (Celery, threads pool)")
@@ -389,16 +392,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         settings = Settings.from_env()
         return args.handler(args, settings)
-    except (CliError, SettingsError, json.JSONDecodeError) as exc:
+    except (WorkerError, json.JSONDecodeError) as exc:  # asked for what cannot be done as asked
+        if args.debug:
+            raise
         print(f"ppl-worker {args.command}: error: {exc}", file=sys.stderr)
-        return 2
-    except Exception as exc:  # services down etc.: one clear line, not a traceback, unless asked
-        from worker.rescan import RescanError
-
-        if isinstance(exc, RescanError):
-            print(f"ppl-worker {args.command}: error: {exc}", file=sys.stderr)
-            return 2
-        print(f"ppl-worker {args.command}: failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return exc.exit_code if isinstance(exc, WorkerError) else 2
+    except Exception as exc:  # services down etc.: one clear line for operators, the traceback with --debug
+        if args.debug:
+            raise
+        print(f"ppl-worker {args.command}: failed: {type(exc).__name__}: {exc} (--debug shows the traceback)",
+              file=sys.stderr)
         return 1
 
 

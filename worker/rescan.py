@@ -28,12 +28,13 @@ from ppl_model.categories import Label, choices
 from ppl_model.model_dir import ModelDirError, read_model_info
 from worker import db
 from worker.app import DETECT_QUEUE, DETECT_TASK, DetectKwargs, detect_kwargs
+from worker.errors import WorkerError
 from worker.settings import Settings
 
 log = logging.getLogger(__name__)
 
 
-class RescanError(ValueError):
+class RescanError(WorkerError, ValueError):
     """A rescan that cannot start: bad filters, or no model version to rescan for."""
 
 

@@ -14,11 +14,12 @@ from pathlib import Path
 from typing import Any, get_type_hints
 
 from ppl_model.categories import Backend, Precision, choices
+from worker.errors import WorkerError
 
 PREFIX = "PPL_"
 
 
-class SettingsError(ValueError):
+class SettingsError(WorkerError, ValueError):
     """An environment variable that cannot be parsed into its setting."""
 
 

@@ -38,6 +38,7 @@ from ppl_model.data.transforms import (
     random_offset,
     to_tensor,
 )
+from ppl_model.errors import PPLError
 from ppl_model.imageio import IMAGE_SUFFIXES, list_images  # noqa: F401  (importable from here, as always)
 from ppl_model.inference.preprocess import Preprocessing, prepare_image
 from ppl_model.rpr import make_rpr_sample
@@ -45,7 +46,7 @@ from ppl_model.rpr import make_rpr_sample
 REAL, FAKE = 0, 1
 
 
-class DataLayoutError(ValueError):
+class DataLayoutError(PPLError, ValueError):
     """A data folder that matches no supported layout, or has nothing to train on."""
 
 

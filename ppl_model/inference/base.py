@@ -14,10 +14,11 @@ import numpy as np
 import torch
 
 from ppl_model.categories import Backend
+from ppl_model.errors import PPLError
 from ppl_model.model_dir import ModelInfo
 
 
-class BackendError(RuntimeError):
+class BackendError(PPLError, RuntimeError):
     """A backend that cannot be built or used here (missing library, device, file, or a mismatch)."""
 
 

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from ppl_model.detector import PPLDetector
+from ppl_model.errors import PPLError
 from ppl_model.model_dir import load_model_dir
 
 ONNX_FILE = "model.onnx"
@@ -30,7 +31,7 @@ FP16_TOLERANCE = 5e-2  # on logits: float16 keeps about 3 significant digits thr
 OPSET = 18
 
 
-class ExportError(RuntimeError):
+class ExportError(PPLError, RuntimeError):
     """The exported graph is missing or disagrees with the torch model."""
 
 

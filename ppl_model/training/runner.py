@@ -29,6 +29,7 @@ from torch.utils.data import DataLoader, Sampler
 from ppl_model.config import ExperimentConfig, OptimConfig
 from ppl_model.data.datasets import DataSplits, DetectionDataset, collate, index_dataset
 from ppl_model.detector import PPLDetector, build_detector
+from ppl_model.errors import PPLError
 from ppl_model.model_dir import MODEL_JSON, ModelInfo, save_model_dir
 from ppl_model.training.engine import COLLAPSE_COSINE, StepContext, TrainState, evaluate, train_one_epoch
 
@@ -36,7 +37,7 @@ CHECKPOINT = Path("checkpoints") / "last.pt"
 METRICS = "metrics.jsonl"
 
 
-class TrainingError(RuntimeError):
+class TrainingError(PPLError, RuntimeError):
     """A run that cannot start or continue as asked."""
 
 
