@@ -8,6 +8,7 @@ bounded and says what it waited for when it gives up; every child process is sto
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -24,7 +25,8 @@ import numpy as np
 from sqlalchemy import text
 from sqlalchemy.engine import Connection
 
-from worker.db import VerdictRow, quantise_patch_grid
+from ppl_model.inference.verdict import make_verdict
+from worker.db import VerdictRow
 
 T = TypeVar("T")
 
@@ -202,19 +204,14 @@ def verdict_row(name: str, model_version: str, score: float = 0.25, threshold: f
     """A valid verdict row for image ``name``; the label follows score and threshold, as in make_verdict, and
     the patch statistics follow the grid (a uniform 4×4 grid of ``score`` when none is given)."""
     patch_grid = np.full((4, 4), score, dtype=np.float32) if grid is None else grid
-    data, rows, cols = quantise_patch_grid(patch_grid)
-    values: dict[str, Any] = {
-        "sha256": sha_of(name), "model_version": model_version, "score": score,
-        "label": "fake" if score >= threshold else "real", "threshold": threshold,
-        "source": f"https://images.example.com/{name}.jpg", "external_id": f"ext-{name}", "metadata": {"name": name},
-        "width": 640, "height": 480, "format": "JPEG", "patch_mean": float(patch_grid.mean()),
-        "patch_max": float(patch_grid.max()), "patch_p90": float(np.percentile(patch_grid, 90)),
-        "patch_frac_above": float((patch_grid >= threshold).mean()), "top_patch_row": 0, "top_patch_col": 0,
-        "patch_grid": data, "grid_rows": rows, "grid_cols": cols,
+    context: dict[str, Any] = {
+        "sha256": sha_of(name), "model_version": model_version, "source": f"https://images.example.com/{name}.jpg",
+        "external_id": f"ext-{name}", "metadata": {"name": name}, "width": 640, "height": 480, "format": "JPEG",
         "timings_ms": {"fetch": 12.5, "decode": 3.0, "infer": 8.25, "db": 1.5},
     }
-    values.update(overrides)
-    return VerdictRow(**values)
+    row = VerdictRow.of(make_verdict(score, patch_grid, threshold), patch_grid,
+                        **{k: overrides.pop(k, v) for k, v in context.items()})
+    return dataclasses.replace(row, **overrides) if overrides else row
 
 
 def synthetic_rows(count: int, start: int, model_version: str, grid: int = 4) -> list[VerdictRow]:
@@ -223,7 +220,7 @@ def synthetic_rows(count: int, start: int, model_version: str, grid: int = 4) ->
     rng = np.random.default_rng(start)
     rows = []
     for i in range(start, start + count):
-        patches = rng.random((grid, grid))
+        patches = rng.random((grid, grid)).astype(np.float32)  # as the worker's grids are
         rows.append(verdict_row(
             f"bench-{i}", model_version, score=float(patches.max()), grid=patches,
             source=f"file:///srv/uploads/2026/05/{i:09d}.jpg", external_id=f"post-{i}", metadata=None, width=256,

@@ -70,14 +70,9 @@ def detect_image(source: str, external_id: str | None = None, metadata: dict[str
     prediction = aggregate(model.backend.predict(prepared.crops.to(model.backend.device)), [len(prepared.crops)])[0]
     grid = prediction.patch_prob[0]
     verdict = make_verdict(float(prediction.image_prob[0]), grid, model.threshold)
-    packed, grid_rows, grid_cols = db.quantise_patch_grid(grid)
-    row = db.VerdictRow(
-        sha256=decoded.sha256, model_version=model.version_id, score=verdict.score, label=verdict.label,
-        threshold=verdict.threshold, source=source, external_id=external_id, metadata=metadata,
-        width=decoded.width, height=decoded.height, format=decoded.format, patch_mean=verdict.patch_mean,
-        patch_max=verdict.patch_max, patch_p90=verdict.patch_p90, patch_frac_above=verdict.patch_frac_above,
-        top_patch_row=verdict.top_patch_row, top_patch_col=verdict.top_patch_col, patch_grid=packed,
-        grid_rows=grid_rows, grid_cols=grid_cols, timings_ms={})
+    row = db.VerdictRow.of(verdict, grid, sha256=decoded.sha256, model_version=model.version_id, source=source,
+                           external_id=external_id, metadata=metadata, width=decoded.width, height=decoded.height,
+                           format=decoded.format, timings_ms={})
     with engine.begin() as conn:
         db.upsert_verdicts(conn, [row])
 

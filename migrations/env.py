@@ -1,11 +1,11 @@
 """Alembic environment for the worker's database.
 
-The URL comes, first found wins, from ``worker.db.migrate()`` (config attribute ``database_url``), the
+The URL comes, first found wins, from ``worker.database.migrate()`` (config attribute ``database_url``), the
 command line (``alembic -x url=...``), ``sqlalchemy.url`` in alembic.ini (unset in the repository), and
 finally ``PPL_DATABASE_URL`` through ``Settings.from_env()``, the worker's one reader of the environment.
 
 Revisions are hand-written and must not import worker code (a revision describes the schema as it was
-then); only this file uses ``worker.db.metadata``, for ``alembic check`` and autogenerate drafts.
+then); only this file uses ``worker.schema.metadata``, for ``alembic check`` and autogenerate drafts.
 """
 
 from __future__ import annotations
@@ -15,12 +15,13 @@ from logging.config import fileConfig
 from alembic import context
 from sqlalchemy import create_engine, pool, text
 
-from worker.db import MIGRATION_LOCK_ID, metadata, normalise_url
+from worker.database import MIGRATION_LOCK_ID, normalise_url
+from worker.schema import metadata
 from worker.settings import Settings
 
 config = context.config
 
-# Called from the command line, log like alembic does; called from an application (worker.db.migrate sets
+# Called from the command line, log like alembic does; called from an application (worker.database.migrate sets
 # configure_logging False), leave its logging alone.
 if config.config_file_name is not None and config.attributes.get("configure_logging", True):
     fileConfig(config.config_file_name, disable_existing_loggers=False)

@@ -1,4 +1,5 @@
-"""All PostgreSQL access of the moderation worker: the schema as SQLAlchemy models, migrations, and every query.
+"""Every query of the moderation worker (the tables are in ``worker.schema``, engines and migrations in
+``worker.database``; their names are importable from here too).
 
 Keeping the SQL in one module means one place to review for index use, idempotency and locking. Functions
 take an ``Engine`` (they open and commit their own transaction) or a ``Connection`` (they run inside the
@@ -8,9 +9,6 @@ atomically:
     with engine.begin() as conn:
         upsert_verdicts(conn, verdict_rows)
         record_failures(conn, failure_rows)
-
-The models describe the schema for readers and for ``alembic check``; the schema itself is created only by
-the hand-written Alembic revisions under ``migrations/`` (``migrate()``), never by ``metadata.create_all``.
 
 Two invariants the rest of the system relies on (docs/ARCHITECTURE.md):
 
@@ -24,35 +22,19 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 from collections.abc import Collection, Iterator, Mapping, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass, fields
 from datetime import UTC, datetime
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, Final, TypedDict, cast
+from typing import Any, Final, TypedDict, cast
 
 import numpy as np
 from sqlalchemy import (
-    BigInteger,
-    Boolean,
-    CheckConstraint,
     ColumnElement,
-    DateTime,
-    Double,
-    ForeignKey,
-    Identity,
-    Index,
-    Integer,
-    LargeBinary,
-    SmallInteger,
     Table,
     Text,
-    UniqueConstraint,
     and_,
     any_,
     bindparam,
-    create_engine,
     exists,
     func,
     or_,
@@ -63,333 +45,43 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects.postgresql import ARRAY, JSONB
 from sqlalchemy.dialects.postgresql import insert as pg_insert
-from sqlalchemy.engine import Connection, Engine, make_url
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.sql.elements import TextClause
 from sqlalchemy.sql.selectable import NamedFromClause
 
 from ppl_model.categories import Label
+from ppl_model.inference.verdict import Verdict
 from ppl_model.reasons import Reason
 
-if TYPE_CHECKING:
-    from alembic.config import Config
+# The lifecycle and the tables live in their own modules; these names stay importable from here, where the
+# rest of the worker and the tests look for them.
+from worker.database import MIGRATION_LOCK_ID as MIGRATION_LOCK_ID
+from worker.database import REPO_ROOT as REPO_ROOT
+from worker.database import Bind as Bind
+from worker.database import alembic_config as alembic_config
+from worker.database import create_database_if_missing as create_database_if_missing
+from worker.database import head_revision as head_revision
+from worker.database import make_engine as make_engine
+from worker.database import migrate as migrate
+from worker.database import normalise_url as normalise_url
+from worker.database import schema_revision as schema_revision
+from worker.database import temporary_database as temporary_database
+from worker.database import transaction
+from worker.schema import LABELS as LABELS
+from worker.schema import RESCAN_STATUSES as RESCAN_STATUSES
+from worker.schema import detection_failures as detection_failures
+from worker.schema import metadata as metadata
+from worker.schema import model_versions as model_versions
+from worker.schema import rescan_runs as rescan_runs
+from worker.schema import submissions as submissions
+from worker.schema import verdicts as verdicts
 
-Bind = Engine | Connection
-
-REPO_ROOT: Final = Path(__file__).resolve().parent.parent
-ALEMBIC_INI: Final = REPO_ROOT / "alembic.ini"
-MIGRATIONS_DIR: Final = REPO_ROOT / "migrations"
-
-# Keys of transaction-scoped advisory locks (arbitrary constants, unique within this database).
-MIGRATION_LOCK_ID: Final = 0x70706C_0001  # serialises `migrate` when several workers start at once
-MODEL_VERSION_LOCK_ID: Final = 0x70706C_0002  # serialises activations (one active version)
-
-LABELS: Final = tuple(Label)
-RESCAN_STATUSES: Final = ("running", "paused", "done", "failed")
 UNFINISHED_STATUSES: Final = ("running", "paused")
 FINISHED_STATUSES: Final = ("done", "failed")
+# Key of the transaction-scoped advisory lock that serialises model-version activations (one active version).
+MODEL_VERSION_LOCK_ID: Final = 0x70706C_0002
 MAX_FAILURE_DETAIL_CHARS: Final = 2000  # an exception text can be huge (a whole HTML error page)
 # psycopg sends at most 65535 bind parameters per statement; a multi-row VALUES uses one per cell.
 MAX_BIND_PARAMS: Final = 65535
-
-_HEX64 = "'^[0-9a-f]{64}$'"
-
-
-# --------------------------------------------------------------------------------------------- schema
-
-
-class Base(DeclarativeBase):
-    pass
-
-
-class ModelVersionRecord(Base):
-    """A model the worker has judged with. The id is the model directory's version id (a content hash)."""
-
-    __tablename__ = "model_versions"
-
-    id: Mapped[str] = mapped_column(Text, primary_key=True)
-    architecture: Mapped[dict[str, Any]] = mapped_column(JSONB, nullable=False)
-    threshold: Mapped[float] = mapped_column(Double, nullable=False)
-    metrics: Mapped[dict[str, Any]] = mapped_column(JSONB, nullable=False, server_default=text("'{}'::jsonb"))
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False, server_default=func.now())
-    active: Mapped[bool] = mapped_column(Boolean, nullable=False, server_default=text("false"))
-
-    __table_args__ = (
-        CheckConstraint("threshold >= 0 AND threshold <= 1", name="ck_model_versions_threshold"),
-        # At most one active version: a unique index over the rows WHERE active, all of which hold `true`.
-        Index("uq_model_versions_one_active", "active", unique=True, postgresql_where=text("active")),
-    )
-
-
-class VerdictRecord(Base):
-    """One judgement of one image content by one model version, with its patch summary and patch grid."""
-
-    __tablename__ = "verdicts"
-
-    id: Mapped[int] = mapped_column(BigInteger, Identity(always=True), primary_key=True)
-    sha256: Mapped[str] = mapped_column(Text, nullable=False)  # of the image bytes, not of the source
-    model_version: Mapped[str] = mapped_column(Text, ForeignKey("model_versions.id", name="fk_verdicts_model_version"),
-                                               nullable=False)
-    score: Mapped[float] = mapped_column(Double, nullable=False)
-    label: Mapped[str] = mapped_column(Text, nullable=False)
-    threshold: Mapped[float] = mapped_column(Double, nullable=False)
-    source: Mapped[str] = mapped_column(Text, nullable=False)
-    external_id: Mapped[str | None] = mapped_column(Text)
-    # `metadata` is reserved on declarative classes, hence the attribute name; the column is "metadata".
-    # none_as_null: Python None is SQL NULL, not the JSON value null.
-    metadata_: Mapped[dict[str, Any] | None] = mapped_column("metadata", JSONB(none_as_null=True))
-    width: Mapped[int] = mapped_column(Integer, nullable=False)
-    height: Mapped[int] = mapped_column(Integer, nullable=False)
-    format: Mapped[str] = mapped_column(Text, nullable=False)
-    # double, not real: a cached answer must round-trip to exactly what was computed (16 bytes a row).
-    patch_mean: Mapped[float] = mapped_column(Double, nullable=False)
-    patch_max: Mapped[float] = mapped_column(Double, nullable=False)
-    patch_p90: Mapped[float] = mapped_column(Double, nullable=False)
-    patch_frac_above: Mapped[float] = mapped_column(Double, nullable=False)
-    top_patch_row: Mapped[int] = mapped_column(SmallInteger, nullable=False)
-    top_patch_col: Mapped[int] = mapped_column(SmallInteger, nullable=False)
-    patch_grid: Mapped[bytes] = mapped_column(LargeBinary, nullable=False)  # row-major uint8, round(p * 255)
-    grid_rows: Mapped[int] = mapped_column(SmallInteger, nullable=False)
-    grid_cols: Mapped[int] = mapped_column(SmallInteger, nullable=False)
-    timings_ms: Mapped[dict[str, float]] = mapped_column(JSONB, nullable=False, server_default=text("'{}'::jsonb"))
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False, server_default=func.now())
-
-    __table_args__ = (
-        # Idempotency key of every write, and the index behind per-image lookups (sha256 leads).
-        UniqueConstraint("sha256", "model_version", name="uq_verdicts_sha256_model_version"),
-        CheckConstraint(f"sha256 ~ {_HEX64}", name="ck_verdicts_sha256"),
-        CheckConstraint("label IN ('real', 'fake')", name="ck_verdicts_label"),
-        CheckConstraint("score >= 0 AND score <= 1", name="ck_verdicts_score"),  # also rejects NaN
-        # The label is a function of score and threshold (ppl_model.inference.verdict.make_verdict).
-        CheckConstraint("label = CASE WHEN score >= threshold THEN 'fake' ELSE 'real' END",
-                        name="ck_verdicts_label_matches_score"),
-        CheckConstraint("width > 0 AND height > 0", name="ck_verdicts_size"),
-        CheckConstraint("grid_rows > 0 AND grid_cols > 0 AND octet_length(patch_grid) = grid_rows * grid_cols",
-                        name="ck_verdicts_patch_grid"),
-        Index("ix_verdicts_created_at", "created_at", "id"),
-        Index("ix_verdicts_flagged_created_at", "created_at", "id", postgresql_where=text("label = 'fake'")),
-        Index("ix_verdicts_external_id", "external_id", postgresql_where=text("external_id IS NOT NULL")),
-        Index("ix_verdicts_model_version_id", "model_version", "id"),
-        # Lookups by URL (`submit --wait`, analysts); hash, because a btree entry cannot hold a very long URL.
-        Index("ix_verdicts_source", "source", postgresql_using="hash"),
-    )
-
-
-class DetectionFailureRecord(Base):
-    """A source that could not be judged, once per (source, reason), counting how often it was seen."""
-
-    __tablename__ = "detection_failures"
-
-    id: Mapped[int] = mapped_column(BigInteger, Identity(always=True), primary_key=True)
-    source: Mapped[str] = mapped_column(Text, nullable=False)
-    # URLs can be longer than a btree entry allows (~2.7 kB), so the unique key is on their hash.
-    source_sha256: Mapped[str] = mapped_column(Text, nullable=False)
-    external_id: Mapped[str | None] = mapped_column(Text)
-    reason: Mapped[str] = mapped_column(Text, nullable=False)
-    detail: Mapped[str] = mapped_column(Text, nullable=False, server_default=text("''"))
-    attempts: Mapped[int] = mapped_column(Integer, nullable=False, server_default=text("1"))
-    first_seen: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False, server_default=func.now())
-    last_seen: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False, server_default=func.now())
-
-    __table_args__ = (
-        UniqueConstraint("source_sha256", "reason", name="uq_detection_failures_source_sha256_reason"),
-        CheckConstraint(f"source_sha256 ~ {_HEX64}", name="ck_detection_failures_source_sha256"),
-        CheckConstraint("attempts >= 1", name="ck_detection_failures_attempts"),
-        Index("ix_detection_failures_reason_last_seen", "reason", "last_seen"),
-    )
-
-
-class SubmissionRecord(Base):
-    """One answered job: its task id, external id, metadata and source, and the verdict or failure it resolved
-    to. A job for content already judged gets its own row pointing at the stored verdict."""
-
-    __tablename__ = "submissions"
-
-    id: Mapped[int] = mapped_column(BigInteger, Identity(always=True), primary_key=True)
-    task_id: Mapped[str | None] = mapped_column(Text)  # NULL only for rows migrated from before revision 0002
-    external_id: Mapped[str | None] = mapped_column(Text)
-    source: Mapped[str] = mapped_column(Text, nullable=False)
-    metadata_: Mapped[dict[str, Any] | None] = mapped_column("metadata", JSONB(none_as_null=True))
-    received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False)
-    answered_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False, server_default=func.now())
-    outcome: Mapped[str] = mapped_column(Text, nullable=False)
-    verdict_id: Mapped[int | None] = mapped_column(
-        BigInteger, ForeignKey("verdicts.id", name="fk_submissions_verdict_id", ondelete="CASCADE"))
-    failure_id: Mapped[int | None] = mapped_column(
-        BigInteger, ForeignKey("detection_failures.id", name="fk_submissions_failure_id", ondelete="CASCADE"))
-
-    __table_args__ = (
-        CheckConstraint("outcome IN ('verdict', 'failure')", name="ck_submissions_outcome"),
-        CheckConstraint("(outcome = 'verdict' AND verdict_id IS NOT NULL AND failure_id IS NULL) OR "
-                        "(outcome = 'failure' AND failure_id IS NOT NULL AND verdict_id IS NULL)",
-                        name="ck_submissions_one_answer"),
-        Index("uq_submissions_task_id", "task_id", unique=True, postgresql_where=text("task_id IS NOT NULL")),
-        Index("ix_submissions_external_id", "external_id", postgresql_where=text("external_id IS NOT NULL")),
-        Index("ix_submissions_answered_at", "answered_at"),
-        Index("ix_submissions_verdict_id", "verdict_id"),
-        Index("ix_submissions_failure_id", "failure_id"),
-    )
-
-
-class RescanRunRecord(Base):
-    """Progress of one bulk rescan, so an interrupted one resumes from its keyset cursor."""
-
-    __tablename__ = "rescan_runs"
-
-    id: Mapped[int] = mapped_column(BigInteger, Identity(always=True), primary_key=True)
-    filters: Mapped[dict[str, Any]] = mapped_column(JSONB, nullable=False)
-    target_model_version: Mapped[str] = mapped_column(
-        Text, ForeignKey("model_versions.id", name="fk_rescan_runs_target_model_version"), nullable=False)
-    cursor: Mapped[int] = mapped_column(BigInteger, nullable=False, server_default=text("0"))
-    # Verdicts written after the run started (ids above this) are not its candidates: many are its own output.
-    max_verdict_id: Mapped[int] = mapped_column(BigInteger, nullable=False, server_default=text("0"))
-    enqueued: Mapped[int] = mapped_column(BigInteger, nullable=False, server_default=text("0"))
-    total: Mapped[int | None] = mapped_column(BigInteger)
-    status: Mapped[str] = mapped_column(Text, nullable=False, server_default=text("'running'"))
-    started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False, server_default=func.now())
-    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False, server_default=func.now())
-    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
-
-    __table_args__ = (
-        CheckConstraint("status IN ('running', 'paused', 'done', 'failed')", name="ck_rescan_runs_status"),
-    )
-
-
-metadata = Base.metadata
-model_versions = cast(Table, ModelVersionRecord.__table__)
-verdicts = cast(Table, VerdictRecord.__table__)
-detection_failures = cast(Table, DetectionFailureRecord.__table__)
-rescan_runs = cast(Table, RescanRunRecord.__table__)
-submissions = cast(Table, SubmissionRecord.__table__)
-
-
-# ----------------------------------------------------------------------------------- engine, migrations
-
-
-def normalise_url(url: str) -> str:
-    """Pin the psycopg 3 driver: a bare ``postgresql://`` (or Heroku-style ``postgres://``) URL would make
-    SQLAlchemy look for psycopg2, which is not installed."""
-    parsed = make_url(url.replace("postgres://", "postgresql://", 1) if url.startswith("postgres://") else url)
-    if parsed.drivername == "postgresql":
-        parsed = parsed.set(drivername="postgresql+psycopg")
-    return parsed.render_as_string(hide_password=False)
-
-
-def make_engine(url: str, *, connect_timeout: float | None = None) -> Engine:
-    """An engine whose pool checks connections before use, so a database restart costs one reconnect instead
-    of one failed batch. ``connect_timeout`` (seconds) bounds a connection attempt to a dead host (``doctor``).
-    Create the engine after the worker process forks: pooled connections must not cross a fork."""
-    connect_args: dict[str, Any] = {}
-    if connect_timeout is not None:
-        connect_args["connect_timeout"] = max(1, math.ceil(connect_timeout))  # libpq takes whole seconds
-    return create_engine(normalise_url(url), pool_pre_ping=True, connect_args=connect_args)
-
-
-@contextmanager
-def _transaction(bind: Bind) -> Iterator[Connection]:
-    """A connection in a transaction: a new committed one for an Engine, the caller's for a Connection."""
-    if isinstance(bind, Engine):
-        with bind.begin() as conn:
-            yield conn
-    else:
-        yield bind
-
-
-def alembic_config(url: str | None = None) -> Config:
-    """The repository's Alembic configuration, usable from any working directory.
-
-    The URL travels as a config attribute rather than ``sqlalchemy.url`` because the ini parser would treat
-    a ``%`` in a URL-encoded password as interpolation. Logging is left alone: ``fileConfig`` in env.py would
-    otherwise replace the calling application's logging setup.
-    """
-    from alembic.config import Config
-
-    if not MIGRATIONS_DIR.is_dir():
-        raise RuntimeError(f"the Alembic migrations are not next to the worker package ({MIGRATIONS_DIR}); "
-                           "install the repository (pip install -e .) rather than a built wheel")
-    config = Config(str(ALEMBIC_INI) if ALEMBIC_INI.is_file() else None)
-    config.set_main_option("script_location", str(MIGRATIONS_DIR))
-    config.attributes["configure_logging"] = False
-    if url is not None:
-        config.attributes["database_url"] = normalise_url(url)
-    return config
-
-
-def migrate(url: str, revision: str = "head") -> None:
-    """``alembic upgrade head`` on ``url``. Safe to run from several processes at once (advisory lock)."""
-    from alembic import command
-
-    command.upgrade(alembic_config(url), revision)
-
-
-def create_database_if_missing(url: str, *, drop_first: bool = False) -> bool:
-    """CREATE DATABASE for the URL's database when there is none (``ppl-worker migrate --create-database``,
-    for the demo and development; production databases are made by their owners). ``drop_first`` drops it
-    first, rows and all (``--recreate-database``). True if it was created."""
-    from sqlalchemy.pool import NullPool
-
-    target = make_url(normalise_url(url))
-    if not target.database:
-        raise ValueError("the database URL names no database to create")
-    admin = create_engine(target.set(database="postgres"), isolation_level="AUTOCOMMIT", poolclass=NullPool)
-    try:
-        with admin.connect() as conn:
-            name = conn.dialect.identifier_preparer.quote(target.database)
-            if drop_first:
-                conn.execute(text(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-            if conn.execute(text("SELECT 1 FROM pg_database WHERE datname = :name"),
-                            {"name": target.database}).scalar():
-                return False
-            conn.execute(text(f"CREATE DATABASE {name}"))
-            return True
-    finally:
-        admin.dispose()
-
-
-@contextmanager
-def temporary_database(server_url: str, *, prefix: str, migrated: bool = True,
-                       connect_timeout: float = 10) -> Iterator[str]:
-    """A new database ``<prefix><hex>`` on the server of ``server_url``, migrated unless asked not to; dropped
-    afterwards even on error (FORCE: pooled connections of workers that used it do not keep it alive). For
-    the tests and ``ppl-worker bench``."""
-    import secrets
-
-    from sqlalchemy.pool import NullPool
-
-    name = f"{prefix}{secrets.token_hex(6)}"
-    server = make_url(normalise_url(server_url))
-    admin = create_engine(server, poolclass=NullPool, isolation_level="AUTOCOMMIT",
-                          connect_args={"connect_timeout": max(1, math.ceil(connect_timeout))})
-    try:
-        with admin.connect() as conn:
-            conn.execute(text(f'CREATE DATABASE "{name}"'))
-        try:
-            url = server.set(database=name).render_as_string(hide_password=False)
-            if migrated:
-                migrate(url)
-            yield url
-        finally:
-            with admin.connect() as conn:
-                conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-    finally:
-        admin.dispose()
-
-
-def head_revision() -> str:
-    """The newest revision shipped with this code."""
-    from alembic.script import ScriptDirectory
-
-    head = ScriptDirectory.from_config(alembic_config()).get_current_head()
-    if head is None:
-        raise RuntimeError(f"no Alembic revisions found under {MIGRATIONS_DIR}")
-    return head
-
-
-def schema_revision(conn: Connection) -> str | None:
-    """The revision the database is at; None for a database never migrated."""
-    from alembic.runtime.migration import MigrationContext
-
-    return MigrationContext.configure(conn).get_current_revision()
 
 
 # ------------------------------------------------------------------------------------------ verdicts
@@ -442,6 +134,21 @@ class VerdictRow:
     grid_rows: int
     grid_cols: int
     timings_ms: dict[str, float]
+
+    @classmethod
+    def of(cls, verdict: Verdict, grid: np.ndarray, *, sha256: str, model_version: str, source: str,
+           external_id: str | None, metadata: dict[str, Any] | None, width: int, height: int, format: str,
+           timings_ms: dict[str, float]) -> VerdictRow:
+        """The row for a verdict (``make_verdict``) on ``grid`` (the per-patch probabilities): the one place
+        a verdict becomes a row, for the worker, its benchmarks and the tests alike."""
+        packed, grid_rows, grid_cols = quantise_patch_grid(grid)
+        return cls(sha256=sha256, model_version=model_version, score=verdict.score, label=verdict.label,
+                   threshold=verdict.threshold, source=source, external_id=external_id, metadata=metadata,
+                   width=width, height=height, format=format, patch_mean=verdict.patch_mean,
+                   patch_max=verdict.patch_max, patch_p90=verdict.patch_p90,
+                   patch_frac_above=verdict.patch_frac_above, top_patch_row=verdict.top_patch_row,
+                   top_patch_col=verdict.top_patch_col, patch_grid=packed, grid_rows=grid_rows, grid_cols=grid_cols,
+                   timings_ms=timings_ms)
 
 
 _VERDICT_ROW_FIELDS: Final = tuple(f.name for f in fields(VerdictRow))
@@ -497,7 +204,7 @@ def upsert_verdicts(bind: Bind, rows: Sequence[VerdictRow]) -> int:
     columns: dict[str, list[Any]] = {name: [getattr(row, name) for row in ordered] for name in _VERDICT_ROW_FIELDS}
     for name in _JSON_FIELDS:  # JSON text cast to jsonb in SQL; None stays SQL NULL (not the JSON value null)
         columns[name] = [None if value is None else json.dumps(value) for value in columns[name]]
-    with _transaction(bind) as conn:
+    with transaction(bind) as conn:
         return len(conn.execute(_INSERT_VERDICTS, columns).all())  # only the rows inserted come back
 
 
@@ -510,7 +217,7 @@ def find_verdicts(bind: Bind, sha256s: Collection[str], model_version: str) -> d
     statement = select(*columns).where(
         verdicts.c.model_version == model_version,
         verdicts.c.sha256 == any_(bindparam("sha256s", sorted(set(sha256s)), type_=ARRAY(Text))))
-    with _transaction(bind) as conn:
+    with transaction(bind) as conn:
         return {row.sha256: VerdictRow(**row._asdict()) for row in conn.execute(statement)}
 
 
@@ -562,7 +269,7 @@ def record_failures(bind: Bind, rows: Sequence[FailureRow]) -> None:
     values = [{"source": row.source, "source_sha256": key[0], "external_id": row.external_id, "reason": row.reason,
                "detail": row.detail[:MAX_FAILURE_DETAIL_CHARS], "attempts": attempts}
               for key, (row, attempts) in sorted(merged.items())]
-    with _transaction(bind) as conn:
+    with transaction(bind) as conn:
         for chunk in _chunks(values, _rows_per_statement(len(values[0]))):
             statement = pg_insert(detection_failures).values(list(chunk))
             statement = statement.on_conflict_do_update(
@@ -636,7 +343,7 @@ def record_submissions(bind: Bind, rows: Sequence[SubmissionRow]) -> int:
         }
         for name, value in values.items():
             columns[name].append(value)
-    with _transaction(bind) as conn:
+    with transaction(bind) as conn:
         return len(conn.execute(_INSERT_SUBMISSIONS, columns).all())
 
 
@@ -682,7 +389,7 @@ def find_submissions(bind: Bind, *, task_ids: Collection[str] = (), external_ids
                v.c.sha256, v.c.patch_max, v.c.patch_frac_above, f.c.reason, f.c.detail)
         .select_from(s.outerjoin(v, v.c.id == s.c.verdict_id).outerjoin(f, f.c.id == s.c.failure_id))
         .where(or_(*conditions)).order_by(s.c.answered_at.desc(), s.c.id.desc()).limit(limit))
-    with _transaction(bind) as conn:  # the select above names exactly SubmissionAnswer's keys (a test checks)
+    with transaction(bind) as conn:  # the select above names exactly SubmissionAnswer's keys (a test checks)
         return [cast(SubmissionAnswer, dict(row._mapping)) for row in conn.execute(statement)]
 
 
@@ -698,7 +405,7 @@ def register_model_version(bind: Bind, version_id: str, architecture: Mapping[st
     An advisory lock serialises registrations, so two workers activating different versions at once end with
     the later one active instead of one of them failing on the one-active index.
     """
-    with _transaction(bind) as conn:
+    with transaction(bind) as conn:
         conn.execute(select(func.pg_advisory_xact_lock(MODEL_VERSION_LOCK_ID)))
         if activate:
             conn.execute(update(model_versions)
@@ -717,7 +424,7 @@ def register_model_version(bind: Bind, version_id: str, architecture: Mapping[st
 
 def active_model_version(bind: Bind) -> str | None:
     """The id of the active model version, None when none is."""
-    with _transaction(bind) as conn:
+    with transaction(bind) as conn:
         return conn.execute(select(model_versions.c.id).where(model_versions.c.active)).scalar_one_or_none()
 
 
@@ -837,7 +544,7 @@ def rescan_candidates(bind: Bind, filters: RescanFilters, target_model_version: 
                  .where(v.c.id > after_id, *_rescan_conditions(filters, target_model_version, up_to_id, v))
                  .order_by(v.c.id)
                  .limit(limit))
-    with _transaction(bind) as conn:
+    with transaction(bind) as conn:
         return [(row.id, row.source, row.external_id, row.metadata) for row in conn.execute(statement)]
 
 
@@ -849,7 +556,7 @@ def count_rescan_candidates(bind: Bind, filters: RescanFilters, target_model_ver
     statement = (select(func.count())
                  .select_from(v)
                  .where(v.c.id > after_id, *_rescan_conditions(filters, target_model_version, up_to_id, v)))
-    with _transaction(bind) as conn:
+    with transaction(bind) as conn:
         return int(conn.execute(statement).scalar_one())
 
 
@@ -884,7 +591,7 @@ def create_rescan_run(bind: Bind, filters: RescanFilters, target_model_version: 
                          status="running",
                          max_verdict_id=select(func.coalesce(func.max(verdicts.c.id), 0)).scalar_subquery())
                  .returning(*rescan_runs.c))
-    with _transaction(bind) as conn:
+    with transaction(bind) as conn:
         return _rescan_run(conn.execute(statement).one())
 
 
@@ -898,7 +605,7 @@ def update_rescan_run(bind: Bind, run_id: int, cursor: int, enqueued: int, statu
                               "finished_at": func.now() if status in FINISHED_STATUSES else None}
     if total is not None:
         values["total"] = total
-    with _transaction(bind) as conn:
+    with transaction(bind) as conn:
         result = conn.execute(update(rescan_runs).where(rescan_runs.c.id == run_id).values(values))
         if result.rowcount != 1:
             raise LookupError(f"no rescan run with id {run_id}")
@@ -906,7 +613,7 @@ def update_rescan_run(bind: Bind, run_id: int, cursor: int, enqueued: int, statu
 
 def get_rescan_run(bind: Bind, run_id: int) -> RescanRun | None:
     """The run with this id, None when there is none."""
-    with _transaction(bind) as conn:
+    with transaction(bind) as conn:
         row = conn.execute(select(rescan_runs).where(rescan_runs.c.id == run_id)).one_or_none()
     return None if row is None else _rescan_run(row)
 
@@ -919,7 +626,7 @@ def latest_unfinished_rescan_run(bind: Bind, target_model_version: str, filters:
                         rescan_runs.c.status.in_(UNFINISHED_STATUSES))
                  .order_by(rescan_runs.c.id.desc())
                  .limit(1))
-    with _transaction(bind) as conn:
+    with transaction(bind) as conn:
         row = conn.execute(statement).one_or_none()
     return None if row is None else _rescan_run(row)
 
@@ -976,7 +683,7 @@ def query_verdicts(bind: Bind, *, flagged_only: bool, since: datetime | None, li
         conditions.append(v.c.created_at >= since)
     columns = [v.c[name] for name in VerdictListing.__annotations__]
     statement = select(*columns).where(and_(*conditions)).order_by(v.c.created_at.desc(), v.c.id.desc()).limit(limit)
-    with _transaction(bind) as conn:
+    with transaction(bind) as conn:
         return [cast(VerdictListing, dict(row._mapping)) for row in conn.execute(statement)]
 
 
@@ -995,7 +702,7 @@ def answered_sources(bind: Bind, sources: Collection[str], model_version: str) -
     failed = select(detection_failures.c.source).where(
         detection_failures.c.source_sha256 == any_(bindparam("hashes", [source_sha256(s) for s in unique],
                                                               type_=ARRAY(Text))))
-    with _transaction(bind) as conn:
+    with transaction(bind) as conn:
         return set(conn.execute(judged.union(failed)).scalars())
 
 
@@ -1005,5 +712,5 @@ def count_rows(bind: Bind) -> dict[str, int]:
               "rescan_runs": rescan_runs, "submissions": submissions}
     statement = select(*(select(func.count()).select_from(table).scalar_subquery().label(name)
                          for name, table in counts.items()))
-    with _transaction(bind) as conn:
+    with transaction(bind) as conn:
         return {name: int(value) for name, value in conn.execute(statement).one()._mapping.items()}

@@ -357,17 +357,11 @@ class BatchProcessor:
         for item, prediction in zip(items, predictions, strict=True):
             grid = prediction.patch_prob[0]
             verdict = make_verdict(float(prediction.image_prob[0]), grid, model.threshold)
-            packed, grid_rows, grid_cols = db.quantise_patch_grid(grid)
-            rows.append(db.VerdictRow(
-                sha256=item.sha256, model_version=version, score=verdict.score, label=verdict.label,
-                threshold=verdict.threshold, source=item.job.source, external_id=item.job.external_id,
-                metadata=item.job.metadata, width=item.width, height=item.height,
-                format=item.format, patch_mean=verdict.patch_mean, patch_max=verdict.patch_max,
-                patch_p90=verdict.patch_p90, patch_frac_above=verdict.patch_frac_above,
-                top_patch_row=verdict.top_patch_row, top_patch_col=verdict.top_patch_col, patch_grid=packed,
-                grid_rows=grid_rows, grid_cols=grid_cols,
-                timings_ms={"fetch": round(item.fetch_ms, 2), "decode": round(item.decode_ms, 2),
-                            "infer": round(1000 * infer_s, 2), "batch_images": len(items)}))
+            rows.append(db.VerdictRow.of(
+                verdict, grid, sha256=item.sha256, model_version=version, source=item.job.source,
+                external_id=item.job.external_id, metadata=item.job.metadata, width=item.width, height=item.height,
+                format=item.format, timings_ms={"fetch": round(item.fetch_ms, 2), "decode": round(item.decode_ms, 2),
+                                                "infer": round(1000 * infer_s, 2), "batch_images": len(items)}))
         return rows
 
     # -- database -------------------------------------------------------------------------------------

@@ -70,17 +70,12 @@ def verdict(sha256: str, version: str, score: float, rng: np.random.Generator, s
     grid = np.clip(rng.normal(score, 0.15, (GRID, GRID)), 0, 1).astype(np.float32)
     grid[rng.integers(GRID), rng.integers(GRID)] = min(1.0, score + 0.3)  # a hot spot somewhere
     summary = make_verdict(score, grid, THRESHOLDS[version])
-    data, rows, cols = db.quantise_patch_grid(grid)
-    return VerdictRow(sha256=sha256, model_version=version, score=summary.score, label=summary.label,
-                      threshold=summary.threshold, source=source, external_id=external_id,
-                      metadata={"uploader": int(rng.integers(1000))} if rng.random() < 0.5 else None,
-                      width=int(rng.choice([640, 1024, 1920])), height=int(rng.choice([480, 768, 1080])),
-                      format=str(rng.choice(["JPEG", "PNG", "WEBP"])), patch_mean=summary.patch_mean,
-                      patch_max=summary.patch_max, patch_p90=summary.patch_p90,
-                      patch_frac_above=summary.patch_frac_above, top_patch_row=summary.top_patch_row,
-                      top_patch_col=summary.top_patch_col, patch_grid=data, grid_rows=rows, grid_cols=cols,
-                      timings_ms={stage: round(float(rng.gamma(shape, scale)), 2) for stage, shape, scale in
-                                  (("fetch", 2, 20), ("decode", 2, 2), ("infer", 4, 2), ("db", 2, 1))})
+    return VerdictRow.of(summary, grid, sha256=sha256, model_version=version, source=source, external_id=external_id,
+                         metadata={"uploader": int(rng.integers(1000))} if rng.random() < 0.5 else None,
+                         width=int(rng.choice([640, 1024, 1920])), height=int(rng.choice([480, 768, 1080])),
+                         format=str(rng.choice(["JPEG", "PNG", "WEBP"])),
+                         timings_ms={stage: round(float(rng.gamma(shape, scale)), 2) for stage, shape, scale in
+                                     (("fetch", 2, 20), ("decode", 2, 2), ("infer", 4, 2), ("db", 2, 1))})
 
 
 def age(rng: np.random.Generator, low: float, high: float) -> float:
