@@ -332,7 +332,13 @@ class Channel(kombu_redis.Channel):
 
     def _brpop_read(self, **options: Any) -> bool:
         if not self.atomic_fetch:
-            return super()._brpop_read(**options)
+            try:
+                delivered: bool = super()._brpop_read(**options)
+            except kombu_redis.Empty:
+                self.connection.mark_alive()  # heard from the broker: nothing to take
+                raise
+            self.connection.mark_alive()
+            return delivered
         sent, self._sent = self._sent or "wait", None  # nothing sent: the read only finds a closed connection
         try:
             try:

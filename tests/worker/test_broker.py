@@ -157,3 +157,17 @@ def test_old_redis_falls_back_to_kombus_two_step_delivery(redis_url, monkeypatch
     assert got == ["a"] and held == (1, 1) and unacked(redis_url) == (0, 0)
     with Connection(redis_url, transport=Transport) as conn:  # and doctor says so
         assert "two-step delivery" in delivery_mode(conn.default_channel)
+
+
+@pytest.mark.parametrize("redis_version", [None, "6.0.16"])  # the atomic fetch, and kombu's two steps
+def test_every_poll_that_hears_from_the_broker_touches_the_heartbeat(redis_url, monkeypatch, tmp_path, redis_version):
+    if redis_version:
+        monkeypatch.setattr(redis.Redis, "info", lambda self, *a, **k: {"redis_version": redis_version})
+    heartbeat = tmp_path / "heartbeat"
+    with (Connection(redis_url, transport=Transport, transport_options={"heartbeat_file": str(heartbeat)}) as conn,
+          conn.Consumer(Queue("detect"), callbacks=[lambda body, message: message.ack()], accept=["json"])):
+        deadline = time.monotonic() + 10
+        while not heartbeat.exists() and time.monotonic() < deadline:  # an empty queue: polls that take nothing
+            with contextlib.suppress(socket.timeout):
+                conn.drain_events(timeout=0.5)
+    assert heartbeat.exists(), "an idle worker that hears from the broker must keep its heartbeat fresh"
