@@ -38,10 +38,11 @@ class Preprocessing:
 
     @classmethod
     def for_model(cls, info: ModelInfo, tiles: int = 1) -> Preprocessing:
-        return cls(info.input_size, _rgb(info.mean, "mean"), _rgb(info.std, "std"), tiles)
+        return cls(info.input_size, rgb_triple(info.mean, "mean"), rgb_triple(info.std, "std"), tiles)
 
 
-def _rgb(values: Sequence[float], name: str) -> tuple[float, float, float]:
+def rgb_triple(values: Sequence[float], name: str) -> tuple[float, float, float]:
+    """One normalisation value per RGB channel, as floats; ValueError for any other count."""
     if len(values) != 3:
         raise ValueError(f"the normalisation {name} needs one value per RGB channel, got {list(values)}")
     return float(values[0]), float(values[1]), float(values[2])
