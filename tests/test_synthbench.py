@@ -280,7 +280,8 @@ def test_quick_benchmark_through_the_cli(tmp_path, capsys):
 
     results = json.loads((out / "results.json").read_text())
     assert results["status"] == "done"
-    assert results["splits"]["photos"] == {"train": 40, "val": 8, "test": 16}
+    split, photos = results["splits"]["photos"], len(list(PHOTOS.glob("*.png")))  # the repository's samples
+    assert sum(split.values()) == photos and split["train"] > split["test"] > split["val"] >= 1
     families = SynthBenchConfig.quick().all_families
     assert set(results["families"]) == set(families) and len(families) >= 7
     assert results["unseen"] == [f for f in families if f != "ae_nearest_x4"]
