@@ -25,6 +25,7 @@ def test_flop_count_matches_torch_counter_plus_attention(tmp_path, arch):
     assert vit_flops_per_image(info) - attention == counted
 
 
+@pytest.mark.slow  # trains, or runs a command end to end: outside make test-fast
 def test_engine_bench_times_each_cpu_backend_both_ways():
     logged = []
     result = run_engine_bench("clip", "tiny", ["torch", "onnxruntime", "tensorrt"], [1, 3], iters=2, warmup=1,

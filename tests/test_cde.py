@@ -82,6 +82,7 @@ def test_masked_copy_k_differs_exactly_in_patch_ij_and_holds_the_fill():
         patch_masked_copies(torch.zeros(3, 30, 30), P, fill)
 
 
+@pytest.mark.slow  # trains, or runs a command end to end: outside make test-fast
 @pytest.mark.parametrize("batch_size", [1, 4, 5, 16, 17, 256])
 def test_batched_cde_equals_one_forward_per_masked_copy(batch_size):
     detector = random_detector()
@@ -305,6 +306,7 @@ def test_analyze_on_cuda_agrees_with_cpu(tmp_path):
         assert cuda["max_cde"] == pytest.approx(cpu["max_cde"], abs=1e-2)
 
 
+@pytest.mark.slow  # trains, or runs a command end to end: outside make test-fast
 def test_analyze_command_prints_every_summary_figure(tmp_path, exported_model):
     data = make_folders_dataset(tmp_path / "data", count=3)
     result = subprocess.run([sys.executable, "-m", "ppl_model.cli", "analyze", "--model", str(exported_model),

@@ -58,6 +58,7 @@ def test_paired_layout_from_the_same_folder_uses_reconstruction_rpr(tmp_path, ph
     assert sum(r["rpr_fraction"] for r in rows if r["event"] == "train") > 0
 
 
+@pytest.mark.slow  # trains, or runs a command end to end: outside make test-fast
 def test_user_errors_exit_2_with_one_line(tmp_path):
     result = _run([*PPL, "train", "--config", "configs/tiny.toml", "--data", str(tmp_path / "none"),
                    "--out", str(tmp_path / "o")])

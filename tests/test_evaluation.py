@@ -62,6 +62,7 @@ def test_subsets_per_layout(tmp_path):
     assert sorted(subsets) == ["fake", "other"] and all(len(items) == 6 for items in subsets.values())
 
 
+@pytest.mark.slow  # trains, or runs a command end to end: outside make test-fast
 def test_evaluate_calibrates_writes_the_threshold_and_covers_every_perturbation(tmp_path, exported_model):
     model = tmp_path / "model"
     shutil.copytree(exported_model, model)
@@ -80,6 +81,7 @@ def test_evaluate_calibrates_writes_the_threshold_and_covers_every_perturbation(
     assert Image.open(tmp_path / "roc.png").size[0] > 100
 
 
+@pytest.mark.slow  # trains, or runs a command end to end: outside make test-fast
 def test_eval_command_prints_a_table_and_writes_the_json(tmp_path, exported_model):
     data = make_folders_dataset(tmp_path / "data", count=6)
     out = tmp_path / "eval.json"

@@ -171,6 +171,7 @@ def test_scan_results_do_not_depend_on_batching(scan_folder, exported_model):
     assert [s for s in one if s is not None] == pytest.approx([s for s in many if s is not None], abs=1e-5)
 
 
+@pytest.mark.slow  # trains, or runs a command end to end: outside make test-fast
 @pytest.mark.parametrize("suffix", [".jsonl", ".csv"])
 def test_scan_command_writes_records_and_a_summary(tmp_path, scan_folder, exported_model, suffix):
     out = tmp_path / f"out{suffix}"
@@ -188,6 +189,7 @@ def test_scan_command_writes_records_and_a_summary(tmp_path, scan_folder, export
         assert {json.loads(r)["error"] for r in rows} == {"", "corrupt", "not_an_image"}
 
 
+@pytest.mark.slow  # trains, or runs a command end to end: outside make test-fast
 def test_export_command_reports_the_differences(tmp_path):
     torch.manual_seed(0)
     save_model_dir(build_detector(tiny_model_config("dinov2")), tmp_path / "m")
@@ -218,6 +220,7 @@ def test_fp16_export_computes_in_float16_close_to_torch(tmp_path, exported_model
     assert any(init.data_type == onnx.TensorProto.FLOAT16 for init in graph.graph.initializer)
 
 
+@pytest.mark.slow  # trains, or runs a command end to end: outside make test-fast
 def test_build_engine_command_without_tensorrt_names_the_extra(exported_model):
     result = subprocess.run([sys.executable, "-m", "ppl_model.cli", "build-engine", "--model", str(exported_model),
                              "--fp16"], capture_output=True, text=True, timeout=300, cwd=REPO)

@@ -184,6 +184,7 @@ def _pcl_only_training(cfg: LossConfig, steps: int = 300) -> list[float]:
     return cosines
 
 
+@pytest.mark.slow  # trains, or runs a command end to end: outside make test-fast
 def test_paper_form_collapses_label_blind_patch_tokens_and_the_default_does_not():
     paper = _pcl_only_training(LossConfig(pcl_form="paper"))
     default = _pcl_only_training(LossConfig())

@@ -121,6 +121,7 @@ def test_upsamplers_leave_different_traces():
             assert centre.std(dim=(1, 2)).max().item() < 1e-5, name
 
 
+@pytest.mark.slow  # trains, or runs a command end to end: outside make test-fast
 def test_training_lowers_reconstruction_error(trained, photo_crops):
     for name, model in trained.items():
         before = l1(reconstruct(untrained(FAMILIES[name]), photo_crops), photo_crops)
@@ -130,6 +131,7 @@ def test_training_lowers_reconstruction_error(trained, photo_crops):
         assert not model.training
 
 
+@pytest.mark.slow  # trains, or runs a command end to end: outside make test-fast
 def test_training_is_deterministic_for_a_seed(photo_crops):
     spec = FAMILIES["ae_shuffle_x4"]
     torch.manual_seed(123)  # the global RNG state must not matter
@@ -141,6 +143,7 @@ def test_training_is_deterministic_for_a_seed(photo_crops):
     assert not all(torch.equal(first[k], other[k]) for k in first)
 
 
+@pytest.mark.slow  # trains, or runs a command end to end: outside make test-fast
 def test_interpolated_latents_are_convex_mixes_of_two_different_references(trained, photo_crops):
     """Each sampled latent is w·z_i + (1−w)·z_j with i ≠ j and w in [0.3, 0.7], and its image lies
     clearly away from both endpoints' images."""
@@ -167,6 +170,7 @@ def test_interpolated_latents_are_convex_mixes_of_two_different_references(train
         assert min(l1(image, recons[i]), l1(image, recons[j])) > 0.1 * gap
 
 
+@pytest.mark.slow  # trains, or runs a command end to end: outside make test-fast
 @pytest.mark.parametrize("mode", ["interpolate", "gaussian"])
 def test_samples_are_new_images(trained, photo_crops, mode):
     model, refs = trained["ae_transposed_x4"], photo_crops[::16]  # one crop per photo
@@ -180,6 +184,7 @@ def test_samples_are_new_images(trained, photo_crops, mode):
     assert not torch.equal(samples, sample_images(model, refs, 12, seed=1, mode=mode))
 
 
+@pytest.mark.slow  # trains, or runs a command end to end: outside make test-fast
 def test_gaussian_latents_follow_the_reference_statistics(trained, photo_crops):
     model = trained["ae_bilinear_x4"]
     with torch.no_grad():
@@ -191,6 +196,7 @@ def test_gaussian_latents_follow_the_reference_statistics(trained, photo_crops):
     assert torch.allclose(latents.std(dim=(0, 2, 3)), ref_std, rtol=0.05)
 
 
+@pytest.mark.slow  # trains, or runs a command end to end: outside make test-fast
 def test_sampling_rejects_bad_requests(trained, photo_crops):
     model = trained["ae_nearest_x4"]
     with pytest.raises(ValueError, match="mode"):
@@ -199,6 +205,7 @@ def test_sampling_rejects_bad_requests(trained, photo_crops):
         sample_images(model, photo_crops[:1], 2, seed=0, mode="interpolate")
 
 
+@pytest.mark.slow  # trains, or runs a command end to end: outside make test-fast
 def test_save_load_round_trip(trained, photo_crops, tmp_path):
     spec, model = FAMILIES["ae_transposed_x8"], trained["ae_transposed_x8"]
     path = tmp_path / "gens" / "ae_transposed_x8.safetensors"

@@ -98,6 +98,7 @@ def test_every_crop_comes_from_a_photo_of_its_own_split(tmp_path, photo_subset):
         assert {name.rsplit("_", 1)[0] for name in names} == photos[split]
 
 
+@pytest.mark.slow  # trains, or runs a command end to end: outside make test-fast
 def test_crops_and_generators_are_cached_and_rebuilt_when_a_setting_changes(tmp_path, photo_subset):
     cache = tmp_path / "cache"
     crops = build_crops(photo_subset, SMALL, cache)

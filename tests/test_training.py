@@ -20,6 +20,7 @@ def _events(out, kind):
     return [row for row in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if row["event"] == kind]
 
 
+@pytest.mark.slow  # trains, or runs a command end to end: outside make test-fast
 def test_tiny_training_run_loss_falls_and_writes_a_loadable_model(tmp_path):
     data = _paired(tmp_path, 48)
     cfg = tiny_experiment(train={"epochs": 20, "batch_size": 8})
@@ -67,6 +68,7 @@ class Crash(RuntimeError):
     pass
 
 
+@pytest.mark.slow  # trains, or runs a command end to end: outside make test-fast
 def test_resume_after_a_crash_reaches_the_same_weights(tmp_path, monkeypatch):
     data = _paired(tmp_path, 20)
     cfg = tiny_experiment(train={"epochs": 2, "batch_size": 4, "checkpoint_every": 3})
@@ -122,6 +124,7 @@ def test_rpr_without_pairs_warns(tmp_path):
         run_training(cfg, data, tmp_path / "out", show_progress=False)
 
 
+@pytest.mark.slow  # trains, or runs a command end to end: outside make test-fast
 def test_unreadable_training_files_are_logged_not_fatal(tmp_path):
     data = _paired(tmp_path, 8)
     (data / "fake" / "truncated.png").write_bytes((data / "fake" / "img_000.png").read_bytes()[:60])
@@ -160,6 +163,7 @@ def test_each_step_logs_every_loss_term_and_the_collapse_indicators(tmp_path):
         assert row["cls_std"] > 0
 
 
+@pytest.mark.slow  # trains, or runs a command end to end: outside make test-fast
 def test_a_collapse_of_the_patch_embeddings_warns_and_is_logged(tmp_path):
     # The paper's PCL alone (λ = 1, no BCE, no patch loss) on label-blind noise: it collapses the tokens.
     data = _paired(tmp_path, 24)
