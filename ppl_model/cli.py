@@ -103,7 +103,9 @@ def _bench_engine(args: argparse.Namespace) -> int:
 def _bench_synth(args: argparse.Namespace) -> int:
     import time
 
-    from ppl_model.synthbench.benchmark import SynthBenchConfig, detector_config, run_benchmark
+    from ppl_model.synthbench.benchmark import run_benchmark
+    from ppl_model.synthbench.config import SynthBenchConfig
+    from ppl_model.synthbench.stages import detector_config
 
     cfg = SynthBenchConfig.preset_named("quick" if args.quick else args.scale).with_overrides(args.bench_set)
     if args.seeds is not None:

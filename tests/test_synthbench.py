@@ -19,12 +19,9 @@ from ppl_model.config import DataConfig
 from ppl_model.data.datasets import evaluation_subsets, index_dataset, list_images
 from ppl_model.detector import build_detector
 from ppl_model.evaluation.metrics import METRICS
-from ppl_model.synthbench.benchmark import (
-    ARMS,
-    LocalEditFamily,
-    SampledFamily,
-    SynthBenchConfig,
-    SynthBenchError,
+from ppl_model.synthbench.config import ARMS, LocalEditFamily, SampledFamily, SynthBenchConfig, SynthBenchError
+from ppl_model.synthbench.generators import local_edit_masks, reconstruct, to_uint8_images
+from ppl_model.synthbench.stages import (
     arm_config,
     build_crops,
     build_generators,
@@ -34,7 +31,6 @@ from ppl_model.synthbench.benchmark import (
     split_photos,
     write_datasets,
 )
-from ppl_model.synthbench.generators import local_edit_masks, reconstruct, to_uint8_images
 from tests.helpers import PHOTOS
 
 # A few seconds of work: two generator families (one also sampled), tiny crops, a handful of steps.
