@@ -183,9 +183,8 @@ def build_crops(photos: str | Path, cfg: SynthBenchConfig, cache: str | Path, *,
     manifest_path = folder / "manifest.json"
     if manifest_path.is_file():
         manifest = json.loads(manifest_path.read_text())
-        tensors = load_file(str(folder / "crops.safetensors"))
-        return Crops(key, folder, manifest["split_sizes"], manifest["photos"], manifest["names"], tensors,
-                     manifest["skipped"], False)
+        return Crops(key, folder, manifest["split_sizes"], manifest["photos"], manifest["names"],
+                     load_file(str(folder / "crops.safetensors")), manifest["skipped"], False)
 
     names: dict[str, list[str]] = {}
     tensors: dict[str, torch.Tensor] = {}
@@ -317,8 +316,8 @@ def write_datasets(crops: Crops, generators: dict[str, GeneratorRecord], cfg: Sy
     folder = Path(cache) / "data" / key
     manifest_path = folder / "manifest.json"
     if manifest_path.is_file():
-        counts = json.loads(manifest_path.read_text())["counts"]
-        return Datasets(key, folder, folder / "detector", folder / "test", folder / "analysis_images", counts, False)
+        return Datasets(key, folder, folder / "detector", folder / "test", folder / "analysis_images",
+                        json.loads(manifest_path.read_text())["counts"], False)
 
     tmp = _fresh_dir(folder.with_name(f".{key}.tmp"))
     detector, test = tmp / "detector", tmp / "test"
@@ -570,7 +569,8 @@ def run_detector(datasets: Datasets, cfg: SynthBenchConfig, exp: ExperimentConfi
     times["train"] = time.perf_counter() - start
 
     start = time.perf_counter()
-    options = {"backend": cfg.backend, "batch_size": cfg.eval_batch_size, "workers": cfg.workers, "progress": progress}
+    options: dict[str, Any] = {"backend": cfg.backend, "batch_size": cfg.eval_batch_size, "workers": cfg.workers,
+                               "progress": progress}
     # Calibration on the detector's own validation split (real crops of photos it never trained on).
     calibration = evaluate_model(model_dir, datasets.detector_data, layout="paired", target_fpr=cfg.target_fpr,
                                  **options)
@@ -583,10 +583,11 @@ def run_detector(datasets: Datasets, cfg: SynthBenchConfig, exp: ExperimentConfi
                       seed=exp.train.seed, progress=progress)
     times["analyze"] = time.perf_counter() - start
 
-    robustness = None
+    robustness_by_perturbation = None
     if "robustness" in result:
-        robustness = {name: {"subsets": block["subsets"], "mean_unseen": _unseen_mean(block["subsets"], cfg.unseen)}
-                      for name, block in result["robustness"].items()}
+        robustness_by_perturbation = {
+            name: {"subsets": block["subsets"], "mean_unseen": _unseen_mean(block["subsets"], cfg.unseen)}
+            for name, block in result["robustness"].items()}
     edits = [name for name in cfg.edit_families if name in result["subsets"]]
     return {
         "seed": exp.train.seed, "regime": regime, "arm": arm, "model_dir": str(model_dir),
@@ -603,7 +604,7 @@ def run_detector(datasets: Datasets, cfg: SynthBenchConfig, exp: ExperimentConfi
         "mean_all": result["mean"],
         "mean_unseen": _unseen_mean(result["subsets"], cfg.unseen),
         "mean_edits": _unseen_mean(result["subsets"], edits) if edits else {},
-        "robustness": robustness,
+        "robustness": robustness_by_perturbation,
         "cde": {key: summary[key] for key in SUMMARY_KEYS} | {"images": summary["images"],
                                                                "undefined_uniformity": summary["undefined_uniformity"],
                                                                "fill": summary["fill_description"]},
