@@ -40,7 +40,7 @@ from ppl_model.data.transforms import (
 )
 from ppl_model.errors import PPLError
 from ppl_model.imageio import IMAGE_SUFFIXES, list_images  # noqa: F401  (importable from here, as always)
-from ppl_model.inference.preprocess import Preprocessing, prepare_image
+from ppl_model.inference.preprocess import Preprocessing, prepare_image, rgb_triple
 from ppl_model.rpr import make_rpr_sample
 
 REAL, FAKE = 0, 1
@@ -186,7 +186,7 @@ class DetectionDataset(Dataset):
         self.samples = list(samples)
         self.input_size, self.patch_size = input_size, patch_size
         self.grid = input_size // patch_size
-        self.mean, self.std = tuple(mean), tuple(std)
+        self.mean, self.std = rgb_triple(mean, "mean"), rgb_triple(std, "std")
         self.fill = fill_colour(self.mean)
         self.eval_prep = Preprocessing(input_size, self.mean, self.std)
         self.train = train
@@ -228,12 +228,12 @@ class DetectionDataset(Dataset):
         # on the grid, a shortcut ("seams mean fake") the model would learn instead of generation traces.
         use_rpr = (self.rpr is not None and sample.label == FAKE and sample.partner is not None
                    and rng.random() < self.rpr.prob)
-        partner = load_rgb(sample.partner) if use_rpr else None
+        partner = load_rgb(sample.partner) if use_rpr and sample.partner is not None else None
         # A reconstruction of another size than its real image (e.g. a 512-px SD output) is never cut to a
         # common corner: that would shift its content against the real image and leave seams on the grid.
         mismatched = partner is not None and partner.size != img.size
         if mismatched:
-            assert self.rpr is not None
+            assert self.rpr is not None and partner is not None
             if self.rpr.size_mismatch == "refuse":
                 partner = None  # used whole, as a pure fake
             else:

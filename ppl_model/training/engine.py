@@ -7,7 +7,7 @@ import math
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -15,6 +15,7 @@ from torch import nn
 from tqdm import tqdm
 
 from ppl_model.config import LossConfig
+from ppl_model.detector import PPLDetector
 from ppl_model.evaluation.metrics import detection_metrics
 from ppl_model.losses import mean_pairwise_cosine, ppl_loss, scheduled
 
@@ -58,7 +59,8 @@ def unwrap(model: nn.Module) -> nn.Module:
 def _placeholder_batch(model: nn.Module, device: torch.device) -> dict[str, Any]:
     """Stands in for a batch whose files were all unreadable: it keeps distributed ranks and gradient
     accumulation in step, and contributes zero loss."""
-    size, grid = unwrap(model).input_size, unwrap(model).grid_size
+    detector = cast(PPLDetector, unwrap(model))
+    size, grid = detector.input_size, detector.grid_size
     return {"pixel_values": torch.zeros(1, 3, size, size, device=device), "labels": torch.zeros(1, device=device),
             "patch_labels": torch.zeros(1, grid, grid, device=device), "rpr": torch.zeros(1, dtype=torch.bool),
             "size_mismatched": 0, "size": 0}
@@ -110,7 +112,7 @@ def train_one_epoch(model: nn.Module, loader: Iterable[dict[str, Any]], optimize
 
         micro += 1
         boundary = micro % ctx.grad_accum == 0
-        sync = contextlib.nullcontext() if (boundary or not is_ddp) else model.no_sync()
+        sync = contextlib.nullcontext() if (boundary or not is_ddp) else cast(Any, model).no_sync()
         with sync:
             with autocast(ctx.device, ctx.autocast_dtype):
                 output = model(pixels)
@@ -147,7 +149,7 @@ def train_one_epoch(model: nn.Module, loader: Iterable[dict[str, Any]], optimize
         state.step += 1
 
         seen = max(sums["seen"], 1)
-        metrics = {"step": state.step, "epoch": state.epoch + 1, "lr": scheduler.get_last_lr()[0],
+        metrics: dict[str, Any] = {"step": state.step, "epoch": state.epoch + 1, "lr": scheduler.get_last_lr()[0],
                    "pcl_weight": step_cfg.pcl_weight,
                    **{k: sums[k] / seen for k in ("loss", "bce", "pcl", "patch", "patch_cosine", "cls_std")},
                    "contrast_cosine": None if math.isnan(sums["contrast_cosine"]) else sums["contrast_cosine"] / seen,

@@ -120,7 +120,8 @@ def build_optimizer(model: PPLDetector, cfg: OptimConfig) -> torch.optim.AdamW:
     param_groups = [{"params": params, "lr": head_lr if is_head else cfg.lr,
                      "weight_decay": cfg.weight_decay if decays else 0.0}
                     for (is_head, decays), params in sorted(groups.items())]
-    return torch.optim.AdamW(param_groups, betas=tuple(cfg.betas))
+    beta1, beta2 = cfg.betas
+    return torch.optim.AdamW(param_groups, betas=(beta1, beta2))
 
 
 def cosine_with_warmup(optimizer: torch.optim.Optimizer, total_steps: int, cfg: OptimConfig
@@ -148,8 +149,9 @@ class MetricsLog:
                 fh.write(json.dumps({"event": event, **record}) + "\n")
 
 
-def _save_checkpoint(path: Path, model: PPLDetector, optimizer, scheduler, scaler, loss_rng: torch.Generator,
-                     state: TrainState, cfg: ExperimentConfig) -> None:
+def _save_checkpoint(path: Path, model: PPLDetector, optimizer: torch.optim.Optimizer,
+                     scheduler: torch.optim.lr_scheduler.LRScheduler, scaler: torch.amp.GradScaler | None,
+                     loss_rng: torch.Generator, state: TrainState, cfg: ExperimentConfig) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = {
         # Only what training changes; the frozen backbone is rebuilt from the config on resume.
@@ -166,8 +168,9 @@ def _save_checkpoint(path: Path, model: PPLDetector, optimizer, scheduler, scale
     os.replace(tmp, path)
 
 
-def _load_checkpoint(path: Path, model: PPLDetector, optimizer, scheduler, scaler, loss_rng: torch.Generator,
-                     cfg: ExperimentConfig) -> TrainState:
+def _load_checkpoint(path: Path, model: PPLDetector, optimizer: torch.optim.Optimizer,
+                     scheduler: torch.optim.lr_scheduler.LRScheduler, scaler: torch.amp.GradScaler | None,
+                     loss_rng: torch.Generator, cfg: ExperimentConfig) -> TrainState:
     payload = torch.load(path, map_location="cpu", weights_only=True)
     if payload["config"] != cfg.to_dict():
         saved, now = payload["config"], cfg.to_dict()
@@ -233,8 +236,8 @@ def _run(cfg: ExperimentConfig, data_dir: Path, out: Path, checkpoint_path: Path
     loss_rng = torch.Generator(device).manual_seed(cfg.train.seed + dist_ctx.rank)  # rank-specific PCL sampling
 
     backbone = detector.backbone
-    common = {"input_size": backbone.input_size, "patch_size": backbone.patch_size,
-              "mean": backbone.mean, "std": backbone.std}
+    common: dict[str, Any] = {"input_size": backbone.input_size, "patch_size": backbone.patch_size,
+                              "mean": backbone.mean, "std": backbone.std}
     train_set = DetectionDataset(splits.train, train=True, augment=cfg.augment, rpr=cfg.rpr,
                                  seed=cfg.train.seed, **common)
     sampler = EpochSampler(len(train_set), seed=cfg.train.seed, rank=dist_ctx.rank,
