@@ -135,6 +135,19 @@ class WorkerProcess:
         return "\n".join(self.log().splitlines()[-lines:]) or "(no log)"
 
 
+def worker_environment(database_url: str, broker_url: str, model_dir: Path, file_root: Path,
+                    **settings: str) -> dict[str, str]:
+    """The environment of a test worker: this process's, plus the services, a tiny model on torch, one file
+    root, small quick batches and no metrics port; ``settings`` (``PPL_*`` names) add or override."""
+    env = dict(os.environ)
+    env.update({"PPL_DATABASE_URL": database_url, "PPL_BROKER_URL": broker_url, "PPL_MODEL_DIR": str(model_dir),
+                "PPL_BACKEND": "torch", "PPL_FILE_ROOTS": str(file_root), "PPL_BATCH_SIZE": "8",
+                "PPL_BATCH_TIMEOUT_MS": "200", "PPL_METRICS_PORT": "0", "PPL_VISIBILITY_TIMEOUT_S": "30",
+                "PPL_RETRY_BACKOFF_S": "0.2"})
+    env.update(settings)
+    return env
+
+
 def wait_until(condition: Callable[[], T | None], timeout: float = 60.0, what: str | Callable[[], str] = "condition",
                every: float = 0.3, worker: WorkerProcess | None = None) -> T:
     """Poll ``condition`` until it returns something truthy, and return that. Raises WaitTimeout after

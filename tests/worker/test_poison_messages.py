@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 import re
 import subprocess
 import sys
@@ -20,6 +19,7 @@ import redis
 from PIL import Image
 from sqlalchemy import text
 
+from benchmarks.harness import worker_environment
 from tests.worker.processes import WorkerProcess, wait_until
 from worker import db
 from worker.broker import DELAYED_KEY
@@ -75,12 +75,8 @@ def image_root(tmp_path):
 
 @pytest.fixture
 def worker_env(database_url, redis_url, tiny_model_dir, image_root, tmp_path):
-    env = dict(os.environ)
-    env.update({"PPL_DATABASE_URL": database_url, "PPL_BROKER_URL": redis_url, "PPL_MODEL_DIR": str(tiny_model_dir),
-                "PPL_BACKEND": "torch", "PPL_FILE_ROOTS": str(image_root), "PPL_BATCH_SIZE": "8",
-                "PPL_BATCH_TIMEOUT_MS": "200", "PPL_METRICS_PORT": "0", "PPL_VISIBILITY_TIMEOUT_S": "30",
-                "PPL_RETRY_BACKOFF_S": "0.2", "PPL_HEARTBEAT_FILE": str(tmp_path / "heartbeat")})
-    return env
+    return worker_environment(database_url, redis_url, tiny_model_dir, image_root,
+                           PPL_HEARTBEAT_FILE=str(tmp_path / "heartbeat"))
 
 
 @pytest.fixture

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -15,6 +14,7 @@ import pytest
 from PIL import Image
 from sqlalchemy import text
 
+from benchmarks.harness import worker_environment
 from tests.worker.processes import WorkerProcess, produce, wait_until
 from worker import db
 
@@ -37,12 +37,7 @@ def image_root(tmp_path):
 
 @pytest.fixture
 def worker_env(database_url, redis_url, tiny_model_dir, image_root):
-    env = dict(os.environ)
-    env.update({"PPL_DATABASE_URL": database_url, "PPL_BROKER_URL": redis_url, "PPL_MODEL_DIR": str(tiny_model_dir),
-                "PPL_BACKEND": "torch", "PPL_FILE_ROOTS": str(image_root), "PPL_BATCH_SIZE": "8",
-                "PPL_BATCH_TIMEOUT_MS": "200", "PPL_METRICS_PORT": "0", "PPL_VISIBILITY_TIMEOUT_S": "30",
-                "PPL_RETRY_BACKOFF_S": "0.2"})
-    return env
+    return worker_environment(database_url, redis_url, tiny_model_dir, image_root)
 
 
 @pytest.fixture
