@@ -188,22 +188,22 @@ class Message(virtual.Message):
         self.queue: str = recorded[0] if recorded else (properties["delivery_info"].get("routing_key") or "")
         self.raw: bytes = recorded[1] if recorded else json.dumps(payload).encode()
         encoding = properties.get("body_encoding")
-        if encoding == DEAD_LETTER_ENCODING:
+        if encoding != DEAD_LETTER_ENCODING:
+            try:
+                super().__init__(payload, channel=channel, **kwargs)  # decodes the body (once)
+                return
+            except Exception as exc:  # unknown encoding (AttributeError inside kombu), invalid base64, ...
+                self.dead_letter = (self.raw, f"the body cannot be decoded with body_encoding {encoding!r}: "
+                                              f"{type(exc).__name__}: {exc}"[:500])
+        else:
             try:
                 self.raw = bytes.fromhex(payload.get("body") or "")
             except ValueError:
                 self.raw = str(payload.get("body")).encode()
             self.dead_letter = (self.raw, problem or _raw_problem(self.raw))
-        elif payload.get("body"):
-            try:
-                channel.decode_body(payload["body"], encoding)
-            except Exception as exc:  # unknown encoding (AttributeError inside kombu), invalid base64, ...
-                self.dead_letter = (self.raw, f"the body cannot be decoded with body_encoding {encoding!r}: "
-                                              f"{type(exc).__name__}: {exc}"[:500])
-        if self.dead_letter is not None:  # delivered with no body: Celery refuses the content type unread
-            payload = {**payload, "body": None, "content-type": DEAD_LETTER_CONTENT_TYPE,
-                       "properties": {**properties, "body_encoding": None}}
-        super().__init__(payload, channel=channel, **kwargs)
+        # A dead letter is delivered with no body: Celery refuses its content type unread.
+        super().__init__({**payload, "body": None, "content-type": DEAD_LETTER_CONTENT_TYPE,
+                          "properties": {**properties, "body_encoding": None}}, channel=channel, **kwargs)
 
 
 def _raw_problem(raw: bytes) -> str:
