@@ -63,15 +63,13 @@ class Refusal:
 @dataclass(frozen=True)
 class JobRequest:
     """One delivered message, as the task receives it (arguments not yet checked). ``refused``: the job is only
-    recorded, with that reason, never run. ``received_at``: when the worker took the message (default: when
-    its batch started)."""
+    recorded, with that reason, never run."""
 
     task_id: str | None
     args: Sequence[Any] = ()
     kwargs: Any = field(default_factory=dict)
     retries: int = 0
     refused: Refusal | None = None
-    received_at: datetime | None = None
 
 
 @dataclass(frozen=True)
@@ -81,12 +79,12 @@ class Job:
     external_id: str | None
     metadata: dict[str, Any] | None
     retries: int
-    received_at: datetime | None = None
 
     def submission(self, received_at: datetime, *, verdict: tuple[str, str] | None = None,
                    failure: db.FailureRow | None = None) -> db.SubmissionRow:
-        return db.SubmissionRow(self.task_id, self.external_id, self.source, self.metadata,
-                                self.received_at or received_at, verdict=verdict, failure=failure)
+        """This job's submission row; ``received_at`` is when the worker began the job's batch."""
+        return db.SubmissionRow(self.task_id, self.external_id, self.source, self.metadata, received_at,
+                                verdict=verdict, failure=failure)
 
 
 @dataclass
@@ -132,8 +130,7 @@ def parse_job(request: JobRequest, settings: Settings) -> Job:
     for name, value in (("source", source), ("external_id", external_id), ("metadata", metadata)):
         if not _storable(value):
             raise InvalidJob(f"{name} holds a NUL character or an unpaired surrogate, which the database cannot store")
-    return Job(request.task_id, source, external_id, metadata, max(0, int(request.retries or 0)),
-               request.received_at)
+    return Job(request.task_id, source, external_id, metadata, max(0, int(request.retries or 0)))
 
 
 def _storable(value: Any) -> bool:
@@ -172,7 +169,7 @@ def _refused_job(request: JobRequest) -> Job:
     if not isinstance(metadata, dict) or not _storable(metadata) or not _json_storable(metadata):
         metadata = None
     return Job(request.task_id, shown[:MAX_SOURCE_CHARS], external_id if isinstance(external_id, str) else None,
-               metadata, 0, request.received_at)
+               metadata, 0)
 
 
 def _json_storable(value: Any) -> bool:
