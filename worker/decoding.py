@@ -31,7 +31,7 @@ from ppl_model.reasons import Reason, Transience
 from worker.settings import Settings
 from worker.sources import SourceError
 
-ALLOWED_FORMATS = frozenset({"JPEG", "MPO", "PNG", "WEBP", "GIF", "BMP", "TIFF"})
+ALLOWED_FORMATS = frozenset({"JPEG", "MPO", "PNG", "WEBP", "GIF", "BMP", "TIFF", "HEIF", "AVIF"})
 DECODE_WAIT_S = 120.0  # far longer than any one decode: only a budget held by images nobody releases waits this
 
 MALLOC_ARENAS = 2  # glibc's M_ARENA_MAX for worker processes (see limit_malloc_arenas)
