@@ -17,8 +17,9 @@ from PIL import Image
 from ppl_model.detector import build_detector
 from ppl_model.inference.backends import choose_backend, load_backend
 from ppl_model.inference.base import BackendError, Prediction
+from ppl_model.inference.crops import tile_offsets
 from ppl_model.inference.export import LogitsOnly, export_onnx, onnx_version_id, verify_onnx
-from ppl_model.inference.preprocess import Preprocessing, aggregate, prepare, tile_offsets
+from ppl_model.inference.preprocess import Preprocessing, aggregate, prepare
 from ppl_model.inference.scan import collect_files, scan
 from ppl_model.inference.verdict import make_verdict
 from ppl_model.model_dir import load_model_dir, read_model_info, save_model_dir

@@ -28,7 +28,8 @@ from ppl_model.imageio import (  # noqa: F401
 
 # Cropping and normalisation are shared with inference and live there (inference must not import the
 # training-data package); these names stay importable from here.
-from ppl_model.inference.preprocess import centre_offset, crop_at, fill_colour, to_tensor  # noqa: F401
+from ppl_model.inference.crops import centre_offset, crop_at, fill_colour  # noqa: F401
+from ppl_model.inference.preprocess import to_tensor  # noqa: F401
 
 
 def random_offset(length: int, crop: int, rng: np.random.Generator) -> int:

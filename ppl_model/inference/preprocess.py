@@ -19,6 +19,7 @@ from PIL import Image
 
 from ppl_model.imageio import decode_rgb
 from ppl_model.inference.base import Prediction
+from ppl_model.inference.crops import crop_pixels
 from ppl_model.model_dir import ModelInfo
 
 AGGREGATIONS = ("max", "mean")
@@ -48,30 +49,16 @@ def rgb_triple(values: Sequence[float], name: str) -> tuple[float, float, float]
     return float(values[0]), float(values[1]), float(values[2])
 
 
-def fill_colour(mean: tuple[float, ...]) -> tuple[int, int, int]:
-    r, g, b = (round(255 * m) for m in mean)
-    return (r, g, b)
-
-
-def centre_offset(length: int, crop: int) -> int:
-    return (length - crop) // 2
-
-
-def crop_at(img: Image.Image, left: int, top: int, crop: int, fill: tuple[int, int, int]) -> Image.Image:
-    """A crop×crop window at (left, top), padded with ``fill`` wherever it leaves the image."""
-    if left >= 0 and top >= 0 and left + crop <= img.width and top + crop <= img.height:
-        return img.crop((left, top, left + crop, top + crop))
-    canvas = Image.new("RGB", (crop, crop), fill)
-    canvas.paste(img, (-left, -top))
-    return canvas
-
-
 def to_tensor(img: Image.Image | np.ndarray, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
     """(H, W, 3) uint8 → normalised float (3, H, W)."""
-    array = np.asarray(img, dtype=np.float32) / 255.0
-    tensor = torch.from_numpy(array).permute(2, 0, 1)
-    mean_t = torch.tensor(mean, dtype=torch.float32)[:, None, None]
-    std_t = torch.tensor(std, dtype=torch.float32)[:, None, None]
+    return normalise(np.asarray(img, dtype=np.uint8)[None], mean, std)[0]
+
+
+def normalise(crops: np.ndarray, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
+    """(N, H, W, 3) uint8 crops → normalised float (N, 3, H, W), in one vectorised pass."""
+    tensor = torch.from_numpy(np.ascontiguousarray(crops)).permute(0, 3, 1, 2).to(torch.float32) / 255.0
+    mean_t = torch.tensor(mean, dtype=torch.float32)[None, :, None, None]
+    std_t = torch.tensor(std, dtype=torch.float32)[None, :, None, None]
     return (tensor - mean_t) / std_t
 
 
@@ -82,28 +69,9 @@ class Prepared(NamedTuple):
     format: str  # the decoder's name for the file format (JPEG, PNG, ...), "" when unknown
 
 
-def tile_offsets(width: int, height: int, size: int, max_tiles: int) -> list[tuple[int, int]]:
-    """Top-left corners of up to ``max_tiles`` non-overlapping size×size crops.
-
-    The full grid of whole tiles is centred on the image; when it has more cells than allowed, cells are
-    taken evenly across it (row-major), so the chosen crops still cover the whole image's extent.
-    """
-    if max_tiles == 1:
-        return [(centre_offset(width, size), centre_offset(height, size))]
-    cols, rows = max(1, width // size), max(1, height // size)
-    left0, top0 = centre_offset(width, cols * size), centre_offset(height, rows * size)
-    cells = [(left0 + c * size, top0 + r * size) for r in range(rows) for c in range(cols)]
-    if len(cells) <= max_tiles:
-        return cells
-    picks = np.linspace(0, len(cells) - 1, max_tiles).round().astype(int)
-    return [cells[i] for i in picks]
-
-
 def prepare_image(img: Image.Image, prep: Preprocessing, image_format: str = "") -> Prepared:
-    fill = fill_colour(prep.mean)
-    crops = [to_tensor(crop_at(img, left, top, prep.input_size, fill), prep.mean, prep.std)
-             for left, top in tile_offsets(img.width, img.height, prep.input_size, prep.tiles)]
-    return Prepared(torch.stack(crops), img.width, img.height, image_format)
+    crops = crop_pixels(img, prep.input_size, prep.tiles, prep.mean)
+    return Prepared(normalise(crops, prep.mean, prep.std), img.width, img.height, image_format)
 
 
 def prepare(source: Path | str | bytes, prep: Preprocessing, name: str = "") -> Prepared:
