@@ -11,11 +11,9 @@ benchmark's own Redis database (flushed before and after), over the same generat
   database. *Efficiency* = end to end / scan;
 * **naive**: a worker with one image per task and one insert per image (``benchmarks.naive_worker``), same
   model, backend and settings. *Speedup* = end to end / naive;
-* **upserts**: ``db.upsert_verdicts`` of synthetic rows, one transaction per batch, at the worker's batch
-  size (and, for context, at batch 1 and 256);
-* **rescan**: ``run_rescan`` over synthetic stale verdicts (1,000,000 by default), jobs enqueued per
-  second, with this process's resident memory sampled throughout (start, peak, end). A thread empties the
-  detect queue as it fills, counting every message, as consuming workers would (``rescan_drain``).
+* **upserts** and **rescan**: the storage measurements of ``benchmarks.storage_bench`` (the worker's batch
+  write against ``COPY`` of the same rows, the rescan against a pipelined ``LPUSH`` of the same messages),
+  run with this benchmark's databases and sizes.
 
 ``run_soak`` (``ppl-worker bench --soak N``) is the separate soak: N distinct images through one worker,
 its resident memory at the start and end and the throughput of each successive 1,000 jobs.
@@ -56,12 +54,11 @@ from PIL import Image
 from sqlalchemy import text
 from sqlalchemy.engine import Engine, make_url
 
+from benchmarks import storage_bench
 from benchmarks.harness import (
     HarnessError,
     WorkerProcess,
-    insert_synthetic_verdicts,
     send_jobs,
-    synthetic_rows,
     wait_until,
 )
 from worker import db
@@ -77,12 +74,7 @@ MIB = 1024 * 1024
 # The issue's targets for the tiny model on the 2-core CPU machine.
 TARGET_EFFICIENCY = 0.8
 TARGET_SPEEDUP = 5.0
-TARGET_UPSERT_ROWS_PER_S = 5_000
-TARGET_RESCAN_JOBS_PER_S = 10_000
-# "Flat" memory during a rescan: its peak RSS at most this far above its start, whatever the row count
-# (the messages of 1,000,000 jobs would take about a gigabyte if anything kept them).
-RESCAN_FLAT_RSS_MIB = 64
-OLD_VERSION, NEW_VERSION = "bench-old-model", "bench-new-model"
+# The storage targets (write vs COPY, rescan vs LPUSH, rescan memory) are benchmarks.storage_bench's.
 
 
 class BenchError(HarnessError):
@@ -233,62 +225,6 @@ def load_average() -> float:
     return round(os.getloadavg()[0], 2)
 
 
-class RssSampler:
-    """This process's RSS every ``every`` seconds in a thread: start, peak and end of what it wraps."""
-
-    def __init__(self, every: float = 0.02):
-        self.every = every
-        self.start = self.peak = self.end = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="rss-sampler", daemon=True)
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.every):
-            self.peak = max(self.peak, rss_bytes())
-
-    def __enter__(self) -> RssSampler:
-        self.start = self.peak = rss_bytes()
-        self._thread.start()
-        return self
-
-    def __exit__(self, *_: object) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.end = rss_bytes()
-        self.peak = max(self.peak, self.end)
-
-
-class QueueDrain:
-    """Every ``every`` seconds, take the whole detect queue out of Redis (LLEN and UNLINK in one transaction)
-    and count it, as consuming workers would; Redis's peak memory is sampled at the same time."""
-
-    def __init__(self, client: Any, enabled: bool = True, every: float = 0.5):
-        self.client, self.enabled, self.every = client, enabled, every
-        self.drained = self.peak_memory = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="queue-drain", daemon=True)
-
-    def _run(self) -> None:
-        from worker.app import DETECT_QUEUE
-
-        while not self._stop.wait(self.every):
-            if self.enabled:
-                with self.client.pipeline(transaction=True) as pipe:
-                    pipe.llen(DETECT_QUEUE)
-                    pipe.unlink(DETECT_QUEUE)
-                    self.drained += pipe.execute()[0]
-            self.peak_memory = max(self.peak_memory, int(self.client.info("memory")["used_memory"]))
-
-    def __enter__(self) -> QueueDrain:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *_: object) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.peak_memory = max(self.peak_memory, int(self.client.info("memory")["used_memory"]))
-
-
 def worker_env(config: WorkerBenchConfig, database_url: str, model_dir: Path, roots: Sequence[Path]) -> dict[str, str]:
     env = dict(os.environ)
     env.update({
@@ -418,90 +354,6 @@ def measure_scan(config: WorkerBenchConfig, model_dir: Path, images: Sequence[Pa
             "cpu_s": round(cpu, 2), "load_average": load}
 
 
-def measure_upserts(config: WorkerBenchConfig, log: Log) -> dict[str, Any]:
-    """Rows/s of ``db.upsert_verdicts``, one transaction per batch (as the worker commits a batch), into a
-    fresh database, at the chosen batch size and at the context sizes."""
-    batches = sorted({config.batch_size, *config.upsert_context_batches})
-    by_batch = []
-    with bench_database(config.server_url) as url:
-        engine = db.make_engine(url)
-        try:
-            with engine.begin() as conn:
-                db.register_model_version(conn, OLD_VERSION, {}, 0.5, {}, activate=True)
-            start = 0
-            for batch in batches:
-                # The context sizes are measured on fewer rows: at batch 1, 20,000 commits take a while.
-                count = config.upsert_rows if batch >= config.batch_size else max(batch, config.upsert_rows // 10)
-                count = max(batch, count - count % batch)
-                rows = synthetic_rows(count, start, OLD_VERSION)
-                start += count
-                inserted = 0
-                with _profiled(config, f"upserts-batch{batch}", log):
-                    cpu, started = time.process_time(), time.perf_counter()
-                    for i in range(0, count, batch):
-                        with engine.begin() as conn:
-                            inserted += db.upsert_verdicts(conn, rows[i:i + batch])
-                    seconds, cpu = time.perf_counter() - started, time.process_time() - cpu
-                if inserted != count:
-                    raise BenchError(f"upserts at batch {batch}: {inserted} of {count} rows inserted")
-                by_batch.append({"batch": batch, "rows": count, "seconds": round(seconds, 4),
-                                 "rows_per_s": round(count / seconds, 1), "client_cpu_s": round(cpu, 2)})
-                log(f"upserts, batch {batch}: {count} rows in {seconds:.2f} s = {count / seconds:.0f} rows/s")
-        finally:
-            engine.dispose()
-    chosen = next(b for b in by_batch if b["batch"] == config.batch_size)
-    return {"batch": config.batch_size, "rows_per_s": chosen["rows_per_s"], "by_batch": by_batch}
-
-
-def measure_rescan(config: WorkerBenchConfig, log: Log) -> dict[str, Any]:
-    """Jobs/s of ``run_rescan`` over ``rescan_rows`` stored verdicts of an old model, all stale for the
-    target, with back-pressure out of reach; this process's RSS sampled throughout."""
-    from worker.app import DETECT_QUEUE, make_app
-    from worker.rescan import RescanRequest, run_rescan
-    from worker.settings import Settings
-
-    rows = config.rescan_rows
-    with bench_database(config.server_url) as url, bench_redis(config.broker_url) as redis_client:
-        engine = db.make_engine(url)
-        try:
-            started = time.perf_counter()
-            with engine.begin() as conn:
-                db.register_model_version(conn, OLD_VERSION, {}, 0.5, {}, activate=False)
-                db.register_model_version(conn, NEW_VERSION, {}, 0.5, {}, activate=True)
-                insert_synthetic_verdicts(conn, OLD_VERSION, rows)
-            with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
-                conn.execute(text("VACUUM (ANALYZE) verdicts"))  # as autovacuum leaves a table that has settled
-            insert_s = time.perf_counter() - started
-            log(f"rescan: {rows} stale verdicts stored in {insert_s:.1f} s")
-            settings = Settings.from_env({}, database_url=url, broker_url=config.broker_url,
-                                         rescan_chunk=config.rescan_chunk, rescan_max_queue=2 * rows + 1)
-            app = make_app(settings)
-            load = load_average()
-            with (_profiled(config, "rescan", log), RssSampler() as rss,
-                  QueueDrain(redis_client, config.rescan_drain) as drain):
-                cpu = time.process_time()
-                result = run_rescan(settings, RescanRequest(target_model_version=NEW_VERSION), app=app,
-                                    engine=engine)
-                cpu = time.process_time() - cpu
-            queued = drain.drained + redis_client.llen(DETECT_QUEUE)
-        finally:
-            engine.dispose()
-    if result.enqueued != rows or queued != rows:
-        raise BenchError(f"rescan: {result.enqueued} enqueued, {queued} in the queue, {rows} expected")
-    rate = rows / result.seconds
-    growth = (rss.peak - rss.start) / MIB
-    log(f"rescan: {rows} jobs enqueued in {result.seconds:.1f} s = {rate:.0f} jobs/s, CPU {cpu:.1f} s "
-        f"(load average {load}); RSS "
-        f"{rss.start / MIB:.0f} → peak {rss.peak / MIB:.0f} → end {rss.end / MIB:.0f} MiB; Redis peak "
-        f"{drain.peak_memory / MIB:.0f} MiB" + (" (queue drained as it filled)" if config.rescan_drain else ""))
-    return {"rows": rows, "enqueued": result.enqueued, "queued": queued, "seconds": round(result.seconds, 3),
-            "jobs_per_s": round(rate, 1), "cpu_s": round(cpu, 2), "load_average": load,
-            "insert_s": round(insert_s, 1), "chunk": config.rescan_chunk,
-            "rss_start_mib": round(rss.start / MIB, 1), "rss_peak_mib": round(rss.peak / MIB, 1),
-            "rss_end_mib": round(rss.end / MIB, 1), "rss_growth_mib": round(growth, 1),
-            "drained": config.rescan_drain, "redis_peak_mib": round(drain.peak_memory / MIB, 1)}
-
-
 # ------------------------------------------------------------------------------------------ runs
 
 
@@ -539,6 +391,15 @@ def machine() -> dict[str, Any]:
             "load_average_start": load_average()}
 
 
+def storage_config(config: WorkerBenchConfig) -> storage_bench.StorageBenchConfig:
+    """The storage parts' settings (``benchmarks.storage_bench``) from this benchmark's."""
+    return storage_bench.StorageBenchConfig(
+        out=config.out, server_url=config.server_url, broker_url=config.broker_url, write_rows=config.upsert_rows,
+        write_batches=tuple(sorted({config.batch_size, *config.upsert_context_batches})),
+        main_batch=config.batch_size, rescan_rows=config.rescan_rows, rescan_chunk=config.rescan_chunk,
+        rescan_drain=config.rescan_drain, profile=config.profile)
+
+
 def run_worker_bench(config: WorkerBenchConfig, log: Log = print) -> dict[str, Any]:
     """Every part in ``config.parts``; the figures, ratios and target checks, also written to
     OUT/worker-bench.json."""
@@ -566,9 +427,9 @@ def run_worker_bench(config: WorkerBenchConfig, log: Log = print) -> dict[str, A
     result["efficiency"] = rate["end_to_end"] / rate["scan"] if {"end_to_end", "scan"} <= rate.keys() else None
     result["speedup"] = rate["end_to_end"] / rate["naive"] if {"end_to_end", "naive"} <= rate.keys() else None
     if "upserts" in config.parts:
-        result["upserts"] = measure_upserts(config, log)
+        result["upserts"] = storage_bench.measure_writes(storage_config(config), log)
     if "rescan" in config.parts:
-        result["rescan"] = measure_rescan(config, log)
+        result["rescan"] = storage_bench.measure_rescan(storage_config(config), log)
     result["targets"] = check_targets(result)
     result["wall_s"] = round(time.perf_counter() - wall, 1)
     (config.out / "worker-bench.json").write_text(json.dumps(result, indent=2) + "\n")
@@ -585,14 +446,7 @@ def check_targets(result: dict[str, Any]) -> list[dict[str, Any]]:
 
     add("efficiency (end to end / scan)", result.get("efficiency"), TARGET_EFFICIENCY, "")
     add("speedup (end to end / naive)", result.get("speedup"), TARGET_SPEEDUP, "×")
-    upserts = result.get("upserts")
-    add(f"upserts at batch {upserts['batch'] if upserts else '-'}", upserts and upserts["rows_per_s"],
-        TARGET_UPSERT_ROWS_PER_S, "rows/s")
-    rescan = result.get("rescan")
-    add("rescan enqueue rate", rescan and rescan["jobs_per_s"], TARGET_RESCAN_JOBS_PER_S, "jobs/s")
-    growth = rescan and rescan["rss_growth_mib"]
-    targets.append({"name": "rescan memory flat (peak − start RSS)", "value": growth, "target": RESCAN_FLAT_RSS_MIB,
-                    "unit": "MiB at most", "met": None if growth is None else growth <= RESCAN_FLAT_RSS_MIB})
+    targets += storage_bench.check_targets(result)
     return targets
 
 
@@ -687,18 +541,7 @@ def markdown_table(result: dict[str, Any]) -> str:
             spread = f" (median of {len(runs)}: {', '.join(_fmt(r['images_per_s']) for r in runs)})" \
                 if len(runs) > 1 else ""
             lines.append(f"| {label} | {_fmt(result[name]['images_per_s'], 'images/s')}{spread} |")
-    if "upserts" in result:
-        for row in result["upserts"]["by_batch"]:
-            lines.append(f"| PostgreSQL upserts, batch {row['batch']}, one transaction each | "
-                         f"{_fmt(row['rows_per_s'], 'rows/s')} |")
-    if "rescan" in result:
-        r = result["rescan"]
-        lines.append(f"| rescan of {r['rows']:,} stale verdicts (chunk {r['chunk']}) | "
-                     f"{_fmt(r['jobs_per_s'], 'jobs/s')} ({r['seconds']:.1f} s) |")
-        lines.append(f"| rescan RSS start / peak / end | {r['rss_start_mib']:.0f} / {r['rss_peak_mib']:.0f} / "
-                     f"{r['rss_end_mib']:.0f} MiB |")
-        drained = "queue drained as it filled" if r["drained"] else "queue kept"
-        lines.append(f"| Redis peak memory during the rescan ({drained}) | {r['redis_peak_mib']:.0f} MiB |")
+    lines += storage_bench.table_rows(result)
     lines += ["", "| target | measured | wanted | result |", "|---|---|---|---|"]
     for t in result["targets"]:
         verdict = "not run" if t["met"] is None else "PASS" if t["met"] else "MISS"
