@@ -36,7 +36,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 
 # ``python -m MODULE ARGS``: the real worker, and the one-image-per-task baseline the benchmark compares with.
 WORKER_COMMANDS: dict[str, tuple[str, ...]] = {
-    "batched": ("worker.cli", "run", "--queues", "detect", "--concurrency", "1"),
+    "batched": ("worker.cli", "run", "--queues", "detect"),
     "naive": ("benchmarks.naive_worker",),
 }
 
@@ -54,8 +54,9 @@ class WaitTimeout(HarnessError, AssertionError):
 
 class WorkerProcess:
     """A worker (``kind``: ``batched``, ``ppl-worker run``; ``naive``, the benchmark's baseline) as a child
-    process with its own log file: one process, threads pool, concurrency 1; ``name`` starts its Celery node
-    name. Start and stop it by hand, or use it as a context manager (started on entry, stopped on exit)."""
+    process with its own log file: one process, threads pool (``PPL_BATCHES_IN_FLIGHT`` threads for
+    ``batched``); ``name`` starts its Celery node name. Start and stop it by hand, or use it as a context
+    manager (started on entry, stopped on exit)."""
 
     def __init__(self, env: Mapping[str, str], log_path: Path, name: str = "worker", kind: str = "batched"):
         if kind not in WORKER_COMMANDS:

@@ -45,7 +45,8 @@ class Reason(StrEnum):
     UNSUPPORTED_FORMAT = "unsupported_format"
     CORRUPT = "corrupt"
     DECODE_BUSY = "decode_busy"
-    DECODE_ERROR = "decode_error"  # an exception no decoder rule foresaw (worker.pipeline)
+    DECODE_ERROR = "decode_error"  # an exception no decoder rule foresaw (worker.loading)
+    DECODER_DIED = "decoder_died"  # the worker's decode process died holding the job (worker.loading)
     # Storing the answer
     UNSTORABLE = "unstorable"
 
@@ -75,6 +76,7 @@ _TRANSIENCE: dict[Reason, Transience] = {
     Reason.TIMEOUT: Transience.ALWAYS,
     Reason.CONNECTION_FAILED: Transience.ALWAYS,
     Reason.DECODE_BUSY: Transience.ALWAYS,
+    Reason.DECODER_DIED: Transience.ALWAYS,  # retried; a file that kills its decoder every time runs out of retries
 }
 
 # The codes ppl_model.imageio raises (its docstring tables them)

@@ -117,10 +117,10 @@ def required_drain_s(settings: Settings) -> float:
 
 
 def required_visibility_s(settings: Settings) -> float:
-    """docs/OPERATIONS.md: two prefetched batches ahead plus its own, each with its database retries, plus the
-    longest retry countdown a held job waits out."""
+    """docs/OPERATIONS.md: every prefetched batch ahead (taken as if run one after another) plus its own, each
+    with its database retries, plus the longest retry countdown a held job waits out."""
     longest_countdown = settings.retry_backoff_s * 2 ** max(0, settings.max_retries - 1)
-    return (settings.prefetch_multiplier / settings.batch_size + 1) * required_drain_s(settings) + longest_countdown
+    return (settings.prefetch_count / settings.batch_size + 1) * required_drain_s(settings) + longest_countdown
 
 
 def duration_s(text: str | int) -> float:

@@ -272,7 +272,8 @@ def _run(args: argparse.Namespace, settings: Settings) -> int:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     from worker.app import app
 
-    argv = ["worker", "--queues", args.queues, "--pool", "threads", "--concurrency", str(args.concurrency),
+    concurrency = args.concurrency or settings.batches_in_flight
+    argv = ["worker", "--queues", args.queues, "--pool", "threads", "--concurrency", str(concurrency),
             "--loglevel", settings.log_level]
     if args.hostname:
         argv += ["--hostname", args.hostname]
@@ -318,7 +319,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--queues", default="detect",
                      help="detect (default) or rescan: give rescans their own worker, or a long rescan task "
                           "holds the slot that detection needs")
-    run.add_argument("--concurrency", type=int, default=1, help="batches in flight at once (1 per GPU is right)")
+    run.add_argument("--concurrency", type=int,
+                     help="batches in flight at once (default: PPL_BATCHES_IN_FLIGHT); their stages overlap, and "
+                          "one inference runs at a time")
     run.add_argument("--hostname", help="Celery node name, e.g. gpu0@%%h")
     run.set_defaults(handler=_run)
 

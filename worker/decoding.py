@@ -84,15 +84,20 @@ class DecodedImage:
 def decode_image(data: bytes, settings: Settings) -> DecodedImage:
     """First displayed frame, EXIF-oriented, converted to RGB; ``SourceError`` when it cannot be."""
     data = bytes(data)
+    image, image_format = decode_pixels(data, settings)
+    return DecodedImage(image=image, format=image_format, width=image.width, height=image.height,
+                        sha256=hashlib.sha256(data).hexdigest())
+
+
+def decode_pixels(data: bytes, settings: Settings) -> tuple[Image.Image, str]:
+    """The RGB image and its format name, as ``decode_image`` makes it, for a caller that has hashed the bytes."""
     if not data:
         raise SourceError(Reason.NOT_AN_IMAGE, "empty data")
-    digest = hashlib.sha256(data).hexdigest()
     try:
-        image, image_format = decode_rgb(data, max_pixels=settings.max_pixels, formats=ALLOWED_FORMATS,
-                                         max_bytes=settings.max_decode_bytes, budget=process_budget(settings))
+        return decode_rgb(data, max_pixels=settings.max_pixels, formats=ALLOWED_FORMATS,
+                          max_bytes=settings.max_decode_bytes, budget=process_budget(settings))
     except UnreadableImage as exc:
         # The reason decides; one whose transience depends on the error (unreadable: only from a path, never
         # from these bytes) would count as permanent.
         transient = exc.reason.transience is Transience.ALWAYS
         raise SourceError(exc.reason, exc.detail[:500], transient=transient) from None
-    return DecodedImage(image=image, format=image_format, width=image.width, height=image.height, sha256=digest)

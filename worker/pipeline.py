@@ -15,26 +15,26 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import threading
 import time
 import uuid
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
-import torch
+import numpy as np
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import DBAPIError, OperationalError
 
-from ppl_model.inference.preprocess import Prepared, aggregate, prepare_image
+from ppl_model.inference.preprocess import aggregate, normalise
 from ppl_model.inference.verdict import make_verdict
 from ppl_model.reasons import Reason
 from worker import db, metrics
-from worker.decoding import decode_image
+from worker.loading import CropSpec, Decoded, Fetched, Loader, make_loader
 from worker.model import ServedModel, load_model
 from worker.settings import Settings
-from worker.sources import SourceError, fetch_source
+from worker.sources import SourceError
 
 log = logging.getLogger(__name__)
 
@@ -182,24 +182,20 @@ def _json_storable(value: Any) -> bool:
 
 @dataclass
 class _Loaded:
-    """A job after fetch and decode: its crops and what the verdict row records, or its error. The decoded
-    pixels are not kept: a batch of large photos would otherwise hold gigabytes until the commit."""
+    """A job after fetch (and decode, when its content was new): its crops and what the verdict row records,
+    or its error. The decoded picture itself is never kept, only the crops the model sees."""
 
     job: Job
-    sha256: str = ""
-    width: int = 0
-    height: int = 0
-    format: str = ""
-    prepared: Prepared | None = None
-    error: SourceError | None = None
-    fetch_ms: float = 0.0
-    decode_ms: float = 0.0
+    fetched: Fetched
+    decoded: Decoded | None = None  # None: answered from a stored verdict or a duplicate in the batch
 
     @property
-    def crops(self) -> torch.Tensor:
-        if self.prepared is None:  # a job that failed to load has its error instead, and is never judged
-            raise RuntimeError(f"{self.job.source[:200]} was not loaded")
-        return self.prepared.crops
+    def sha256(self) -> str:
+        return self.fetched.sha256
+
+    @property
+    def error(self) -> SourceError | None:
+        return self.fetched.error or (self.decoded.error if self.decoded else None)
 
 
 Resend = Callable[[Job, float], None]  # (job, countdown seconds): re-enqueue with a delay
@@ -210,17 +206,20 @@ class BatchProcessor:
 
     def __init__(self, settings: Settings, engine: Engine, resend: Resend,
                  model_loader: Callable[[Settings], ServedModel] = load_model,
-                 sleep: Callable[[float], None] = time.sleep):
+                 sleep: Callable[[float], None] = time.sleep, loader: Loader | None = None):
         self.settings = settings
         self.engine = engine
         self.resend = resend
         self.model_loader = model_loader
         self.sleep = sleep
-        self.pool = ThreadPoolExecutor(max_workers=settings.decode_threads, thread_name_prefix="ppl-fetch")
+        self.loader = loader or make_loader(settings)
+        # Batches run in several threads at once (PPL_BATCHES_IN_FLIGHT), their stages overlapping; the
+        # accelerator takes one batch at a time.
+        self._infer_lock = threading.Lock()
         self._registered: set[str] = set()
 
     def close(self) -> None:
-        self.pool.shutdown(wait=True)
+        self.loader.close()
 
     def process(self, requests: Sequence[JobRequest]) -> BatchReport:
         report = BatchReport(batch_id=uuid.uuid4().hex[:12], jobs=len(requests))
@@ -249,24 +248,25 @@ class BatchProcessor:
 
         model = self.model_loader(self.settings)
         self._with_database(lambda: self._register(model))
-        loaded = self._fetch_all(jobs, model, report)
+        loaded = self._load(jobs, model, report)
 
         retry: list[tuple[Job, SourceError]] = []
         good: list[_Loaded] = []
         for item in loaded:
-            if item.error is None:
+            error = item.error
+            if error is None:
                 good.append(item)
-            elif item.error.transient and item.job.retries < self.settings.max_retries:
-                retry.append((item.job, item.error))
+            elif error.transient and item.job.retries < self.settings.max_retries:
+                retry.append((item.job, error))
             else:
-                failure = db.FailureRow(item.job.source, item.job.external_id, item.error.reason, item.error.detail)
+                failure = db.FailureRow(item.job.source, item.job.external_id, error.reason, error.detail)
                 failures.append(failure)
                 answered.append(item.job.submission(started_at, failure=failure))
                 log.warning("job failed", extra={"batch_id": report.batch_id, "task_id": item.job.task_id,
-                                                 "reason": item.error.reason, "source": item.job.source[:200]})
+                                                 "reason": error.reason, "source": item.job.source[:200]})
 
-        rows = self._judge(good, model, report)
-        # Every decoded job is answered by the verdict of its content: new, a duplicate's in this batch, or stored.
+        rows = self._judge([item for item in good if item.decoded is not None], model, report)
+        # Every loaded job is answered by the verdict of its content: new, a duplicate's in this batch, or stored.
         answered += [item.job.submission(started_at, verdict=(item.sha256, model.version_id)) for item in good]
         self._commit(report, rows, failures, answered, retry)
         return report
@@ -296,69 +296,74 @@ class BatchProcessor:
 
     # -- stages ---------------------------------------------------------------------------------------
 
-    def _load_one(self, job: Job, model: ServedModel) -> _Loaded:
-        item = _Loaded(job)
+    def _load(self, jobs: list[Job], model: ServedModel, report: BatchReport) -> list[_Loaded]:
+        """Fetch and hash every job; decode only content that this model version has not judged (stored, or
+        earlier in this batch): a duplicate costs a hash, never a decode. A job whose duplicate failed to
+        decode gets the same error (the same bytes)."""
         started = time.perf_counter()
+        fetched = self.loader.fetch([job.source for job in jobs])
+        items = [_Loaded(job, f) for job, f in zip(jobs, fetched, strict=True)]
         try:
-            data = fetch_source(job.source, self.settings).data
-            item.fetch_ms = 1000 * (time.perf_counter() - started)
+            report.seconds["fetch"] = time.perf_counter() - started
+            digests = {item.sha256 for item in items if item.fetched.error is None}
             started = time.perf_counter()
-            decoded = decode_image(data, self.settings)
-            item.prepared = prepare_image(decoded.image, model.preprocessing, decoded.format)
-            item.sha256, item.width, item.height, item.format = (decoded.sha256, decoded.width, decoded.height,
-                                                                 decoded.format)
-        except SourceError as exc:
-            item.error = exc
-        except Exception as exc:  # a decoder bug must not take the other jobs of the batch down with it
-            log.exception("unexpected error loading %s", job.source[:200])
-            item.error = SourceError(Reason.DECODE_ERROR, f"{type(exc).__name__}: {exc}"[:500])
-        if item.fetch_ms:
-            item.decode_ms = 1000 * (time.perf_counter() - started)
-        return item
+            known = self._with_database(lambda: self._known(model.version_id, digests)) if digests else set()
+            report.seconds["database"] = time.perf_counter() - started
+            first: dict[str, _Loaded] = {}
+            for item in items:
+                if item.fetched.error is None and item.sha256 not in known:
+                    first.setdefault(item.sha256, item)
+            started = time.perf_counter()
+            prep = model.preprocessing
+            spec = CropSpec(prep.input_size, prep.tiles, prep.mean)
+            decoded = self.loader.decode([item.fetched.handle for item in first.values()], spec)
+            report.seconds["decode"] = time.perf_counter() - started
+        finally:
+            self.loader.release(f.handle for f in fetched)
+        for item, result in zip(first.values(), decoded, strict=True):
+            item.decoded = result
+        for item in items:  # duplicates of a first that failed fail with it
+            origin = first.get(item.sha256)
+            if origin is not None and origin is not item and origin.decoded and origin.decoded.error:
+                item.decoded = origin.decoded
+        report.cached = sum(1 for item in items if item.fetched.error is None and item.decoded is None)
+        metrics.IMAGES.labels("cached").inc(report.cached)
+        for item in items:
+            metrics.STAGE_SECONDS.labels("fetch").observe(item.fetched.fetch_ms / 1000)
+            if item.decoded is not None:
+                metrics.STAGE_SECONDS.labels("decode").observe(item.decoded.decode_ms / 1000)
+        return items
 
-    def _fetch_all(self, jobs: list[Job], model: ServedModel, report: BatchReport) -> list[_Loaded]:
-        started = time.perf_counter()
-        loaded = list(self.pool.map(lambda job: self._load_one(job, model), jobs))
-        report.seconds["fetch_decode"] = time.perf_counter() - started
-        for item in loaded:
-            metrics.STAGE_SECONDS.labels("fetch").observe(item.fetch_ms / 1000)
-            metrics.STAGE_SECONDS.labels("decode").observe(item.decode_ms / 1000)
-        return loaded
-
-    def _judge(self, good: list[_Loaded], model: ServedModel, report: BatchReport) -> list[db.VerdictRow]:
-        """Verdict rows for content this model version has not judged yet; one inference call for all."""
-        if not good:
+    def _judge(self, items: list[_Loaded], model: ServedModel, report: BatchReport) -> list[db.VerdictRow]:
+        """Verdict rows for the new content of the batch (decoded, one item per digest): one inference call."""
+        if not items:
             return []
         version = model.version_id
         started = time.perf_counter()
-        known = self._with_database(lambda: self._known(version, {item.sha256 for item in good}))
-        report.seconds["database"] = time.perf_counter() - started
-        first: dict[str, _Loaded] = {}
-        for item in good:
-            if item.sha256 not in known:
-                first.setdefault(item.sha256, item)
-        report.cached = len(good) - len(first)
-        metrics.IMAGES.labels("cached").inc(report.cached)
-        if not first:
-            return []
-        started = time.perf_counter()
-        items = list(first.values())
-        crops = torch.cat([item.crops for item in items]).to(model.backend.device)
-        predictions = aggregate(model.backend.predict(crops), [len(item.crops) for item in items])
+        crops = [item.decoded.crops for item in items if item.decoded is not None and item.decoded.crops is not None]
+        if len(crops) != len(items):
+            raise RuntimeError("an item reached inference without crops")
+        pixels = normalise(np.concatenate(crops), model.preprocessing.mean, model.preprocessing.std)
+        with self._infer_lock:
+            waited = time.perf_counter() - started
+            predictions = aggregate(model.backend.predict(pixels.to(model.backend.device)), [len(c) for c in crops])
         infer_s = time.perf_counter() - started
         report.seconds["infer"] = infer_s
+        report.seconds["infer_wait"] = waited
         report.inferred = len(items)
         metrics.STAGE_SECONDS.labels("infer").observe(infer_s)
         metrics.IMAGES.labels("inferred").inc(len(items))
         rows = []
         for item, prediction in zip(items, predictions, strict=True):
+            assert item.decoded is not None
             grid = prediction.patch_prob[0]
             verdict = make_verdict(float(prediction.image_prob[0]), grid, model.threshold)
             rows.append(db.VerdictRow.of(
                 verdict, grid, sha256=item.sha256, model_version=version, source=item.job.source,
-                external_id=item.job.external_id, metadata=item.job.metadata, width=item.width, height=item.height,
-                format=item.format, timings_ms={"fetch": round(item.fetch_ms, 2), "decode": round(item.decode_ms, 2),
-                                                "infer": round(1000 * infer_s, 2), "batch_images": len(items)}))
+                external_id=item.job.external_id, metadata=item.job.metadata, width=item.decoded.width,
+                height=item.decoded.height, format=item.decoded.format,
+                timings_ms={"fetch": round(item.fetched.fetch_ms, 2), "decode": round(item.decoded.decode_ms, 2),
+                            "infer": round(1000 * infer_s, 2), "batch_images": len(items)}))
         return rows
 
     # -- database -------------------------------------------------------------------------------------

@@ -39,7 +39,12 @@ class Settings:
     # Micro-batching: up to batch_size jobs or batch_timeout_ms, whichever comes first
     batch_size: int = 32
     batch_timeout_ms: int = 200
+    # Batches a worker process has in flight at once (Celery's thread concurrency): while one infers, the next
+    # is fetched and decoded and the previous one commits. Each holds at most batch_size jobs' crops.
+    batches_in_flight: int = 3
     decode_threads: int = 8
+    # Fetch and decode in this many processes (worker.loading); 0 = in decode_threads threads of the worker
+    decode_processes: int = 0
     # Redis redelivers an unacknowledged job after this long. It must exceed the worst time a job
     # waits in a worker: prefetch buffer + one batch's fetch, inference and database write (README).
     visibility_timeout_s: int = 3600
@@ -93,9 +98,9 @@ class Settings:
         return cls(**values)
 
     def __post_init__(self) -> None:
-        positive = ("batch_size", "batch_timeout_ms", "decode_threads", "visibility_timeout_s", "max_download_bytes",
-                    "max_pixels", "max_decode_bytes", "decode_memory_bytes", "max_metadata_bytes", "rescan_chunk",
-                    "rescan_max_queue", "tiles", "dead_letter_max")
+        positive = ("batch_size", "batch_timeout_ms", "batches_in_flight", "decode_threads", "visibility_timeout_s",
+                    "max_download_bytes", "max_pixels", "max_decode_bytes", "decode_memory_bytes",
+                    "max_metadata_bytes", "rescan_chunk", "rescan_max_queue", "tiles", "dead_letter_max")
         for name in positive:
             if getattr(self, name) <= 0:
                 raise SettingsError(f"{env_name(name)} must be positive, got {getattr(self, name)}")
@@ -105,12 +110,21 @@ class Settings:
             if value not in tuple(enum):
                 raise SettingsError(f"{env_name(name)} must be {choices(enum)}, got {value!r}")
             object.__setattr__(self, name, enum(value))  # frozen: the documented way to normalise a field
+        if self.decode_processes < 0:
+            raise SettingsError(f"PPL_DECODE_PROCESSES must be 0 (decode in threads) or more, "
+                                f"got {self.decode_processes}")
 
     @property
     def prefetch_multiplier(self) -> int:
-        """Celery prefetches this many messages per process: enough to fill one batch while the previous
-        one is in flight, and no more, so a crashed worker holds few jobs hostage until redelivery."""
-        return 2 * self.batch_size
+        """Celery prefetches this many messages per unit of concurrency (``batches_in_flight``): with the
+        batches in flight, enough to fill the next one, and no more, so a crashed worker holds few jobs
+        hostage until redelivery: (batches_in_flight + 1) × batch_size in all, rounded up."""
+        return -(-(self.batches_in_flight + 1) * self.batch_size // self.batches_in_flight)
+
+    @property
+    def prefetch_count(self) -> int:
+        """Messages a worker process holds unacknowledged at most (Celery: multiplier × concurrency)."""
+        return self.prefetch_multiplier * self.batches_in_flight
 
     def redacted(self) -> dict[str, Any]:
         """The settings as JSON-friendly values, with passwords in URLs hidden (for logs and `doctor`)."""

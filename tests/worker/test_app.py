@@ -15,7 +15,10 @@ def test_app_accepts_json_only_and_acknowledges_late():
     conf = make_app(Settings.from_env({}, batch_size=16, visibility_timeout_s=900)).conf
     assert conf.accept_content == ["json"] and conf.task_serializer == "json"
     assert conf.task_acks_late and conf.task_reject_on_worker_lost
-    assert conf.worker_prefetch_multiplier == 32
+    # Celery prefetches multiplier × concurrency: the batches in flight and one more, rounded up to a whole multiplier
+    settings = Settings.from_env({}, batch_size=16)
+    assert conf.worker_prefetch_multiplier * settings.batches_in_flight == settings.prefetch_count
+    assert 4 * 16 <= settings.prefetch_count < 4 * 16 + settings.batches_in_flight
     assert conf.broker_transport_options["visibility_timeout"] == 900
     assert conf.task_routes[DETECT_TASK]["queue"] == DETECT_QUEUE
     assert conf.task_routes[RESCAN_TASK]["queue"] == RESCAN_QUEUE

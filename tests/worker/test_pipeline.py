@@ -2,27 +2,58 @@
 
 from __future__ import annotations
 
+import threading
+import time
+
 import numpy as np
 import pytest
 from PIL import Image
 from sqlalchemy import text
 
 from worker import db
+from worker.loading import make_loader
 from worker.model import ServedModel, load_model
 from worker.pipeline import BatchProcessor, DatabaseUnavailable, InvalidJob, JobRequest, parse_job
 from worker.settings import Settings
 
 
 class CountingBackend:
-    """The real backend, recording the batch size of every inference call."""
+    """The real backend, recording the batch size of every inference call and whether two ever overlapped."""
 
     def __init__(self, backend):
         self.inner, self.calls = backend, []
         self.name, self.device, self.info = backend.name, backend.device, backend.info
+        self.running, self.overlapped = 0, False
 
     def predict(self, pixels):
-        self.calls.append(len(pixels))
-        return self.inner.predict(pixels)
+        self.running += 1
+        self.overlapped |= self.running > 1
+        try:
+            time.sleep(0.02)  # long enough for another batch to try to infer meanwhile
+            self.calls.append(len(pixels))
+            return self.inner.predict(pixels)
+        finally:
+            self.running -= 1
+
+
+class CountingLoader:
+    """The processor's own loader, recording how many images each decode call was given."""
+
+    def __init__(self, inner):
+        self.inner, self.decoded = inner, []
+
+    def fetch(self, sources):
+        return self.inner.fetch(sources)
+
+    def decode(self, handles, spec):
+        self.decoded.append(len(handles))
+        return self.inner.decode(handles, spec)
+
+    def release(self, handles):
+        self.inner.release(handles)
+
+    def close(self):
+        self.inner.close()
 
 
 @pytest.fixture
@@ -49,7 +80,8 @@ def make_processor(tiny_model_dir, database_url, images):
         resent = []
         processor = BatchProcessor(settings, db.make_engine(settings.database_url),
                                    resend=lambda job, delay: resent.append((job, delay)),
-                                   model_loader=lambda _: counting, sleep=lambda _: None)
+                                   model_loader=lambda _: counting, sleep=lambda _: None,
+                                   loader=CountingLoader(make_loader(settings)))
         made.append(processor)
         return processor, counting.backend, resent
 
@@ -96,11 +128,14 @@ def test_a_batch_gives_verdicts_failures_and_one_inference_call(make_processor, 
     assert rows[1]["metadata"] == {"n": 1} and rows[2]["height"] == 56
 
 
-def test_content_already_judged_is_answered_without_inference(make_processor, images, database_url):
-    processor, backend, _ = make_processor()
-    processor.process([request(0, source=uri(images / "img0.png"))])
+@pytest.mark.parametrize("decode_processes", [0, 2])
+def test_content_already_judged_is_answered_from_its_hash_before_it_is_decoded(make_processor, images,
+                                                                                database_url, decode_processes):
+    processor, backend, _ = make_processor(decode_processes=decode_processes)
+    processor.process([request(0, source=uri(images / "img0.png")), request(1, source=uri(images / "img0.png"))])
     report = processor.process([request(1, source=uri(images / "copy_of_img0.png")),
                                 request(2, source=uri(images / "img0.png"))])
+    assert processor.loader.decoded == [1, 0]  # the duplicate in the first batch and the second batch: no decode
     assert backend.calls == [1]
     assert report.cached == 2 and report.inferred == 0 and report.inserted == 0
     with db.make_engine(database_url).connect() as conn:
@@ -170,3 +205,44 @@ def test_a_row_the_database_refuses_fails_alone_instead_of_blocking_its_batch(ma
         failure = conn.execute(text("select external_id, reason from detection_failures")).one()
     assert ids == {"e0", "e1", "e2"}
     assert tuple(failure) == ("bad\\x00id", "unstorable")
+
+
+def test_decode_processes_store_the_same_verdicts_as_threads(make_processor, images, database_url):
+    batch = [request(i, source=uri(images / f"img{i}.png")) for i in range(4)] + \
+        [request(5, source=uri(images / "notes.png")), request(6, source=uri(images / "gone.png"))]
+    scores = {}
+    for processes in (0, 2):
+        processor, _, _ = make_processor(decode_processes=processes)
+        report = processor.process(batch)
+        assert report.inferred == 4 and report.failed == {"not_an_image": 1, "missing": 1}
+        with db.make_engine(database_url).connect() as conn:
+            scores[processes] = conn.execute(text("select source, score, width, height from verdicts "
+                                                  "order by source")).all()
+            conn.execute(text("delete from submissions; delete from verdicts"))
+            conn.commit()
+    assert scores[0] == scores[2] and len(scores[0]) == 4
+
+
+def test_batches_in_flight_overlap_but_infer_one_at_a_time(make_processor, images, database_url):
+    processor, backend, _ = make_processor()
+    batches = [[request(10 * b + i, source=uri(images / f"img{i}.png"), external_id=f"b{b}") for i in range(4)]
+               for b in range(3)]
+    reports, errors = [], []
+
+    def run(batch):
+        try:
+            reports.append(processor.process(batch))
+        except Exception as exc:  # pragma: no cover - reported by the assert below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(batch,)) for batch in batches]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert not errors and len(reports) == 3
+    assert not backend.overlapped
+    assert sum(r.inserted for r in reports) == 4 and sum(r.inferred for r in reports) >= 4
+    with db.make_engine(database_url).connect() as conn:
+        assert conn.execute(text("select count(*) from submissions")).scalar() == 12
+        assert conn.execute(text("select count(*) from verdicts")).scalar() == 4

@@ -21,7 +21,7 @@ def test_environment_values_are_parsed_into_their_types(tmp_path):
         "PPL_FILE_ROOTS": f"{tmp_path}/a:{tmp_path}/b", "PPL_URL_ALLOWLIST": "10.0.0.0/8, images.internal",
         "PPL_DEVICE": "", "UNRELATED": "x",
     })
-    assert settings.batch_size == 48 and settings.prefetch_multiplier == 96
+    assert settings.batch_size == 48 and settings.prefetch_count == (settings.batches_in_flight + 1) * 48
     assert settings.fetch_read_timeout_s == 2.5
     assert settings.model_dir == tmp_path
     assert settings.file_roots == (tmp_path / "a", tmp_path / "b")

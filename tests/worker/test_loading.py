@@ -1,0 +1,97 @@
+"""The fetch/decode stage (worker.loading): threads or decode processes give the crops prepare_image gives, keep
+every error's reason, and survive a decode process that dies."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from ppl_model.imageio import decode_rgb
+from ppl_model.inference.preprocess import Preprocessing, normalise, prepare_image
+from ppl_model.reasons import Reason
+from worker.loading import CropSpec, ProcessLoader, ThreadLoader
+from worker.settings import Settings
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory):
+    root = tmp_path_factory.mktemp("photos")
+    rng = np.random.default_rng(0)
+    for i, (w, h) in enumerate([(97, 61), (40, 40), (300, 200)]):
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(root / f"p{i}.png")
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(root / f"j{i}.jpg", quality=85)
+    (root / "text.jpg").write_text("not an image")
+    return root
+
+
+@pytest.fixture(params=["threads", "processes"])
+def loader(request, photos):
+    settings = Settings.from_env({}, file_roots=(photos,), decode_threads=2, decode_processes=2)
+    made = ThreadLoader(settings) if request.param == "threads" else ProcessLoader(settings, 2)
+    yield made
+    made.close()
+
+
+@pytest.mark.parametrize("tiles", [1, 4])
+def test_crops_are_exactly_what_prepare_image_makes(loader, photos, tiles):
+    prep = Preprocessing(input_size=32, mean=(0.48, 0.46, 0.41), std=(0.27, 0.26, 0.28), tiles=tiles)
+    paths = sorted(p for p in photos.iterdir() if p.name != "text.jpg")
+    fetched = loader.fetch([p.as_uri() for p in paths])
+    try:
+        assert all(f.error is None for f in fetched)
+        decoded = loader.decode([f.handle for f in fetched], CropSpec(prep.input_size, prep.tiles, prep.mean))
+    finally:
+        loader.release(f.handle for f in fetched)
+    for path, item, result in zip(paths, fetched, decoded, strict=True):
+        expected = prepare_image(decode_rgb(path)[0], prep)
+        assert result.error is None and result.crops is not None and result.crops.dtype == np.uint8
+        assert (result.width, result.height) == (expected.width, expected.height)
+        assert torch.equal(normalise(result.crops, prep.mean, prep.std), expected.crops)
+        assert item.sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
+        assert result.format == ("PNG" if path.suffix == ".png" else "JPEG")
+
+
+def test_errors_keep_their_reasons(loader, photos):
+    fetched = loader.fetch([(photos / "gone.png").as_uri(), (photos / "text.jpg").as_uri(), "ftp://x/y.png"])
+    assert [f.error.reason if f.error else None for f in fetched] == [Reason.MISSING, None, Reason.INVALID_SOURCE]
+    decoded = loader.decode([fetched[1].handle], CropSpec(32, 1, (0.5, 0.5, 0.5)))
+    loader.release(f.handle for f in fetched)
+    assert decoded[0].error is not None and decoded[0].error.reason == Reason.NOT_AN_IMAGE
+    assert not decoded[0].error.transient
+
+
+def test_released_bytes_are_gone(photos):
+    settings = Settings.from_env({}, file_roots=(photos,), decode_threads=2)
+    loader = ThreadLoader(settings)
+    try:
+        fetched = loader.fetch([(photos / "p0.png").as_uri()] * 3)
+        assert len({f.handle for f in fetched}) == 3
+        loader.release(f.handle for f in fetched)
+        assert loader._data == {}
+    finally:
+        loader.close()
+
+
+def test_a_decode_process_that_dies_fails_its_jobs_transiently_and_is_replaced(photos):
+    settings = Settings.from_env({}, file_roots=(photos,))
+    loader = ProcessLoader(settings, 1)
+    try:
+        source = (photos / "p1.png").as_uri()
+        fetched = loader.fetch([source])
+        assert fetched[0].error is None
+        loader._executors[0].submit(os._exit, 9)  # the process dies, holding the fetched bytes
+        decoded = loader.decode([fetched[0].handle], CropSpec(32, 1, (0.5, 0.5, 0.5)))
+        loader.release([fetched[0].handle])
+        assert decoded[0].error is not None and decoded[0].error.reason == Reason.DECODER_DIED
+        assert decoded[0].error.transient  # retried by the pipeline, up to PPL_MAX_RETRIES
+        again = loader.fetch([source])  # a new decode process took its place
+        result = loader.decode([again[0].handle], CropSpec(32, 1, (0.5, 0.5, 0.5)))
+        loader.release([again[0].handle])
+        assert again[0].error is None and result[0].error is None and result[0].crops is not None
+    finally:
+        loader.close()

@@ -1,0 +1,324 @@
+"""Fetch, hash and decode: the stage that turns a batch's sources into the crops the model judges.
+
+Two steps, so that content already judged is answered from its hash before a pixel of it is decoded:
+
+1. ``fetch`` reads each source (``worker.sources``: SSRF guard, roots, size caps) and hashes its bytes,
+   keeping them under a handle;
+2. the pipeline looks the hashes up; ``decode`` turns the handles it still needs into uint8 crops
+   (``worker.decoding``: allow-list, pixel and memory caps, EXIF orientation; the centre crop or tiles of
+   ``ppl_model.inference.crops``);
+3. ``release`` drops the bytes of every handle, decoded or not.
+
+Two implementations behind one protocol, chosen by ``PPL_DECODE_PROCESSES``:
+
+* ``ThreadLoader`` (0, the default): a thread pool of the worker process (``PPL_DECODE_THREADS``). Reading
+  files and sockets, hashing and libjpeg release the GIL, but Pillow's Python glue and the crop code hold
+  it: one process decodes on about one core's worth of Python.
+* ``ProcessLoader`` (N > 0): N decode processes, each a single-process executor that keeps the bytes it
+  fetched, so a handle's ``decode`` runs where its bytes already are (a 12 MP photo is megabytes; its crop
+  is 150 kB) and nothing but sources, digests and crops crosses a pipe. They import neither torch nor
+  Celery. A decode process that dies (a decoder crash, the OOM killer) fails only the jobs it held, with
+  a transient reason so that they are retried, and is replaced.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import itertools
+import logging
+import multiprocessing
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool, ProcessPoolExecutor
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+
+from ppl_model.inference.crops import crop_pixels
+from ppl_model.reasons import Reason
+from worker.decoding import decode_pixels
+from worker.settings import Settings
+from worker.sources import SourceError, fetch_source
+
+log = logging.getLogger(__name__)
+
+# Jobs per message to a decode process: large enough that a pipe round trip is paid once per several images,
+# small enough that a batch still spreads over every process.
+CHUNK = 4
+
+
+@dataclass(frozen=True)
+class CropSpec:
+    """What the model looks at: ``tiles`` crops of ``size``, padded with the normalisation ``mean``."""
+
+    size: int
+    tiles: int
+    mean: tuple[float, float, float]
+
+
+@dataclass(frozen=True)
+class Fetched:
+    """A source read and hashed (its bytes kept by the loader under ``handle``), or why it could not be."""
+
+    handle: int
+    sha256: str = ""
+    fetch_ms: float = 0.0
+    error: SourceError | None = None
+
+
+@dataclass(frozen=True)
+class Decoded:
+    """An image's crops, ``(T, S, S, 3)`` uint8, and what its verdict row records; or why it could not be."""
+
+    width: int = 0
+    height: int = 0
+    format: str = ""
+    crops: np.ndarray | None = None
+    decode_ms: float = 0.0
+    error: SourceError | None = None
+
+
+class Loader(Protocol):
+    def fetch(self, sources: Sequence[str]) -> list[Fetched]:
+        """Read and hash each source; keep the bytes of each success under its handle."""
+        ...
+
+    def decode(self, handles: Sequence[int], spec: CropSpec) -> list[Decoded]:
+        """The crops of each fetched handle (in order)."""
+        ...
+
+    def release(self, handles: Iterable[int]) -> None:
+        """Forget the bytes of these handles (decoded or not)."""
+        ...
+
+    def close(self) -> None: ...
+
+
+def make_loader(settings: Settings) -> Loader:
+    if settings.decode_processes > 0:
+        return ProcessLoader(settings, settings.decode_processes)
+    return ThreadLoader(settings)
+
+
+# ---------------------------------------------------------------------- the work itself (any process)
+
+
+def fetch_and_hash(source: str, settings: Settings) -> tuple[bytes | None, str, float, SourceError | None]:
+    """(bytes, sha256, milliseconds, None), or (None, "", milliseconds, the error)."""
+    started = time.perf_counter()
+    try:
+        data = fetch_source(source, settings).data
+        digest = hashlib.sha256(data).hexdigest()  # releases the GIL on large buffers
+    except SourceError as exc:
+        return None, "", 1000 * (time.perf_counter() - started), exc
+    except Exception as exc:  # a fetch bug must not take the batch's other jobs down with it
+        log.exception("unexpected error fetching %s", source[:200])
+        return None, "", 1000 * (time.perf_counter() - started), \
+            SourceError(Reason.DECODE_ERROR, f"{type(exc).__name__}: {exc}"[:500])
+    return data, digest, 1000 * (time.perf_counter() - started), None
+
+
+def decode_crops(data: bytes, settings: Settings, spec: CropSpec) -> Decoded:
+    started = time.perf_counter()
+    try:
+        image, image_format = decode_pixels(data, settings)
+        crops = crop_pixels(image, spec.size, spec.tiles, spec.mean)
+        width, height = image.width, image.height
+        del image  # the full picture goes (and its decode-memory reservation with it) before the next decode
+    except SourceError as exc:
+        return Decoded(decode_ms=1000 * (time.perf_counter() - started), error=exc)
+    except Exception as exc:  # a decoder bug must not take the batch's other jobs down with it
+        log.exception("unexpected error decoding %d bytes", len(data))
+        return Decoded(decode_ms=1000 * (time.perf_counter() - started),
+                       error=SourceError(Reason.DECODE_ERROR, f"{type(exc).__name__}: {exc}"[:500]))
+    return Decoded(width, height, image_format, crops, 1000 * (time.perf_counter() - started))
+
+
+# ------------------------------------------------------------------------------------------ threads
+
+
+class ThreadLoader:
+    """Fetch and decode in a thread pool of this process; the bytes wait in a dict."""
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.pool = ThreadPoolExecutor(max_workers=settings.decode_threads, thread_name_prefix="ppl-fetch")
+        self._data: dict[int, bytes] = {}
+        self._handles = itertools.count()
+        self._lock = threading.Lock()
+
+    def fetch(self, sources: Sequence[str]) -> list[Fetched]:
+        out = []
+        for source, (data, digest, ms, error) in zip(
+                sources, self.pool.map(lambda s: fetch_and_hash(s, self.settings), sources), strict=True):
+            with self._lock:
+                handle = next(self._handles)
+                if data is not None:
+                    self._data[handle] = data
+            out.append(Fetched(handle, digest, ms, error))
+            del source
+        return out
+
+    def decode(self, handles: Sequence[int], spec: CropSpec) -> list[Decoded]:
+        with self._lock:
+            blobs = [self._data[h] for h in handles]
+        return list(self.pool.map(lambda data: decode_crops(data, self.settings, spec), blobs))
+
+    def release(self, handles: Iterable[int]) -> None:
+        with self._lock:
+            for handle in handles:
+                self._data.pop(handle, None)
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True)
+        self._data.clear()
+
+
+# ---------------------------------------------------------------------------------------- processes
+
+# What each decode process holds: its settings (set once, by the initializer) and the bytes it fetched.
+_child_settings: Settings | None = None
+_child_data: dict[int, bytes] = {}
+
+
+def _child_init(settings: Settings) -> None:
+    global _child_settings
+    _child_settings = settings
+
+
+def _child_fetch(items: list[tuple[int, str]]) -> list[tuple[int, str, float, SourceError | None]]:
+    assert _child_settings is not None
+    out = []
+    for handle, source in items:
+        data, digest, ms, error = fetch_and_hash(source, _child_settings)
+        if data is not None:
+            _child_data[handle] = data
+        out.append((handle, digest, ms, error))
+    return out
+
+
+def _child_decode(handles: list[int], spec: CropSpec) -> list[Decoded]:
+    assert _child_settings is not None
+    return [decode_crops(_child_data[h], _child_settings, spec) if h in _child_data else
+            Decoded(error=SourceError(Reason.DECODER_DIED, "the decode process no longer holds these bytes"))
+            for h in handles]
+
+
+def _child_release(handles: list[int]) -> None:
+    for handle in handles:
+        _child_data.pop(handle, None)
+
+
+class ProcessLoader:
+    """Fetch and decode in ``processes`` decode processes; each handle lives in the process that fetched it."""
+
+    def __init__(self, settings: Settings, processes: int):
+        self.settings = settings
+        # spawn, not fork: the worker process has threads (Celery's, torch's) whose locks a fork would copy held
+        self._context = multiprocessing.get_context("spawn")
+        self._executors = [self._start() for _ in range(processes)]
+        self._owner: dict[int, int] = {}  # handle → index of the process that holds its bytes
+        self._handles = itertools.count()
+        self._next = itertools.count()
+        self._lock = threading.Lock()
+
+    def _start(self) -> ProcessPoolExecutor:
+        return ProcessPoolExecutor(max_workers=1, mp_context=self._context, initializer=_child_init,
+                                   initargs=(self.settings,))
+
+    def _spread(self, count: int) -> list[int]:
+        """A process index for each of ``count`` items: chunks of CHUNK, round-robin over the processes."""
+        with self._lock:
+            first = next(self._next)
+        return [(first + i // CHUNK) % len(self._executors) for i in range(count)]
+
+    def fetch(self, sources: Sequence[str]) -> list[Fetched]:
+        with self._lock:
+            handles = [next(self._handles) for _ in sources]
+        owners = self._spread(len(sources))
+        with self._lock:
+            self._owner.update(zip(handles, owners, strict=True))
+        chunks = _chunks(list(zip(handles, sources, strict=True)), owners)
+        results: dict[int, Fetched] = {}
+        for owner, executor, items, future in self._submit(chunks, _child_fetch):
+            try:
+                for handle, digest, ms, error in future.result():
+                    results[handle] = Fetched(handle, digest, ms, error)
+            except BrokenProcessPool as exc:
+                self._replace(owner, executor, exc)
+                for handle, _ in items:
+                    results[handle] = Fetched(handle, error=_died(exc))
+        return [results[h] for h in handles]
+
+    def decode(self, handles: Sequence[int], spec: CropSpec) -> list[Decoded]:
+        with self._lock:
+            owners = [self._owner[h] for h in handles]
+        results: dict[int, Decoded] = {}
+        for owner, executor, items, future in self._submit(_chunks(list(handles), owners), _child_decode, spec):
+            try:
+                for handle, decoded in zip(items, future.result(), strict=True):
+                    results[handle] = decoded
+            except BrokenProcessPool as exc:
+                self._replace(owner, executor, exc)
+                for handle in items:
+                    results[handle] = Decoded(error=_died(exc))
+        return [results[h] for h in handles]
+
+    def release(self, handles: Iterable[int]) -> None:
+        by_owner: dict[int, list[int]] = {}
+        with self._lock:
+            for handle in handles:
+                owner = self._owner.pop(handle, None)
+                if owner is not None:
+                    by_owner.setdefault(owner, []).append(handle)
+        for owner, items in by_owner.items():
+            # Queued after the decodes of the same single-process executor: nothing still needed is dropped. A
+            # process that is gone took its bytes with it.
+            with contextlib.suppress(BrokenProcessPool, RuntimeError):
+                self._executors[owner].submit(_child_release, items)
+
+    def close(self) -> None:
+        for executor in self._executors:
+            executor.shutdown(wait=True, cancel_futures=True)
+
+    def _submit(self, chunks: list[tuple[int, list]], function: Callable, *args: object
+                ) -> list[tuple[int, ProcessPoolExecutor, list, Future]]:
+        submitted = []
+        for owner, items in chunks:
+            executor = self._executors[owner]
+            future: Future
+            try:
+                future = executor.submit(function, items, *args)
+            except (BrokenProcessPool, RuntimeError) as exc:  # broken, or shut down by a _replace meanwhile
+                future = Future()
+                future.set_exception(BrokenProcessPool(str(exc)))
+            submitted.append((owner, executor, items, future))
+        return submitted
+
+    def _replace(self, owner: int, executor: ProcessPoolExecutor, exc: BaseException) -> None:
+        """Start a new decode process in place of a dead one: once, however many batches saw it die."""
+        with self._lock:
+            if self._executors[owner] is not executor:
+                return  # another caller replaced it already
+            log.error("decode process %d died (%s); starting another", owner, exc)
+            executor.shutdown(wait=False, cancel_futures=True)
+            self._executors[owner] = self._start()
+
+
+def _chunks(items: list, owners: list[int]) -> list[tuple[int, list]]:
+    """Consecutive items of the same owner, CHUNK at most per message."""
+    out: list[tuple[int, list]] = []
+    for item, owner in zip(items, owners, strict=True):
+        if out and out[-1][0] == owner and len(out[-1][1]) < CHUNK:
+            out[-1][1].append(item)
+        else:
+            out.append((owner, [item]))
+    return out
+
+
+def _died(exc: BaseException) -> SourceError:
+    return SourceError(Reason.DECODER_DIED, f"the decode process died while it held this job ({exc})"[:500])
