@@ -38,6 +38,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 WORKER_COMMANDS: dict[str, tuple[str, ...]] = {
     "batched": ("worker.cli", "run", "--queues", "detect"),
     "naive": ("benchmarks.naive_worker",),
+    "emulated": ("benchmarks.emulated_worker",),  # the real worker, serving an emulated accelerator
 }
 
 

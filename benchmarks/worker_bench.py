@@ -55,12 +55,14 @@ from sqlalchemy import text
 from sqlalchemy.engine import Engine, make_url
 
 from benchmarks import storage_bench
+from benchmarks.emulated_worker import INPUT_SIZE_ENV, LATENCY_ENV, RATE_ENV
 from benchmarks.harness import (
     HarnessError,
     WorkerProcess,
     send_jobs,
     wait_until,
 )
+from benchmarks.image_sets import IMAGE_SETS, make_realistic, mix_table
 from worker import db
 
 Log = Callable[[str], None]
@@ -68,12 +70,14 @@ Log = Callable[[str], None]
 DEFAULT_SERVER_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
 DEFAULT_BROKER_URL = "redis://127.0.0.1:6379/14"
 BENCH_DATABASE_PREFIX = "ppl_bench_"  # each measurement's database: <prefix><hex>, dropped afterwards
-PARTS = ("scan", "end_to_end", "naive", "upserts", "rescan")
+PARTS = ("scan", "end_to_end", "naive", "emulated", "upserts", "rescan")
 MIB = 1024 * 1024
 
 # The issue's targets for the tiny model on the 2-core CPU machine.
 TARGET_EFFICIENCY = 0.8
 TARGET_SPEEDUP = 5.0
+TARGET_ACCELERATOR_SHARE = 0.95  # of the emulated accelerator's rate, where decode capacity allows
+TARGET_SERIAL_CPU_MS = 0.3  # the worker process's CPU per image outside decoding: ~3,000 images/s from one process
 # The storage targets (write vs COPY, rescan vs LPUSH, rescan memory) are benchmarks.storage_bench's.
 
 
@@ -89,10 +93,18 @@ class WorkerBenchConfig:
     server_url: str = DEFAULT_SERVER_URL  # a PostgreSQL server where the benchmark may create databases
     broker_url: str = DEFAULT_BROKER_URL  # a Redis database of its own: flushed before and after
     images: int = 2000  # distinct images for the throughput measurements (and base images of the soak)
-    image_size: int = 256  # width and height of the generated JPEGs
+    image_set: str = "overhead"  # overhead: image_size² JPEGs; realistic: benchmarks.image_sets.REALISTIC
+    image_size: int = 256  # width and height of the overhead set's JPEGs
     batch_size: int = 32  # the worker's PPL_BATCH_SIZE, scan's batch size, the upsert batch size
     batch_timeout_ms: int = 200
     decode_threads: int = 8  # the worker's PPL_DECODE_THREADS, scan's --workers
+    decode_processes: int = 0  # the worker's PPL_DECODE_PROCESSES (end to end and naive)
+    batches_in_flight: int = 3  # the worker's PPL_BATCHES_IN_FLIGHT
+    # The emulated part: the real worker serving benchmarks.emulated_accelerator at this rate (images/s) and
+    # per-batch latency, once per value of decode processes in the sweep
+    accelerator_rate: float = 3000.0
+    accelerator_latency_ms: float = 2.0
+    decode_process_sweep: tuple[int, ...] = (0, 1, 2)
     log_level: str = "INFO"  # both workers' PPL_LOG_LEVEL (INFO is the production default)
     warmup_jobs: int = 8  # jobs a worker judges before the clock starts (model load, first batch)
     repeats: int = 1  # each throughput measurement this many times, interleaved; the median is reported
@@ -117,6 +129,8 @@ class WorkerBenchConfig:
         for name in positive:
             if getattr(self, name) <= 0:
                 raise BenchError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.image_set not in IMAGE_SETS:
+            raise BenchError(f"unknown image set {self.image_set!r}; choose from {', '.join(IMAGE_SETS)}")
         unknown = sorted(set(self.parts) - set(PARTS))
         if unknown:
             raise BenchError(f"unknown part(s) {', '.join(unknown)}; choose from {', '.join(PARTS)}")
@@ -225,7 +239,8 @@ def load_average() -> float:
     return round(os.getloadavg()[0], 2)
 
 
-def worker_env(config: WorkerBenchConfig, database_url: str, model_dir: Path, roots: Sequence[Path]) -> dict[str, str]:
+def worker_env(config: WorkerBenchConfig, database_url: str, model_dir: Path, roots: Sequence[Path],
+               decode_processes: int | None = None) -> dict[str, str]:
     env = dict(os.environ)
     env.update({
         "PPL_DATABASE_URL": database_url, "PPL_BROKER_URL": config.broker_url,
@@ -233,6 +248,10 @@ def worker_env(config: WorkerBenchConfig, database_url: str, model_dir: Path, ro
         "PPL_BACKEND": "torch", "PPL_DEVICE": "cpu", "PPL_FILE_ROOTS": ",".join(str(r.resolve()) for r in roots),
         "PPL_BATCH_SIZE": str(config.batch_size), "PPL_BATCH_TIMEOUT_MS": str(config.batch_timeout_ms),
         "PPL_DECODE_THREADS": str(config.decode_threads), "PPL_METRICS_PORT": "0", "PPL_LOG_LEVEL": config.log_level,
+        "PPL_DECODE_PROCESSES": str(config.decode_processes if decode_processes is None else decode_processes),
+        "PPL_BATCHES_IN_FLIGHT": str(config.batches_in_flight),
+        RATE_ENV: str(config.accelerator_rate), LATENCY_ENV: str(config.accelerator_latency_ms),
+        INPUT_SIZE_ENV: "224",
     })
     return env
 
@@ -293,13 +312,14 @@ def _profiled(config: WorkerBenchConfig, name: str, log: Log) -> Iterator[None]:
 
 
 def measure_worker(config: WorkerBenchConfig, kind: str, model_dir: Path, images: Sequence[Path],
-                   warmup: Sequence[Path], log: Log, tag: str = "") -> dict[str, Any]:
+                   warmup: Sequence[Path], log: Log, tag: str = "", decode_processes: int | None = None
+                   ) -> dict[str, Any]:
     """Images/s through Redis, one worker process (``batched``: the real one; ``naive``) and PostgreSQL:
     from the first ``send_task`` until every verdict row is committed. Fresh database and Redis database."""
     with bench_database(config.server_url) as url, bench_redis(config.broker_url):
         engine = db.make_engine(url).execution_options(isolation_level="AUTOCOMMIT")
         roots = sorted({p.parent for p in [*images, *warmup]})
-        env = worker_env(config, url, model_dir, roots)
+        env = worker_env(config, url, model_dir, roots, decode_processes)
         try:
             with WorkerProcess(env, config.out / "logs" / f"worker-{kind}{tag}.log", f"bench-{kind}-",
                                kind) as worker:
@@ -320,9 +340,11 @@ def measure_worker(config: WorkerBenchConfig, kind: str, model_dir: Path, images
         finally:
             engine.dispose()
     rate = len(images) / seconds
-    log(f"{kind} worker: {len(images)} images in {seconds:.2f} s = {rate:.1f} images/s, worker CPU {cpu:.2f} s "
+    log(f"{kind} worker{tag}: {len(images)} images in {seconds:.2f} s = {rate:.1f} images/s, worker CPU {cpu:.2f} s "
         f"(warm-up {warmup_s:.1f} s, sending took {sent_s:.2f} s, load average {load})")
+    # The worker process's own CPU (its threads, not its decode processes') per image: the serial budget
     return {"images": len(images), "seconds": round(seconds, 4), "images_per_s": round(rate, 2),
+            "cpu_ms_per_image": round(1000 * cpu / len(images), 3),
             "cpu_s": round(cpu, 2), "warmup_s": round(warmup_s, 2), "send_s": round(sent_s, 3),
             "worker_rss_mib": round(worker_rss / MIB, 1), "load_average": load}
 
@@ -374,11 +396,19 @@ def prepare_inputs(config: WorkerBenchConfig, log: Log) -> tuple[Path, dict[str,
     started = time.perf_counter()
     for folder in (config.out / "images", config.out / "warmup-images"):
         shutil.rmtree(folder, ignore_errors=True)
-    images = make_images(config.out / "images", config.images, config.image_size, config.seed)
+    if config.image_set == "realistic":
+        images, mix = make_realistic(config.out / "images", config.images, config.seed)
+        log("the realistic set:\n" + mix_table(mix))
+    else:
+        images = make_images(config.out / "images", config.images, config.image_size, config.seed)
+        mix = [{"kind": f"JPEG q90 {config.image_size}×{config.image_size}", "count": len(images),
+                "width": config.image_size, "height": config.image_size,
+                "mean_bytes": round(statistics.mean(p.stat().st_size for p in images))}]
+    model["image_mix"] = mix
     warmup = make_images(config.out / "warmup-images", max(config.warmup_jobs, config.batch_size),
                          config.image_size, config.seed + 1, prefix="warmup")
-    log(f"model {info.version_id[:12]} ({origin}); {len(images)} + {len(warmup)} warm-up {config.image_size}×"
-        f"{config.image_size} JPEGs in {time.perf_counter() - started:.1f} s")
+    log(f"model {info.version_id[:12]} ({origin}); {len(images)} {config.image_set} images + {len(warmup)} warm-up "
+        f"in {time.perf_counter() - started:.1f} s")
     return model_dir, model, images, warmup
 
 
@@ -418,12 +448,24 @@ def run_worker_bench(config: WorkerBenchConfig, log: Log = print) -> dict[str, A
         if "naive" in config.parts:
             samples.setdefault("naive", []).append(
                 measure_worker(config, "naive", model_dir, images, warmup[:config.warmup_jobs], log, tag))
+        for processes in config.decode_process_sweep if "emulated" in config.parts else ():
+            samples.setdefault(f"emulated-{processes}", []).append(
+                measure_worker(config, "emulated", model_dir, images, warmup[:config.warmup_jobs], log,
+                               f"{tag}-p{processes}", decode_processes=processes))
     result: dict[str, Any] = {"config": config.as_dict(), "machine": machine(), "model": model,
                               "images": {"count": len(images), "size": config.image_size,
                                          "mean_bytes": round(statistics.mean(p.stat().st_size for p in images))}}
     for name, runs in samples.items():
         result[name] = {"images_per_s": statistics.median(r["images_per_s"] for r in runs), "runs": runs}
     rate = {name: result[name]["images_per_s"] for name in samples}
+    sweep = [{"decode_processes": p, "images_per_s": result[f"emulated-{p}"]["images_per_s"],
+              "share_of_rate": round(result[f"emulated-{p}"]["images_per_s"] / config.accelerator_rate, 3),
+              "cpu_ms_per_image": statistics.median(r["cpu_ms_per_image"] for r in result.pop(f"emulated-{p}")["runs"])}
+             for p in config.decode_process_sweep if f"emulated-{p}" in result]
+    rate = {name: value for name, value in rate.items() if not name.startswith("emulated-")}
+    if sweep:
+        result["emulated"] = {"rate": config.accelerator_rate, "latency_ms": config.accelerator_latency_ms,
+                              "sweep": sweep}
     result["efficiency"] = rate["end_to_end"] / rate["scan"] if {"end_to_end", "scan"} <= rate.keys() else None
     result["speedup"] = rate["end_to_end"] / rate["naive"] if {"end_to_end", "naive"} <= rate.keys() else None
     if "upserts" in config.parts:
@@ -446,6 +488,17 @@ def check_targets(result: dict[str, Any]) -> list[dict[str, Any]]:
 
     add("efficiency (end to end / scan)", result.get("efficiency"), TARGET_EFFICIENCY, "")
     add("speedup (end to end / naive)", result.get("speedup"), TARGET_SPEEDUP, "×")
+    emulated = result.get("emulated")
+    if emulated:  # the best point of the sweep: the most decode processes this machine could use
+        best = max(emulated["sweep"], key=lambda point: point["images_per_s"])
+        add(f"emulated accelerator: share of {emulated['rate']:,.0f} images/s sustained "
+            f"({best['decode_processes']} decode processes)", best["share_of_rate"], TARGET_ACCELERATOR_SHARE, "")
+        serial = [p for p in emulated["sweep"] if p["decode_processes"] > 0]
+        if serial:
+            lowest = min(p["cpu_ms_per_image"] for p in serial)
+            targets.append({"name": "worker serial CPU per image outside decoding (decode in processes)",
+                            "value": lowest, "target": TARGET_SERIAL_CPU_MS, "unit": "ms at most",
+                            "met": lowest <= TARGET_SERIAL_CPU_MS})
     targets += storage_bench.check_targets(result)
     return targets
 
@@ -540,13 +593,21 @@ def markdown_table(result: dict[str, Any]) -> str:
             runs = result[name]["runs"]
             spread = f" (median of {len(runs)}: {', '.join(_fmt(r['images_per_s']) for r in runs)})" \
                 if len(runs) > 1 else ""
-            lines.append(f"| {label} | {_fmt(result[name]['images_per_s'], 'images/s')}{spread} |")
+            cpu = statistics.median(r["cpu_ms_per_image"] for r in runs) if "cpu_ms_per_image" in runs[0] else None
+            cpu_text = f"; worker process CPU {cpu:.2f} ms/image" if cpu is not None else ""
+            lines.append(f"| {label} | {_fmt(result[name]['images_per_s'], 'images/s')}{spread}{cpu_text} |")
+    emulated = result.get("emulated") or {"sweep": [], "rate": 0}
+    for point in emulated["sweep"]:
+        lines.append(f"| emulated accelerator at {emulated['rate']:,.0f} images/s, {point['decode_processes']} decode "
+                     f"processes | {_fmt(point['images_per_s'], 'images/s')} ({100 * point['share_of_rate']:.0f} % of "
+                     f"the rate); worker process CPU {point['cpu_ms_per_image']:.2f} ms/image |")
     lines += storage_bench.table_rows(result)
     lines += ["", "| target | measured | wanted | result |", "|---|---|---|---|"]
     for t in result["targets"]:
         verdict = "not run" if t["met"] is None else "PASS" if t["met"] else "MISS"
-        wanted = f"≤ {t['target']} MiB" if t["unit"] == "MiB at most" else f"≥ {_fmt(t['target'], t['unit'])}"
-        unit = "MiB" if t["unit"] == "MiB at most" else t["unit"]
+        at_most = t["unit"].endswith(" at most")  # an upper bound: "MiB at most", "ms at most"
+        unit = t["unit"].removesuffix(" at most")
+        wanted = f"≤ {t['target']} {unit}" if at_most else f"≥ {_fmt(t['target'], unit)}"
         lines.append(f"| {t['name']} | {_fmt(t['value'], unit)} | {wanted} | {verdict} |")
     return "\n".join(lines)
 
@@ -585,9 +646,22 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--broker-url", default=DEFAULT_BROKER_URL,
                         help="Redis database of the benchmark's own: it is flushed before and after (not /0)")
     parser.add_argument("--images", type=int, default=2000, help="distinct images for the throughput figures")
-    parser.add_argument("--image-size", type=int, default=256, help="side of the generated JPEGs")
+    parser.add_argument("--image-set", choices=IMAGE_SETS, default="overhead",
+                        help="overhead: small JPEGs (--image-size), where per-job costs show; realistic: uploads' "
+                             "sizes and encodings, 1-12 MP JPEGs, PNG screenshots, WebP, duplicates (the mix is "
+                             "printed)")
+    parser.add_argument("--image-size", type=int, default=256, help="side of the overhead set's JPEGs")
     parser.add_argument("--batch-size", type=int, default=32, help="the worker's batch, scan's batch, upsert batch")
     parser.add_argument("--decode-threads", type=int, default=8, help="the worker's and scan's decoding threads")
+    parser.add_argument("--decode-processes", type=int, default=0,
+                        help="the worker's PPL_DECODE_PROCESSES for end to end and naive (0: decode in threads)")
+    parser.add_argument("--batches-in-flight", type=int, default=3, help="the worker's PPL_BATCHES_IN_FLIGHT")
+    parser.add_argument("--accelerator-rate", type=float, default=3000.0,
+                        help="the emulated part: images/s of the emulated accelerator the worker serves")
+    parser.add_argument("--accelerator-latency-ms", type=float, default=2.0,
+                        help="the emulated part: fixed latency per batch")
+    parser.add_argument("--decode-process-sweep", default="0,1,2",
+                        help="the emulated part: comma-separated PPL_DECODE_PROCESSES values to measure")
     parser.add_argument("--repeats", type=int, default=1,
                         help="measure scan, end to end and naive this many times, interleaved; report the median")
     parser.add_argument("--upsert-rows", type=int, default=20_000)
@@ -595,7 +669,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--keep-rescan-queue", action="store_true",
                         help="let the rescan's messages pile up in Redis (about 1.3 kB each) instead of draining "
                              "them as they come, as workers would")
-    parser.add_argument("--parts", help="comma-separated subset of scan,end_to_end,naive,upserts,rescan")
+    parser.add_argument("--parts", help=f"comma-separated subset of {','.join(PARTS)}")
     parser.add_argument("--soak", type=int, metavar="JOBS",
                         help="run the soak instead: JOBS distinct images through one worker, RSS and images/s per "
                              "1,000 jobs (writes OUT/worker-soak.json)")
@@ -619,6 +693,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     server_url = args.database_url or os.environ.get("PPL_DATABASE_URL") or None
     values = {"out": args.out.absolute(), "model_dir": args.model and args.model.absolute(),
               "broker_url": args.broker_url, "images": args.images, "image_size": args.image_size,
+              "image_set": args.image_set, "decode_processes": args.decode_processes,
+              "batches_in_flight": args.batches_in_flight, "accelerator_rate": args.accelerator_rate,
+              "accelerator_latency_ms": args.accelerator_latency_ms,
+              "decode_process_sweep": tuple(int(p) for p in args.decode_process_sweep.split(",") if p.strip()),
               "batch_size": args.batch_size, "decode_threads": args.decode_threads, "repeats": args.repeats,
               "upsert_rows": args.upsert_rows, "rescan_rows": args.rescan_rows, "timeout_s": args.timeout,
               "profile": args.profile, "log_level": args.log_level, "rescan_drain": not args.keep_rescan_queue}

@@ -64,6 +64,13 @@ def processor() -> BatchProcessor:
         return _processor
 
 
+def install_processor(made: BatchProcessor) -> None:
+    """Serve with a processor built elsewhere (the worker benchmark's emulated accelerator), before any batch."""
+    global _processor
+    with _processor_lock:
+        _processor = made
+
+
 def dead_letter_store() -> DeadLetterStore:
     global _dead_letters
     with _processor_lock:

@@ -5,13 +5,16 @@ the full-size run (docs/PERFORMANCE.md)."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 import pytest
 import redis
+from PIL import Image
 from sqlalchemy import create_engine, text
 from sqlalchemy.pool import NullPool
 
+from benchmarks.image_sets import Kind, make_realistic, mix_table
 from benchmarks.worker_bench import (
     BenchError,
     WorkerBenchConfig,
@@ -39,7 +42,7 @@ def config(tmp_path, pg_server_url, redis_url) -> WorkerBenchConfig:
     return WorkerBenchConfig(out=tmp_path / "bench", server_url=pg_server_url, broker_url=redis_url, images=40,
                              image_size=64, batch_size=8, decode_threads=2, warmup_jobs=4, upsert_rows=400,
                              upsert_context_batches=(1, 64), rescan_rows=2000, rescan_chunk=500, soak_jobs=200,
-                             soak_every=50, timeout_s=90)
+                             soak_every=50, timeout_s=90, decode_process_sweep=(0, 2))
 
 
 def test_every_part_runs_and_every_job_is_accounted_for(config, pg_server_url, redis_url):
@@ -63,10 +66,19 @@ def test_every_part_runs_and_every_job_is_accounted_for(config, pg_server_url, r
     assert rescan["enqueued"] == rescan["queued"] == 2000 and rescan["jobs_per_s"] > 0
     assert 0 < rescan["rss_start_mib"] <= rescan["rss_peak_mib"] and rescan["rss_end_mib"] <= rescan["rss_peak_mib"]
 
-    assert [t["met"] is not None for t in result["targets"]] == [True] * 5
+    emulated = result["emulated"]
+    assert [p["decode_processes"] for p in emulated["sweep"]] == [0, 2]
+    for point in emulated["sweep"]:  # 40 images at 3,000/s would take 13 ms of "compute": far below the rate
+        assert point["images_per_s"] > 0 and point["share_of_rate"] == pytest.approx(point["images_per_s"] / 3000,
+                                                                                  abs=1e-3)
+        assert point["cpu_ms_per_image"] > 0
+    assert any("emulated worker-p2" in m for m in messages)
+
+    assert [t["met"] is not None for t in result["targets"]] == [True] * 7
     assert json.loads((config.out / "worker-bench.json").read_text()) == json.loads(json.dumps(result))
     table = markdown_table(result)
-    assert table.count("PASS") + table.count("MISS") == 5 and "rescan of 2,000 stale verdicts" in table
+    assert table.count("PASS") + table.count("MISS") == 7 and "rescan of 2,000 stale verdicts" in table
+    assert "emulated accelerator at 3,000 images/s, 2 decode processes" in table
     assert result["model"]["origin"].startswith("built") and (config.out / "model" / "model.json").is_file()
     assert any("batched worker" in m for m in messages) and any("naive worker" in m for m in messages)
 
@@ -124,3 +136,21 @@ def test_the_command_needs_a_source_checkout(tmp_path, monkeypatch, capsys):
     assert main(["bench", "--out", str(tmp_path / "out")]) == 2
     assert "source checkout" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_the_realistic_set_mixes_sizes_formats_and_duplicates(tmp_path):
+    kinds = (Kind("small JPEG", 0.5, 120, 90, "JPEG", quality=85), Kind("big progressive JPEG", 0.25, 400, 300,
+                                                                          "JPEG", progressive=True),
+             Kind("screenshot", 0.25, 200, 100, "PNG", screenshot=True))
+    paths, mix = make_realistic(tmp_path / "set", 20, seed=3, kinds=kinds, duplicate_share=0.2)
+    assert len(paths) == len(set(paths)) == 20
+    assert [row["count"] for row in mix] == [8, 4, 4, 4]
+    digests = [hashlib.sha256(p.read_bytes()).hexdigest() for p in paths]
+    assert len(set(digests)) == 16  # four byte-identical duplicates
+    sizes = {Image.open(p).size for p in paths}
+    assert sizes == {(120, 90), (400, 300), (200, 100)}
+    progressive = [p for p in paths if Image.open(p).size == (400, 300)]
+    assert all(Image.open(p).info.get("progressive") for p in progressive)
+    again, _ = make_realistic(tmp_path / "again", 20, seed=3, kinds=kinds, duplicate_share=0.2)
+    assert [p.read_bytes() for p in again] == [p.read_bytes() for p in paths]  # deterministic for a seed
+    assert "| screenshot | 4 | 200×100 |" in mix_table(mix)
