@@ -15,12 +15,29 @@ from ppl_model.training.runner import run_training
 
 def _train(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.set)
+    if args.reconstructions is not None:
+        cfg.data.reconstructions = args.reconstructions
     info = run_training(cfg, args.data, args.out, baseline=args.baseline, resume=args.resume,
                         show_progress=not args.no_progress)
     if info is not None:
         val = info.training.get("validation") or {}
         summary = f" val acc {val['acc']:.3f} (real {val['acc_real']:.3f}, fake {val['acc_fake']:.3f})" if val else ""
         print(f"model {info.version_id} written to {args.out}{summary}")
+    return 0
+
+
+def _reconstruct(args: argparse.Namespace) -> int:
+    from ppl_model.reconstruct import ReconstructOptions, reconstruct_folder
+
+    options = ReconstructOptions(method=args.method, latent=args.latent, strength=args.strength, steps=args.steps,
+                                 guidance=args.guidance, mask=args.mask, seed=args.seed, batch_size=args.batch_size,
+                                 device=args.device, precision=args.precision, layout=args.layout,
+                                 generators=tuple(g for g in (args.generators or "").split(",") if g),
+                                 max_pixels=args.max_pixels)
+    report = reconstruct_folder(args.pipeline, args.images, args.out, options, progress=not args.no_progress)
+    rate = f" ({report.images_per_second:.3g} images/s)" if report.written else ""
+    print(f"{report.written} reconstruction(s) written to {args.out}{rate}, {report.already_done} already there, "
+          f"{len(report.skipped)} input(s) skipped ({report.layout} layout); report in {args.out}/reconstruct.json")
     return 0
 
 
@@ -70,7 +87,10 @@ def _scan(args: argparse.Namespace) -> int:
     from ppl_model.inference.backends import load_backend
     from ppl_model.inference.preprocess import Preprocessing
     from ppl_model.inference.scan import run_scan
+    from ppl_model.provenance import ProvenancePolicy
 
+    provenance = ProvenancePolicy.from_files(args.c2pa_trust_anchors,
+                                             trust_unsigned_metadata=args.trust_unsigned_metadata)
     backend = load_backend(args.backend, args.model, precision=args.precision, max_batch=args.batch_size * args.tiles)
     info = backend.info
     prep = Preprocessing.for_model(info, tiles=args.tiles)
@@ -78,7 +98,8 @@ def _scan(args: argparse.Namespace) -> int:
     out = args.out.open("w", newline="") if args.out else sys.stdout
     try:
         summary = run_scan(args.paths, backend, prep, info.threshold, out, fmt, how=args.aggregate,
-                           batch_size=args.batch_size, workers=args.workers, progress=not args.no_progress)
+                           batch_size=args.batch_size, workers=args.workers, progress=not args.no_progress,
+                           provenance=provenance)
     finally:
         if args.out:
             out.close()
@@ -172,9 +193,62 @@ def build_parser() -> argparse.ArgumentParser:
                        help="plain BCE fine-tuning: RPR, PCL and the patch loss off, all else identical")
     train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                        help="override a config value, e.g. --set train.epochs=3 (repeatable)")
+    train.add_argument("--reconstructions", metavar="DIR",
+                       help="reconstructions of the real training images, at their paths relative to --data (what "
+                            "`ppl reconstruct --images DATA --out DIR` writes): each becomes a fake paired with its "
+                            "real image, so RPR composites it (sets data.reconstructions)")
     train.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints/last.pt")
     train.add_argument("--no-progress", action="store_true", help="no progress bar (logs still written)")
     train.set_defaults(handler=_train)
+
+    rec = commands.add_parser(
+        "reconstruct", help="pixel-aligned reconstructions of real images by a local diffusers pipeline (RPR donors)",
+        description="Reconstruct real images through a local Hugging Face-format diffusers pipeline (nothing is "
+                    "downloaded) into lossless PNGs of the same size at the same relative paths, for RPR. "
+                    "--images may be a GenImage tree (its <generator>/train/nature/ images are reconstructed), a "
+                    "real/ + fake/ tree (its real/ images) or a plain folder (every image); OUT mirrors the paths "
+                    "relative to --images. Point `ppl train --reconstructions OUT` at the result, or, for a plain "
+                    "DATA/real folder, write to DATA/<name> to get the paired layout. A rerun resumes: finished "
+                    "files are skipped. Unreadable inputs are skipped and listed in OUT/reconstruct.json. "
+                    'Needs the optional extra: pip install -e ".[reconstruct]".')
+    rec.add_argument("--pipeline", required=True,
+                     help="local diffusers pipeline folder (model_index.json; for --method vae a folder with vae/, "
+                          "or a VAE folder itself), e.g. a copy of an SD 1.x inpainting checkpoint")
+    rec.add_argument("--images", required=True, help="folder of real images (GenImage, real/ + fake/, or plain)")
+    rec.add_argument("--out", required=True, help="output folder, outside --images (PNGs + reconstruct.json)")
+    rec.add_argument("--method", default="vae", choices=["vae", "inpaint"],
+                     help="vae: encode/decode through the pipeline's AutoencoderKL; inpaint: the inpainting pipeline "
+                          "at --strength with an empty prompt, the paper's recipe (default vae)")
+    rec.add_argument("--latent", default="sample", choices=["sample", "mode"],
+                     help="vae: a latent drawn from the encoder's distribution (seeded per file) or its mode "
+                          "(default sample)")
+    rec.add_argument("--strength", type=float, default=0.25,
+                     help="inpaint: how far into the noise schedule each image goes, (0, 1] (default 0.25)")
+    rec.add_argument("--steps", type=int, default=50,
+                     help="inpaint: scheduler steps at strength 1; int(steps × strength) are run (default 50)")
+    rec.add_argument("--guidance", type=float, default=1.0,
+                     help="inpaint: classifier-free guidance scale (default 1.0, i.e. off). With an empty prompt "
+                          "guidance has nothing to steer towards: above 1 it only doubles the cost")
+    rec.add_argument("--mask", default="auto", choices=["auto", "keep", "repaint"],
+                     help="inpaint: keep (all-black mask: the UNet sees the whole image, DRCT's choice) or repaint "
+                          "(all-white); auto: keep on an inpainting UNet (9 input channels), repaint on a plain one, "
+                          "where keep would paste the original latents back and reduce to a VAE round trip")
+    rec.add_argument("--seed", type=int, default=0,
+                     help="combined with each file's relative path into that file's seed: reruns are bit-identical")
+    rec.add_argument("--batch-size", type=int, default=8, help="images of the same size per forward pass (default 8)")
+    rec.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
+    rec.add_argument("--precision", default="auto", choices=["auto", "fp32", "fp16", "bf16"],
+                     help="auto: fp16 on CUDA, fp32 on the CPU (fp16 and bf16 need CUDA)")
+    rec.add_argument("--layout", default="auto", choices=["auto", "genimage", "folders", "plain"],
+                     help="which images of --images are real: auto detects GenImage (<gen>/train/nature), folders "
+                          "(real/, or train/real/) or plain (every image)")
+    rec.add_argument("--generators", metavar="A,B",
+                     help="GenImage: only these generator folders' real images (default all; the paper trains on "
+                          "one, e.g. stable_diffusion_v_1_4)")
+    rec.add_argument("--max-pixels", type=int, default=2048 * 2048,
+                     help="skip (and report as too_large) images over this many pixels (default 2048×2048)")
+    rec.add_argument("--no-progress", action="store_true", help="no progress bar (the bar shows images/s)")
+    rec.set_defaults(handler=_reconstruct)
 
     evaluate = commands.add_parser("eval", help="accuracy, AP and AUROC per generator; calibration; robustness")
     evaluate.add_argument("--model", required=True, help="model directory")
@@ -231,6 +305,13 @@ def build_parser() -> argparse.ArgumentParser:
     scan.add_argument("--aggregate", default="max", choices=["max", "mean"], help="how crops combine")
     scan.add_argument("--batch-size", type=int, default=64, help="images per inference call")
     scan.add_argument("--workers", type=int, default=4, help="decoding threads")
+    scan.add_argument("--c2pa-trust-anchors", metavar="PEM",
+                      help="root certificates (a PEM file) whose C2PA signing chains are trusted; without it a "
+                           "validating manifest is 'valid', never 'trusted'")
+    scan.add_argument("--trust-unsigned-metadata", action="store_true",
+                      help="let unsigned metadata that declares a generator (IPTC source type, A1111/ComfyUI "
+                           "chunks, a known generator's name) label an image fake (decision 'metadata'); by "
+                           "default it is recorded as evidence only")
     scan.add_argument("--no-progress", action="store_true")
     scan.set_defaults(handler=_scan)
 

@@ -46,6 +46,10 @@ class DataConfig:
     layout: str = "auto"  # auto, genimage, paired, folders
     generators: list[str] = field(default_factory=list)  # genimage: subsets to train on (empty = all)
     val_fraction: float = 0.1  # used when the data has no train/val split of its own
+    # A folder of reconstructions of the real images (`ppl reconstruct --images DATA --out DIR`), at their paths
+    # relative to the data folder (any image suffix): each joins its real image's split as a fake paired with
+    # it, so RPR composites it whatever the layout. "" = none (the paired layout pairs its own folders).
+    reconstructions: str = ""
     workers: int = 2
 
 

@@ -10,6 +10,11 @@ Layouts (``data.layout``; ``auto`` tells them apart):
 For paired and folders, ``ROOT/train/...`` and ``ROOT/val/...`` are used when present; otherwise a
 fixed fraction is held out by hashing each (real) file's relative path, so a pair never straddles splits.
 
+Any layout can take a reconstruction folder besides (``data.reconstructions``, what ``ppl reconstruct``
+writes): a file there at a real image's path relative to ``ROOT`` (suffix aside) is that image's
+pixel-aligned reconstruction, and joins the real image's split as a fake paired with it, as the paired
+layout's folders do.
+
 Augmentation is drawn from a generator seeded by (seed, epoch, index): runs are reproducible whatever
 the number of loader workers. An unreadable file yields a :class:`Skipped` marker that ``collate``
 drops and counts, never an exception.
@@ -18,6 +23,7 @@ drops and counts, never an exception.
 from __future__ import annotations
 
 import hashlib
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,6 +50,7 @@ from ppl_model.inference.preprocess import Preprocessing, prepare_image, rgb_tri
 from ppl_model.rpr import make_rpr_sample
 
 REAL, FAKE = 0, 1
+RECONSTRUCTION_SUBSET = "reconstruction"  # the subset of the fakes data.reconstructions adds
 
 
 class DataLayoutError(PPLError, ValueError):
@@ -161,13 +168,45 @@ def evaluation_subsets(root: str | Path, layout: str = "auto") -> tuple[str, dic
     return layout, subsets
 
 
+def _with_reconstructions(root: Path, splits: DataSplits, folder: Path) -> DataSplits:
+    """Each real image with a file at its relative path in ``folder`` gains that file as its paired fake."""
+    if not folder.is_dir():
+        raise DataLayoutError(f"reconstruction folder not found: {folder}")
+    if folder.resolve().is_relative_to(root.resolve()):
+        raise DataLayoutError(f"reconstruction folder {folder} is inside the data folder {root}, where it would be "
+                              "read as data too; keep it outside (or, for real/ + reconstruction folders, use the "
+                              "paired layout without data.reconstructions)")
+    made = {_relative_key(p, folder): p for p in list_images(folder)}
+
+    def extend(samples: list[Sample]) -> list[Sample]:
+        reals = [s for s in samples if s.label == REAL]
+        keyed = [(s, _relative_key(s.path, root)) for s in reals]
+        return samples + [Sample(made[key], FAKE, RECONSTRUCTION_SUBSET, s.path) for s, key in keyed if key in made]
+
+    train, val = extend(splits.train), extend(splits.val)
+    reals = sum(s.label == REAL for s in splits.train)
+    paired = len(train) - len(splits.train)
+    if not paired:
+        example = next((s.path.relative_to(root).with_suffix(".png") for s in splits.train if s.label == REAL), None)
+        raise DataLayoutError(f"no file in {folder} reconstructs a real training image of {root} ({splits.layout} "
+                              f"layout){f'; expected e.g. {folder / example}' if example else ''} "
+                              "(run `ppl reconstruct --images` on the data folder itself)")
+    if paired < reals:
+        warnings.warn(f"{reals - paired} of {reals} real training images have no reconstruction in {folder}; "
+                      "they train without an RPR partner", stacklevel=3)
+    return DataSplits(splits.layout, train, val)
+
+
 def index_dataset(root: str | Path, cfg: DataConfig) -> DataSplits:
-    """Find every image under ``root`` and assign labels, subsets, pairs and splits."""
+    """Find every image under ``root`` and assign labels, subsets, pairs and splits; with
+    ``cfg.reconstructions``, pair the real images with their reconstructions there."""
     root = Path(root)
     if not root.is_dir():
         raise DataLayoutError(f"data folder not found: {root}")
     layout = detect_layout(root) if cfg.layout == "auto" else cfg.layout
     splits = _genimage(root, cfg) if layout == "genimage" else _two_folder(root, cfg, layout)
+    if cfg.reconstructions:
+        splits = _with_reconstructions(root, splits, Path(cfg.reconstructions))
     labels = {s.label for s in splits.train}
     if labels != {REAL, FAKE}:
         raise DataLayoutError(f"{root} ({layout}): training split needs real and fake images, "

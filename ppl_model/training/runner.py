@@ -224,8 +224,9 @@ def _run(cfg: ExperimentConfig, data_dir: Path, out: Path, checkpoint_path: Path
     rpr_pairs = sum(s.partner is not None for s in splits.train)
     if cfg.rpr.enabled and not rpr_pairs and dist_ctx.is_main:
         warnings.warn(f"RPR is on but no training fake in {data_dir} ({splits.layout} layout) has a pixel-aligned "
-                      "real pair, so no RPR sample will be made; use the paired layout (real/ plus reconstruction "
-                      "folders with the same file names)", stacklevel=2)
+                      "real pair, so no RPR sample will be made; make reconstructions of the real images with "
+                      "`ppl reconstruct` and pass them with --reconstructions (data.reconstructions), or use the "
+                      "paired layout (real/ plus reconstruction folders with the same file names)", stacklevel=2)
     seed_everything(cfg.train.seed)  # identical initial weights on every rank
     detector = build_detector(cfg.model)
     if cfg.loss.patch_weight == 0:
