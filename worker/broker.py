@@ -85,22 +85,28 @@ DEAD_LETTER_CONTENT_TYPE = "application/x-ppl-dead-letter"  # never in accept_co
 DEAD_LETTER_ENCODING = "ppl-hex"  # the original bytes, hex-encoded (Lua has no base64)
 TAG_COUNTER_KEY = "ppl:delivery-tags"
 DELAYED_KEY = "ppl:delayed"  # sorted set: "<queue>\n<message>" scored by when it is due (epoch seconds)
+FETCH_MAX = 64  # messages one fetch may take, at most (fewer when the prefetch window has less room)
 
 # KEYS: the unacked hash, the unacked index, the tag counter, then the lists to take from, in order. ARGV: the
-# time to index the record under (the caller's clock, as kombu's own records and its sweep use), then the
-# queue name of each list. The record is ``[payload, exchange, routing_key]`` as JSON under a tag made here,
-# the payload spliced in as received rather than re-encoded (Lua's cjson would turn an empty list into an
-# object). A payload that kombu could not restore (not a JSON object with ``properties.delivery_info``, or
-# headers that are not an object) is first wrapped in a dead-letter envelope carrying its bytes, so that it
-# too is recorded, restorable and delivered. Returns {list, payload, delivery tag} or nil.
+# time to index the records under (the caller's clock, as kombu's own records and its sweep use), the most
+# messages to take (the consumer's free prefetch slots: one round trip brings a batch's worth, not one
+# message), then the queue name of each list. Each record is ``[payload, exchange, routing_key]`` as JSON under
+# a tag made here, the payload spliced in as received rather than re-encoded (Lua's cjson would turn an empty
+# list into an object). A payload that kombu could not restore (not a JSON object with
+# ``properties.delivery_info``, or headers that are not an object) is first wrapped in a dead-letter envelope
+# carrying its bytes, so that it too is recorded, restorable and delivered. Returns {list, payload, delivery
+# tag, list, payload, tag, ...} (the first list's messages before the next list's), or nil.
 FETCH_SCRIPT = """
 local function hex(s)
   return (string.gsub(s, '.', function(c) return string.format('%02x', string.byte(c)) end))
 end
+local taken = {}
+local most = tonumber(ARGV[2])
 for i = 4, #KEYS do
-  local item = redis.call('RPOP', KEYS[i])
-  if item then
-    local queue = ARGV[i - 2]
+  while #taken < 3 * most do
+    local item = redis.call('RPOP', KEYS[i])
+    if not item then break end
+    local queue = ARGV[i - 1]
     local tag = 'ppl-' .. redis.call('INCR', KEYS[3])
     local ok, payload = pcall(cjson.decode, item)
     local info = nil
@@ -122,10 +128,13 @@ for i = 4, #KEYS do
     local record = '[' .. item .. ',' .. cjson.encode(exchange) .. ',' .. cjson.encode(routing_key) .. ']'
     redis.call('HSET', KEYS[1], tag, record)
     redis.call('ZADD', KEYS[2], ARGV[1], tag)
-    return {KEYS[i], item, tag}
+    taken[#taken + 1] = KEYS[i]
+    taken[#taken + 1] = item
+    taken[#taken + 1] = tag
   end
 end
-return false
+if #taken == 0 then return false end
+return taken
 """
 
 # KEYS: the delayed set. ARGV: now, the most to move. Each due job goes to the head of its queue (RPUSH: the
@@ -322,9 +331,10 @@ class Channel(kombu_redis.Channel):
         self._brpop_sent_at = time.monotonic()  # kombu's health check: a reply is due within brpop_timeout
         if self._fetch_next:
             self._sent = "fetch"
+            room = self.qos.can_consume_max_estimate() or 1  # None: no prefetch limit
             connection.send_command("EVAL", FETCH_SCRIPT, 3 + len(keys), self.unacked_key,
                                     self.unacked_index_key, TAG_COUNTER_KEY, *keys, repr(time.time()),
-                                    *(queue for _, queue in pairs))
+                                    str(max(1, min(FETCH_MAX, room))), *(queue for _, queue in pairs))
         else:
             self._sent = "wait"
             wait = self.brpop_timeout if timeout is None else timeout
@@ -352,16 +362,22 @@ class Channel(kombu_redis.Channel):
             self._fetch_next = sent == "wait" or bool(reply)
             if sent == "wait" or not reply:
                 raise kombu_redis.Empty()
-            key = kombu_redis.bytes_to_str(reply[0])
-            tag = kombu_redis.bytes_to_str(reply[2])
-            queue = key.rsplit(self.sep, 1)[0]
-            self._queue_cycle.rotate(queue)
-            payload = _payload(reply[1], tag, queue)
-            self.connection.recorded_tags[tag] = (queue, bytes(reply[1]))
-            try:
-                self.connection._deliver(payload, queue)  # calls QoS.append, which takes the tag back
-            finally:
-                self.connection.recorded_tags.pop(tag, None)
+            failure: Exception | None = None
+            for start in range(0, len(reply), 3):  # every message taken is delivered, whatever one of them does
+                key = kombu_redis.bytes_to_str(reply[start])
+                tag = kombu_redis.bytes_to_str(reply[start + 2])
+                queue = key.rsplit(self.sep, 1)[0]
+                self._queue_cycle.rotate(queue)
+                payload = _payload(reply[start + 1], tag, queue)
+                self.connection.recorded_tags[tag] = (queue, bytes(reply[start + 1]))
+                try:
+                    self.connection._deliver(payload, queue)  # calls QoS.append, which takes the tag back
+                except Exception as exc:  # recorded as unacknowledged in Redis: redelivered, never lost
+                    failure = failure or exc
+                finally:
+                    self.connection.recorded_tags.pop(tag, None)
+            if failure is not None:
+                raise failure
             return True
         finally:
             self._in_poll = None

@@ -46,9 +46,10 @@ from worker.sources import SourceError, fetch_source
 
 log = logging.getLogger(__name__)
 
-# Jobs per message to a decode process: large enough that a pipe round trip is paid once per several images,
-# small enough that a batch still spreads over every process.
-CHUNK = 4
+# Each decode process gets a batch's jobs in about this many messages: few, because every message costs the
+# worker process a pipe write and a wake-up, but more than one, so that a process that finishes early is not
+# left idle behind one holding all the large images.
+MESSAGES_PER_PROCESS = 2
 
 
 @dataclass(frozen=True)
@@ -230,11 +231,15 @@ class ProcessLoader:
         return ProcessPoolExecutor(max_workers=1, mp_context=self._context, initializer=_child_init,
                                    initargs=(self.settings,))
 
+    def _chunk(self, count: int) -> int:
+        return max(1, -(-count // (len(self._executors) * MESSAGES_PER_PROCESS)))
+
     def _spread(self, count: int) -> list[int]:
-        """A process index for each of ``count`` items: chunks of CHUNK, round-robin over the processes."""
+        """A process index for each of ``count`` items: consecutive chunks, round-robin over the processes."""
         with self._lock:
             first = next(self._next)
-        return [(first + i // CHUNK) % len(self._executors) for i in range(count)]
+        chunk = self._chunk(count)
+        return [(first + i // chunk) % len(self._executors) for i in range(count)]
 
     def fetch(self, sources: Sequence[str]) -> list[Fetched]:
         with self._lock:
@@ -242,7 +247,7 @@ class ProcessLoader:
         owners = self._spread(len(sources))
         with self._lock:
             self._owner.update(zip(handles, owners, strict=True))
-        chunks = _chunks(list(zip(handles, sources, strict=True)), owners)
+        chunks = _chunks(list(zip(handles, sources, strict=True)), owners, self._chunk(len(sources)))
         results: dict[int, Fetched] = {}
         for owner, executor, items, future in self._submit(chunks, _child_fetch):
             try:
@@ -258,7 +263,8 @@ class ProcessLoader:
         with self._lock:
             owners = [self._owner[h] for h in handles]
         results: dict[int, Decoded] = {}
-        for owner, executor, items, future in self._submit(_chunks(list(handles), owners), _child_decode, spec):
+        chunks = _chunks(list(handles), owners, self._chunk(len(handles)))
+        for owner, executor, items, future in self._submit(chunks, _child_decode, spec):
             try:
                 for handle, decoded in zip(items, future.result(), strict=True):
                     results[handle] = decoded
@@ -309,11 +315,11 @@ class ProcessLoader:
             self._executors[owner] = self._start()
 
 
-def _chunks(items: list, owners: list[int]) -> list[tuple[int, list]]:
-    """Consecutive items of the same owner, CHUNK at most per message."""
+def _chunks(items: list, owners: list[int], size: int) -> list[tuple[int, list]]:
+    """Consecutive items of the same owner, ``size`` at most per message."""
     out: list[tuple[int, list]] = []
     for item, owner in zip(items, owners, strict=True):
-        if out and out[-1][0] == owner and len(out[-1][1]) < CHUNK:
+        if out and out[-1][0] == owner and len(out[-1][1]) < size:
             out[-1][1].append(item)
         else:
             out.append((owner, [item]))

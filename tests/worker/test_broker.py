@@ -3,6 +3,7 @@ recording it fails on the fallback path."""
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
 import socket
@@ -72,7 +73,7 @@ def test_the_fetch_script_takes_and_records_a_message_in_one_step(redis_url):
     publish(redis_url, ["job-0"])
     client = redis.Redis.from_url(redis_url)
     key, raw, tag = client.eval(FETCH_SCRIPT, 5, "unacked", "unacked_index", "tags", "detect", "other",
-                                "1700000000.5", "detect", "other")
+                                "1700000000.5", "8", "detect", "other")
     assert (key, client.llen("detect")) == (b"detect", 0)
     # The record is kombu's own: [payload as published, exchange, routing key], indexed by the given time, under
     # a tag the script made (never the producer's).
@@ -81,7 +82,7 @@ def test_the_fetch_script_takes_and_records_a_message_in_one_step(redis_url):
     assert payload["properties"]["delivery_tag"] != tag.decode()
     assert (exchange, routing_key) == ("", "detect")
     assert client.zscore("unacked_index", tag) == 1700000000.5
-    assert client.eval(FETCH_SCRIPT, 4, "unacked", "unacked_index", "tags", "detect", "0", "detect") is None
+    assert client.eval(FETCH_SCRIPT, 4, "unacked", "unacked_index", "tags", "detect", "0", "8", "detect") is None
 
     # The worker that fetched it dies: kombu's sweep puts the message back on its queue, marked redelivered.
     with Connection(redis_url, transport=Transport, transport_options={"visibility_timeout": 1}) as conn:
@@ -89,6 +90,21 @@ def test_the_fetch_script_takes_and_records_a_message_in_one_step(redis_url):
     (back,) = [json.loads(item) for item in client.lrange("detect", 0, -1)]
     assert back["body"] == payload["body"] and back["headers"]["redelivered"] is True
     assert unacked(redis_url) == (0, 0)
+
+
+def test_one_fetch_takes_up_to_the_free_prefetch_slots_in_queue_order(redis_url):
+    publish(redis_url, [f"job-{i}" for i in range(5)])
+    client = redis.Redis.from_url(redis_url)
+    client.lpush("other", json.dumps({"body": "", "headers": {}, "properties": {"delivery_info": {}}}))
+    fetch = ("unacked", "unacked_index", "tags", "detect", "other")
+    reply = client.eval(FETCH_SCRIPT, 5, *fetch, "1700000000.5", "3", "detect", "other")
+    keys, tags = reply[0::3], [t.decode() for t in reply[2::3]]
+    bodies = [json.loads(base64.b64decode(json.loads(raw)["body"])) for raw in reply[1::3]]
+    assert keys == [b"detect"] * 3 and bodies == ["job-0", "job-1", "job-2"]  # FIFO, and no more than asked
+    assert len(set(tags)) == 3 and client.hlen("unacked") == client.zcard("unacked_index") == 3
+    reply = client.eval(FETCH_SCRIPT, 5, *fetch, "1700000000.5", "10", "detect", "other")
+    assert reply[0::3] == [b"detect", b"detect", b"other"]  # the first list emptied before the next one
+    assert client.hlen("unacked") == 6 and client.llen("detect") == client.llen("other") == 0
 
 
 def consume(redis_url: str, count: int, *, acknowledge: str | None, timeout: float = 10.0) -> tuple[list, tuple]:
