@@ -3,11 +3,15 @@
 One module for every caller (training, ``ppl scan``, the worker), so that they all see the same pixels.
 
 * **What viewers see.** The first *displayed* frame: an APNG's default image that is not part of its
-  animation is skipped, as animation-capable viewers skip it. EXIF orientation is applied. A BMP whose
-  alpha channel is zero everywhere is opaque (browsers treat it so: such files come from encoders that
+  animation is skipped, as animation-capable viewers skip it; a HEIF file's primary image, which is what
+  viewers show of a collection. ``decode`` also counts the frames (``Decoded.frames``). EXIF orientation is
+  applied (HEIF's ``irot``/``imir`` by libheif, which then resets the EXIF tag; AVIF's through its EXIF tag).
+  A BMP whose alpha channel is zero everywhere is opaque (browsers treat it so: such files come from encoders that
   write 0 into the unused fourth byte). High bit depths are scaled by the range their header declares
   (a 12-bit TIFF by 4095, not 65535). Transparent pixels are composited onto mid-grey. BMPs that Pillow's
   plugin refuses but browsers show (2-bit palettes, bitfields in any layout) are decoded here.
+* **Formats beyond Pillow's own**: HEIC/HEIF through pillow-heif, whose opener is registered once, on the first
+  decode (``register_heif_opener``); AVIF through Pillow's own plugin (libavif). Both decode 10-bit files to 8 bits.
 * **Untrusted bytes reach only the allowed plugins.** With ``formats``, Pillow runs only those plugins'
   header parsers (``Image.open(..., formats=...)``). A refused format is named by Pillow's signature
   check (each plugin's ``accept`` prefix test: a few byte comparisons), never by its parser.
@@ -68,7 +72,7 @@ SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16B", "I;16L", "I;16N"})
 ALPHA_MODES = frozenset({"RGBA", "LA", "PA", "RGBa", "La"})
 TRANSPARENT_BACKGROUND = (128, 128, 128)  # what fully transparent pixels become: deterministic, mid-range
 # Allowed plugins are tried in this order (JPEG before MPO: the JPEG factory itself returns MPO files).
-FORMAT_ORDER = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF", "MPO")
+FORMAT_ORDER = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF", "MPO", "HEIF", "AVIF")
 BAND_PIXELS = 1 << 20  # numeric conversions work on row bands of about this many pixels
 # Messages with which Pillow's plugins refuse a valid file they do not implement (as opposed to damage).
 _UNSUPPORTED_MESSAGES = ("cannot handle", "unknown pixel mode", "unsupported", "not supported", "not configured",
@@ -99,6 +103,9 @@ _PEAK_PER_PIXEL = {"1": 5, "L": 5, "P": 5, "RGB": 4, "RGBA": 10, "I;16": 6, "I":
 _PEAK_WITH_ALPHA_CONVERSION = 10  # LA, PA, La, RGBa and tRNS transparency: first converted to RGBA
 _PEAK_OTHER = 8  # CMYK, YCbCr, LAB, HSV, RGBX: decoded + RGB
 _STORED_PER_PIXEL = {"1": 1, "L": 1, "P": 1, "I;16": 2}  # else 4
+# libheif's and libavif's decoded YCbCr planes (2 bytes a sample for 10-bit) and the interleaved RGB(A) buffer the
+# plugin copies into Pillow's image
+_HEIF_AVIF_BUFFERS_PER_PIXEL = 10
 DECODE_OVERHEAD_BYTES = 48 << 20  # decoder state, band temporaries, allocator slack: per image, whatever its size
 
 
@@ -134,6 +141,8 @@ def decoded_bytes(img: Image.Image) -> int:
         total += 13 * pixels  # libwebp's decoded RGBA frame, its animation canvas and the copy Pillow reads
     elif img.format == "TIFF":
         total += _tiff_buffer_bytes(img)
+    elif img.format in ("HEIF", "AVIF"):
+        total += _HEIF_AVIF_BUFFERS_PER_PIXEL * pixels
     total += pixels * getattr(img, "EXTRA_PER_PIXEL", 0)
     return total + DECODE_OVERHEAD_BYTES
 
@@ -233,7 +242,18 @@ def _read(source: Path | str | bytes, name: str) -> _Source:
         raise UnreadableImage(path, Reason.UNREADABLE, str(exc)) from None
 
 
-IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"})
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif", ".heic", ".heif",
+                            ".hif", ".avif"})
+
+
+@functools.cache
+def register_heif_opener() -> None:
+    """pillow-heif's HEIF plugin in Pillow's registry, once per process, on first use (importing it costs about
+    50 ms, which modules that never decode should not pay). Thumbnails, depth and auxiliary images stay unread:
+    only the primary image is ever judged, and less parsing of untrusted bytes is less to go wrong."""
+    from pillow_heif import register_heif_opener as register
+
+    register(thumbnails=False, depth_images=False, aux_images=False)
 
 
 def list_images(folder: Path) -> list[Path]:
@@ -242,9 +262,28 @@ def list_images(folder: Path) -> list[Path]:
                   if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file() and not p.name.startswith("."))
 
 
+@dataclass(frozen=True)
+class Decoded:
+    """What ``decode`` returns: the judged frame as 8-bit RGB, the decoder's format name (JPEG, PNG, HEIF, AVIF,
+    ...), and how many frames the file holds (animation frames of a GIF, APNG, WebP or AVIF sequence; pages of
+    a TIFF; top-level images of a HEIF file; 1 for a still image), of which the first displayed is judged."""
+
+    image: Image.Image
+    format: str
+    frames: int
+
+
 def decode_rgb(source: Path | str | bytes, name: str = "", *, max_pixels: int | None = None,
                formats: Collection[str] | None = None, max_bytes: int | None = None,
                budget: MemoryBudget | None = None) -> tuple[Image.Image, str]:
+    """``decode``'s image and format name."""
+    decoded = decode(source, name, max_pixels=max_pixels, formats=formats, max_bytes=max_bytes, budget=budget)
+    return decoded.image, decoded.format
+
+
+def decode(source: Path | str | bytes, name: str = "", *, max_pixels: int | None = None,
+           formats: Collection[str] | None = None, max_bytes: int | None = None,
+           budget: MemoryBudget | None = None) -> Decoded:
     """Decode a file (path) or encoded bytes: the first displayed frame, EXIF-oriented, as 8-bit RGB.
 
     Before any pixel is decoded: ``formats`` (Pillow format names) keeps every other plugin away from the
@@ -253,12 +292,13 @@ def decode_rgb(source: Path | str | bytes, name: str = "", *, max_pixels: int | 
     and keeps the returned image's own bytes reserved until the image is garbage. Pillow's
     decompression-bomb limit (``Image.MAX_IMAGE_PIXELS``) applies on top.
 
-    Returns the image and the decoder's format name (JPEG, PNG, ...)."""
+    Returns the image, the decoder's format name and the file's frame count."""
     src = _read(source, name)
     path = src.path
     try:
         img = _open(src, formats)
         image_format = img.format or ""
+        frames = frame_count(img)
         _seek_first_displayed(img)
         width, height = img.size
         # Pillow's own limit, checked here rather than by turning its warning into an error: the warnings
@@ -283,7 +323,7 @@ def decode_rgb(source: Path | str | bytes, name: str = "", *, max_pixels: int | 
         if reservation is not None:  # the RGB image keeps 4 bytes per pixel until it is garbage
             reservation.shrink(4 * rgb.width * rgb.height)
             weakref.finalize(rgb, reservation.release)
-        return rgb, image_format
+        return Decoded(rgb, image_format, frames)
     except UnreadableImage:
         raise
     except (Image.DecompressionBombError, MemoryError) as exc:
@@ -305,6 +345,7 @@ def decode_rgb(source: Path | str | bytes, name: str = "", *, max_pixels: int | 
 
 
 def _open(src: _Source, formats: Collection[str] | None) -> ImageFile.ImageFile:
+    register_heif_opener()
     order = None
     if formats is not None:
         allowed = {f.upper() for f in formats}
@@ -454,6 +495,7 @@ def sniff_format(data: bytes) -> str | None:
     if data[-18:].startswith(b"TRUEVISION-XFILE."):  # TGA's footer: its header has no signature, and it
         return "TGA"  # can start like a CUR file's
     prefix = data[:16]
+    register_heif_opener()
     Image.init()
     for name, (_, accept) in list(Image.OPEN.items()):
         if accept is None:
@@ -540,11 +582,23 @@ def _variant_detail(data: bytes, message: str) -> str:
 
 def _seek_first_displayed(img: Image.Image) -> None:
     """Frame 0, except an APNG's default image that is not part of the animation (``default_image``):
-    viewers that play the animation never show it."""
+    viewers that play the animation never show it; and a HEIF file's primary image, where the opener already
+    is (it need not be the first of the file's images)."""
+    if img.format == "HEIF":
+        return
     if img.format == "PNG" and getattr(img, "default_image", False) and getattr(img, "n_frames", 1) > 1:
         img.seek(1)
     elif getattr(img, "n_frames", 1) > 1:
         img.seek(0)
+
+
+def frame_count(img: Image.Image) -> int:
+    """Frames an opened file holds, from its headers (no pixel decoded): animation frames (an APNG's default
+    image outside the animation not counted), TIFF pages, HEIF top-level images; 1 for a still image."""
+    frames = int(getattr(img, "n_frames", 1) or 1)
+    if img.format == "PNG" and getattr(img, "default_image", False) and frames > 1:
+        frames -= 1
+    return frames
 
 
 def _significant_bits(img: Image.Image) -> int | None:
