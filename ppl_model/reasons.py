@@ -49,6 +49,9 @@ class Reason(StrEnum):
     DECODER_DIED = "decoder_died"  # the worker's decode process died holding the job (worker.loading)
     # Storing the answer
     UNSTORABLE = "unstorable"
+    # Reading provenance (ppl_model.provenance): recorded in the verdict's provenance document, never a failure
+    # row; the image is judged all the same. ``ProvenanceFault`` says what went wrong.
+    PROVENANCE_ERROR = "provenance_error"
 
     @property
     def transience(self) -> Transience:
@@ -82,3 +85,17 @@ _TRANSIENCE: dict[Reason, Transience] = {
 # The codes ppl_model.imageio raises (its docstring tables them)
 DECODER_REASONS = frozenset({Reason.MISSING, Reason.UNREADABLE, Reason.NOT_AN_IMAGE, Reason.UNSUPPORTED_FORMAT,
                              Reason.TOO_LARGE, Reason.CORRUPT, Reason.DECODE_BUSY})
+
+
+class ProvenanceFault(StrEnum):
+    """What went wrong reading one part of an image's provenance (``ppl_model.provenance``), recorded with
+    ``Reason.PROVENANCE_ERROR`` in the provenance document. Stable codes, like ``Reason``'s."""
+
+    TOO_LARGE = "too_large"  # a metadata item (XMP packet, text chunk, EXIF comment) over the byte cap: skipped
+    TIMEOUT = "timeout"  # the read's time budget ran out: the remaining parts were not read
+    XML_FORBIDDEN = "xml_forbidden"  # an XMP packet with a DTD, entity declarations or external references
+    XML_MALFORMED = "xml_malformed"  # an XMP packet that is not well-formed XML
+    C2PA_UNREADABLE = "c2pa_unreadable"  # C2PA data c2pa-rs could not read (a truncated or damaged manifest)
+    C2PA_REMOTE = "c2pa_remote"  # the manifest is only referenced by URL: not fetched (reading is offline)
+    CONTAINER_UNREADABLE = "container_unreadable"  # the image's own metadata structures could not be parsed
+    UNEXPECTED = "unexpected"  # an error nobody foresaw: worth a bug report

@@ -19,7 +19,8 @@ from PIL import Image
 
 from ppl_model.imageio import decode_rgb
 from ppl_model.inference.base import Prediction
-from ppl_model.inference.crops import crop_pixels
+from ppl_model.inference.crops import crop_pixels, fill_colour, tile_offsets
+from ppl_model.jpeg_region import decode_jpeg_crops
 from ppl_model.model_dir import ModelInfo
 
 AGGREGATIONS = ("max", "mean")
@@ -78,6 +79,19 @@ def prepare(source: Path | str | bytes, prep: Preprocessing, name: str = "") -> 
     """Decode and prepare one image; raises ``UnreadableImage`` with a reason for what cannot be decoded."""
     img, image_format = decode_rgb(source, name)
     return prepare_image(img, prep, image_format)
+
+
+def prepare_jpeg(data: bytes, prep: Preprocessing, *, max_pixels: int | None = None) -> Prepared | None:
+    """``prepare_image(decode_rgb(data))`` for a JPEG, decoding only the crops' regions
+    (``ppl_model.jpeg_region``): the same crops bit for bit, size and format. None for what that decoder does
+    not handle (not a JPEG, CMYK, over ``max_pixels``, damaged, ...): decode the whole image as before, which
+    gives the reason if it cannot. Raises ``UnreadableImage`` (``too_large``) for a hostile progressive file."""
+    size = prep.input_size
+    region = decode_jpeg_crops(data, lambda width, height: tile_offsets(width, height, size, prep.tiles), size,
+                               fill_colour(prep.mean), max_pixels=max_pixels)
+    if region is None:
+        return None
+    return Prepared(normalise(region.crops, prep.mean, prep.std), region.width, region.height, region.format)
 
 
 def aggregate(prediction: Prediction, counts: list[int], how: str = "max") -> list[Prediction]:
