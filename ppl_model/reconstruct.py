@@ -145,6 +145,14 @@ def import_diffusers() -> Any:
                                 f"install the extra: {INSTALL_HINT}") from None
 
 
+def dtype_keyword(diffusers: Any) -> str:
+    """``from_pretrained``'s dtype argument: ``dtype`` where diffusers has renamed ``torch_dtype`` (which then
+    warns). Passed at load time, not by ``.to()``, so modules a model keeps in fp32 stay so."""
+    renamed = hasattr(getattr(getattr(diffusers, "utils", None), "deprecation_utils", None), "_resolve_dtype")
+    major = int(str(getattr(diffusers, "__version__", "0")).split(".")[0] or 0)
+    return "dtype" if renamed or major >= 1 else "torch_dtype"
+
+
 # -- which files, where ------------------------------------------------------------------------------------------
 
 
@@ -283,10 +291,11 @@ class VaeReconstructor(Reconstructor):
         if subfolder is None and not (pipeline_dir / "config.json").is_file():
             raise ReconstructError(f"{pipeline_dir}: neither a pipeline folder with vae/ nor a VAE folder")
         try:
-            vae = diffusers.AutoencoderKL.from_pretrained(pipeline_dir, subfolder=subfolder, local_files_only=True)
+            vae = diffusers.AutoencoderKL.from_pretrained(pipeline_dir, subfolder=subfolder, local_files_only=True,
+                                                          **{dtype_keyword(diffusers): dtype})
         except (OSError, ValueError, TypeError, KeyError) as exc:
             raise _load_error(pipeline_dir, exc) from None
-        self.vae = vae.to(device, dtype).eval()
+        self.vae = vae.to(device).eval()
         self.device, self.dtype = device, dtype
         self.sample = options.latent == "sample"
         self.multiple = 2 ** (len(self.vae.config.block_out_channels) - 1)
@@ -316,11 +325,12 @@ class InpaintReconstructor(Reconstructor):
         # The safety checker would black out "unsafe" reconstructions and is not needed to reconstruct.
         extra = {"safety_checker": None, "requires_safety_checker": False} if "safety_checker" in components else {}
         try:
-            pipe = diffusers.AutoPipelineForInpainting.from_pretrained(pipeline_dir, local_files_only=True, **extra)
+            pipe = diffusers.AutoPipelineForInpainting.from_pretrained(pipeline_dir, local_files_only=True,
+                                                                       **{dtype_keyword(diffusers): dtype}, **extra)
         except (OSError, ValueError, TypeError, KeyError) as exc:
             raise _load_error(pipeline_dir, exc) from None
         pipe.set_progress_bar_config(disable=True)
-        self.pipe = pipe.to(device, dtype)  # loaded in fp32 and converted: the dtype keyword was renamed
+        self.pipe = pipe.to(device)
         self.options = options
         self.multiple = int(pipe.vae_scale_factor)
         # An inpainting UNet (9 input channels) sees the whole image through a keep-everything mask; a plain
