@@ -12,7 +12,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
-from sqlalchemy import create_engine, text
+from sqlalchemy import create_engine, event, text
 from sqlalchemy.engine import Connection, Engine, make_url
 
 if TYPE_CHECKING:
@@ -41,11 +41,18 @@ def normalise_url(url: str) -> str:
 def make_engine(url: str, *, connect_timeout: float | None = None) -> Engine:
     """An engine whose pool checks connections before use, so a database restart costs one reconnect instead
     of one failed batch. ``connect_timeout`` (seconds) bounds a connection attempt to a dead host (``doctor``).
-    Create the engine after the worker process forks: pooled connections must not cross a fork."""
+    Create the engine after the worker process forks: pooled connections must not cross a fork.
+
+    Each new connection creates its session's staging tables (``worker.db.create_staging_tables``), which the
+    batch writes fill by COPY."""
     connect_args: dict[str, Any] = {}
     if connect_timeout is not None:
         connect_args["connect_timeout"] = max(1, math.ceil(connect_timeout))  # libpq takes whole seconds
-    return create_engine(normalise_url(url), pool_pre_ping=True, connect_args=connect_args)
+    engine = create_engine(normalise_url(url), pool_pre_ping=True, connect_args=connect_args)
+    from worker.db import create_staging_tables  # worker.db imports this module
+
+    event.listen(engine, "connect", create_staging_tables)
+    return engine
 
 
 @contextmanager

@@ -35,7 +35,12 @@ from ppl_model.categories import Label
 
 LABELS: Final = tuple(Label)
 RESCAN_STATUSES: Final = ("running", "paused", "done", "failed")
-_HEX64 = "'^[0-9a-f]{64}$'"
+
+
+def _hex64(column: str) -> str:
+    """64 lower-case hex digits. Not ``~ '^[0-9a-f]{64}$'``: PostgreSQL runs that bounded repetition at 10-14 µs
+    a row, a length test and a negated class in under 1 (revision 0003)."""
+    return f"length({column}) = 64 AND {column} !~ '[^0-9a-f]'"
 
 
 class Base(DeclarativeBase):
@@ -68,8 +73,9 @@ class VerdictRecord(Base):
 
     id: Mapped[int] = mapped_column(BigInteger, Identity(always=True), primary_key=True)
     sha256: Mapped[str] = mapped_column(Text, nullable=False)  # of the image bytes, not of the source
-    model_version: Mapped[str] = mapped_column(Text, ForeignKey("model_versions.id", name="fk_verdicts_model_version"),
-                                               nullable=False)
+    # Must name a model_versions row: checked once per statement by a trigger (revision 0003), not by a foreign
+    # key, whose per-row check and row lock on the one model version cost more than the rest of a row's write.
+    model_version: Mapped[str] = mapped_column(Text, nullable=False)
     score: Mapped[float] = mapped_column(Double, nullable=False)
     label: Mapped[str] = mapped_column(Text, nullable=False)
     threshold: Mapped[float] = mapped_column(Double, nullable=False)
@@ -97,7 +103,7 @@ class VerdictRecord(Base):
     __table_args__ = (
         # Idempotency key of every write, and the index behind per-image lookups (sha256 leads).
         UniqueConstraint("sha256", "model_version", name="uq_verdicts_sha256_model_version"),
-        CheckConstraint(f"sha256 ~ {_HEX64}", name="ck_verdicts_sha256"),
+        CheckConstraint(_hex64("sha256"), name="ck_verdicts_sha256"),
         CheckConstraint("label IN ('real', 'fake')", name="ck_verdicts_label"),
         CheckConstraint("score >= 0 AND score <= 1", name="ck_verdicts_score"),  # also rejects NaN
         # The label is a function of score and threshold (ppl_model.inference.verdict.make_verdict).
@@ -109,7 +115,6 @@ class VerdictRecord(Base):
         Index("ix_verdicts_created_at", "created_at", "id"),
         Index("ix_verdicts_flagged_created_at", "created_at", "id", postgresql_where=text("label = 'fake'")),
         Index("ix_verdicts_external_id", "external_id", postgresql_where=text("external_id IS NOT NULL")),
-        Index("ix_verdicts_model_version_id", "model_version", "id"),
         # Lookups by URL (`submit --wait`, analysts); hash, because a btree entry cannot hold a very long URL.
         Index("ix_verdicts_source", "source", postgresql_using="hash"),
     )
@@ -133,7 +138,7 @@ class DetectionFailureRecord(Base):
 
     __table_args__ = (
         UniqueConstraint("source_sha256", "reason", name="uq_detection_failures_source_sha256_reason"),
-        CheckConstraint(f"source_sha256 ~ {_HEX64}", name="ck_detection_failures_source_sha256"),
+        CheckConstraint(_hex64("source_sha256"), name="ck_detection_failures_source_sha256"),
         CheckConstraint("attempts >= 1", name="ck_detection_failures_attempts"),
         Index("ix_detection_failures_reason_last_seen", "reason", "last_seen"),
     )
@@ -165,9 +170,9 @@ class SubmissionRecord(Base):
                         name="ck_submissions_one_answer"),
         Index("uq_submissions_task_id", "task_id", unique=True, postgresql_where=text("task_id IS NOT NULL")),
         Index("ix_submissions_external_id", "external_id", postgresql_where=text("external_id IS NOT NULL")),
-        Index("ix_submissions_answered_at", "answered_at"),
-        Index("ix_submissions_verdict_id", "verdict_id"),
-        Index("ix_submissions_failure_id", "failure_id"),
+        Index("ix_submissions_answered_at", "answered_at", postgresql_using="brin"),  # grows with the table
+        Index("ix_submissions_verdict_id", "verdict_id", postgresql_where=text("verdict_id IS NOT NULL")),
+        Index("ix_submissions_failure_id", "failure_id", postgresql_where=text("failure_id IS NOT NULL")),
     )
 
 

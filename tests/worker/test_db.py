@@ -68,7 +68,7 @@ def test_migrations_go_up_down_and_up_again(empty_database_url: str) -> None:
             assert db.schema_revision(conn) is None
         db.migrate(empty_database_url)
         with engine.connect() as conn:
-            assert db.schema_revision(conn) == db.head_revision() == "0002"
+            assert db.schema_revision(conn) == db.head_revision()
             assert set(inspect(conn).get_table_names()) >= TABLES
             assert inspect(conn).get_view_names() == ["latest_verdicts"]
 
@@ -83,7 +83,7 @@ def test_migrations_go_up_down_and_up_again(empty_database_url: str) -> None:
 
         db.migrate(empty_database_url)
         with engine.connect() as conn:
-            assert db.schema_revision(conn) == "0002"
+            assert db.schema_revision(conn) == db.head_revision()
             assert set(inspect(conn).get_table_names()) >= TABLES
     finally:
         engine.dispose()
@@ -107,7 +107,7 @@ def test_migrate_is_safe_from_concurrent_processes(empty_database_url: str) -> N
     engine = db.make_engine(empty_database_url)
     try:
         with engine.connect() as conn:
-            assert db.schema_revision(conn) == "0002"
+            assert db.schema_revision(conn) == db.head_revision()
     finally:
         engine.dispose()
 
@@ -140,6 +140,70 @@ def test_revision_0002_gives_existing_verdicts_and_failures_a_submission_and_dow
             assert conn.execute(text("SELECT count(*) FROM verdicts")).scalar_one() == 3
     finally:
         engine.dispose()
+
+
+def _schema_facts(engine: Engine) -> dict[str, Any]:
+    """What revision 0003 changes: the verdicts' foreign keys and triggers, the check constraints' text and the
+    indexes of verdicts and submissions with their definitions."""
+    with engine.connect() as conn:
+        checks = dict(conn.execute(text(
+            "SELECT conname, pg_get_constraintdef(oid) FROM pg_constraint "
+            "WHERE conname IN ('ck_verdicts_sha256', 'ck_detection_failures_source_sha256')")).all())
+        indexes = dict(conn.execute(text(
+            "SELECT indexname, indexdef FROM pg_indexes WHERE tablename IN ('verdicts', 'submissions')")).all())
+        triggers = set(conn.execute(text("SELECT tgname FROM pg_trigger WHERE NOT tgisinternal")).scalars())
+        foreign_keys = {fk["name"] for fk in inspect(conn).get_foreign_keys("verdicts")}
+    return {"checks": checks, "indexes": indexes, "triggers": triggers, "foreign_keys": foreign_keys}
+
+
+def test_revision_0003_keeps_the_data_and_its_rules_and_downgrades_to_0002_exactly(
+        empty_database_url: str, verdict_row: MakeRow) -> None:
+    config = db.alembic_config(empty_database_url)
+    command.upgrade(config, "0002")
+    engine = db.make_engine(empty_database_url)
+    try:
+        before = _schema_facts(engine)
+        register(engine, NEW)
+        rows = [verdict_row(f"keep{i}", NEW) for i in range(3)]
+        db.upsert_verdicts(engine, rows)
+        command.upgrade(config, "0003")
+        after = _schema_facts(engine)
+        assert after["foreign_keys"] == set() and before["foreign_keys"] == {"fk_verdicts_model_version"}
+        assert {"verdicts_model_version_exists_insert", "verdicts_model_version_exists_update",
+                "model_versions_referenced"} <= after["triggers"]
+        assert "{64}" not in after["checks"]["ck_verdicts_sha256"] and "{64}" in before["checks"]["ck_verdicts_sha256"]
+        assert "ix_verdicts_model_version_id" not in after["indexes"]
+        assert "brin" in after["indexes"]["ix_submissions_answered_at"]
+        assert "WHERE (verdict_id IS NOT NULL)" in after["indexes"]["ix_submissions_verdict_id"]
+        assert db.count_rows(engine)["verdicts"] == 3
+        _the_model_version_rule_holds(engine, verdict_row)
+
+        command.downgrade(config, "0002")
+        assert _schema_facts(engine) == before
+        _the_model_version_rule_holds(engine, verdict_row)
+        command.upgrade(config, "head")
+        assert _schema_facts(engine) == after
+        assert db.count_rows(engine)["verdicts"] == 3
+    finally:
+        engine.dispose()
+
+
+def _the_model_version_rule_holds(engine: Engine, verdict_row: MakeRow) -> None:
+    """A verdict must name a registered model version, and a version that verdicts name cannot be deleted or
+    renamed: by the foreign key (revision 0002) or by the triggers that replace it (0003), the same errors."""
+    with pytest.raises(IntegrityError, match="fk_verdicts_model_version"):
+        db.upsert_verdicts(engine, [verdict_row("orphan", "unregistered")])
+    with engine.begin() as conn, pytest.raises(IntegrityError, match="fk_verdicts_model_version"):
+        conn.execute(text("UPDATE verdicts SET model_version = 'unregistered'"))
+    for statement in ("DELETE FROM model_versions WHERE id = :v",
+                      "UPDATE model_versions SET id = 'renamed' WHERE id = :v"):
+        with engine.begin() as conn, pytest.raises(IntegrityError, match="fk_verdicts_model_version"):
+            conn.execute(text(statement), {"v": NEW})
+    register(engine, OLDER)
+    with engine.begin() as conn:  # a version no verdict names can go
+        conn.execute(text("UPDATE model_versions SET metrics = '{}' WHERE id = :v"), {"v": NEW})
+        conn.execute(text("DELETE FROM model_versions WHERE id = :v"), {"v": OLDER})
+    assert db.count_rows(engine)["model_versions"] == 1
 
 
 def test_submissions_point_at_their_answer_and_a_redelivery_adds_none(verdict_row: MakeRow, engine: Engine) -> None:
@@ -186,10 +250,77 @@ def test_a_thousand_rows_go_in_one_statement_and_a_repeat_inserts_nothing(verdic
         assert db.upsert_verdicts(engine, rows) == 1000
     finally:
         stop()
-    inserts = [s for s in statements if s.lstrip().upper().startswith("INSERT")]
+    # The rows travel by COPY into the session's staging table (not a SQLAlchemy statement), then one INSERT.
+    inserts = [s for s in statements if "INSERT INTO VERDICTS" in s.upper()]
     assert len(inserts) == 1 and "ON CONFLICT" in inserts[0].upper()
     assert db.upsert_verdicts(engine, rows) == 0
     assert db.count_rows(engine)["verdicts"] == 1000
+
+
+def test_two_writes_in_one_transaction_each_insert_only_their_own_rows(verdict_row: MakeRow, engine: Engine) -> None:
+    """The staging tables are emptied by the statement that reads them, so a second call in the same
+    transaction does not write the first call's rows again."""
+    register(engine, NEW)
+    now = datetime.now(UTC)
+    first, second = verdict_row("one", NEW), verdict_row("two", NEW)
+    with engine.begin() as conn:
+        assert db.upsert_verdicts(conn, [first]) == 1
+        assert db.upsert_verdicts(conn, [second, first]) == 1
+        for task, row in (("t1", first), ("t2", second)):
+            answered = db.SubmissionRow(task, None, f"s-{task}", None, now, verdict=(row.sha256, NEW))
+            assert db.record_submissions(conn, [answered]) == 1
+    assert db.count_rows(engine)["verdicts"] == db.count_rows(engine)["submissions"] == 2
+
+
+def test_a_value_the_database_refuses_is_a_dbapi_error_and_the_connection_stays_usable(
+        verdict_row: MakeRow, engine: Engine) -> None:
+    """A row COPY cannot store (a NUL character) fails the write as an ``execute`` would, with SQLAlchemy's
+    DBAPIError (the worker then writes the batch row by row); the pooled connection goes on working."""
+    from sqlalchemy.exc import DBAPIError
+
+    register(engine, NEW)
+    for bad in (verdict_row("nul", NEW, external_id="bad\x00id"), verdict_row("surrogate", NEW, source="x\ud800")):
+        with pytest.raises(DBAPIError):
+            db.upsert_verdicts(engine, [verdict_row("fine", NEW), bad])
+    assert db.count_rows(engine)["verdicts"] == 0
+    assert db.upsert_verdicts(engine, [verdict_row("fine", NEW)]) == 1
+
+
+def test_an_engine_not_made_by_make_engine_still_writes(verdict_row: MakeRow, database_url: str) -> None:
+    from sqlalchemy import create_engine
+
+    plain = create_engine(database_url)
+    try:
+        register(plain, NEW)
+        for name in ("a", "b"):  # each transaction creates the staging tables it needs
+            assert db.upsert_verdicts(plain, [verdict_row(name, NEW)]) == 1
+    finally:
+        plain.dispose()
+
+
+def test_concurrent_overlapping_batches_do_not_deadlock(verdict_row: MakeRow, engine: Engine) -> None:
+    """Writers given the same keys in different orders insert them in key order: each key is stored once,
+    and no transaction is chosen as a deadlock victim."""
+    register(engine, NEW)
+    rows = [verdict_row(f"race{i}", NEW) for i in range(200)]
+    errors: list[BaseException] = []
+    inserted: list[int] = []
+
+    def write(seed: int) -> None:
+        shuffled = rows[:]
+        random.Random(seed).shuffle(shuffled)
+        try:
+            for start in range(0, len(shuffled), 50):
+                inserted.append(db.upsert_verdicts(engine, shuffled[start:start + 100]))
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=write, args=(seed,)) for seed in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert errors == [] and sum(inserted) == 200 and db.count_rows(engine)["verdicts"] == 200
 
 
 def test_duplicates_inside_one_call_are_written_once(verdict_row: MakeRow, engine: Engine) -> None:
