@@ -53,7 +53,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from ppl_model.imageio import UnreadableImage
+from ppl_model.imageio import MemoryBudget, UnreadableImage
 from ppl_model.reasons import Reason
 
 SCAN_LIMIT = 100  # libjpeg writes 10 scans for a colour progressive JPEG, 6 for grey; mozjpeg a few more
@@ -275,12 +275,14 @@ def _header_info(data: bytes) -> tuple[str, int] | None:
 
 def decode_jpeg_crops(data: bytes, offsets: Callable[[int, int], list[tuple[int, int]]], size: int,
                       fill: tuple[int, int, int], *, max_pixels: int | None,
-                      scan_limit: int = SCAN_LIMIT) -> RegionDecode | None:
+                      scan_limit: int = SCAN_LIMIT, budget: MemoryBudget | None = None) -> RegionDecode | None:
     """The ``size``×``size`` crops at ``offsets(width, height)`` (top-left corners in the EXIF-oriented image of
     that size) of a JPEG, padded with ``fill`` where they leave the image, decoding only what they cover.
 
     None: not handled here (see the module docstring), decode the whole image instead. Raises
-    ``UnreadableImage`` (``too_large``) for a progressive file with more than ``scan_limit`` scans."""
+    ``UnreadableImage`` (``too_large``) for a progressive file with more than ``scan_limit`` scans. With a
+    ``budget``, the decode's memory is reserved from it first (as ``imageio.decode_rgb`` reserves a full
+    decode's), which may wait or raise ``decode_busy``/``too_large`` as it does."""
     lib = _library()
     if lib is None or not isinstance(data, bytes) or data[:3] != b"\xff\xd8\xff":
         return None
@@ -321,22 +323,42 @@ def decode_jpeg_crops(data: bytes, offsets: Callable[[int, int], list[tuple[int,
             if box[0] < box[2] and box[1] < box[3]:
                 wanted.append((index, box, _stored_box(orientation, box, sw, sh)))
         regions = _plan([stored for _, _, stored in wanted], imcu, sw, sh, progressive)
-        decoded = 0
-        for region in regions:
-            pixels = _decode_region(handle, data, region, sw, sh)
-            decoded += pixels.shape[0] * pixels.shape[1]
-            for index, box, stored in wanted:
-                if not _inside(stored, region):
-                    continue
-                part = pixels[stored[1] - region[1]:stored[3] - region[1], stored[0] - region[0]:stored[2] - region[0]]
-                left, top = corners[index]
-                crops[index, box[1] - top:box[3] - top, box[0] - left:box[2] - left] = _orient(part, orientation)
-        return RegionDecode(width, height, crops, image_format, decoded)
+        reservation = budget.acquire(_memory(regions, sw, sh, progressive), "<bytes>") if budget else None
+        try:
+            return _decode_regions(handle, data, regions, wanted, corners, crops, orientation, sw, sh,
+                                   width, height, image_format)
+        finally:
+            if reservation is not None:
+                reservation.release()
     except _TurboError as exc:
         message = str(exc)
         if "more than" in message and "scans" in message:
             raise UnreadableImage("<bytes>", Reason.TOO_LARGE, f"{message} (the limit is {scan_limit})") from None
         return None
+
+
+def _memory(regions: list[Box], sw: int, sh: int, progressive: bool) -> int:
+    """Bytes a decode of ``regions`` holds at most: the RGB rows of each region, and for a progressive file the
+    whole image's coefficients (2 bytes a sample, up to three full-size components) on top."""
+    rows = max((r[2] - r[0]) * (r[3] - r[1]) * 3 for r in regions) if regions else 0
+    return rows + (sw * sh * 6 if progressive else 0)
+
+
+def _decode_regions(handle: _Handle, data: bytes, regions: list[Box], wanted: list[tuple[int, Box, Box]],
+                    corners: list[tuple[int, int]], crops: np.ndarray, orientation: int, sw: int, sh: int,
+                    width: int, height: int, image_format: str) -> RegionDecode:
+    """Decode each region once and cut the crops it contains into ``crops`` (oriented, in place)."""
+    decoded = 0
+    for region in regions:
+        pixels = _decode_region(handle, data, region, sw, sh)
+        decoded += pixels.shape[0] * pixels.shape[1]
+        for index, box, stored in wanted:
+            if not _inside(stored, region):
+                continue
+            part = pixels[stored[1] - region[1]:stored[3] - region[1], stored[0] - region[0]:stored[2] - region[0]]
+            left, top = corners[index]
+            crops[index, box[1] - top:box[3] - top, box[0] - left:box[2] - left] = _orient(part, orientation)
+    return RegionDecode(width, height, crops, image_format, decoded)
 
 
 def _inside(box: Box, region: Box) -> bool:

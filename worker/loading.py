@@ -6,7 +6,8 @@ Two steps, so that content already judged is answered from its hash before a pix
    keeping them under a handle;
 2. the pipeline looks the hashes up; ``decode`` turns the handles it still needs into uint8 crops
    (``worker.decoding``: allow-list, pixel and memory caps, EXIF orientation; the centre crop or tiles of
-   ``ppl_model.inference.crops``);
+   ``ppl_model.inference.crops``). A JPEG's crops are decoded from their regions alone where
+   ``ppl_model.jpeg_region`` applies (bit-identical to a full decode), the rest in full;
 3. ``release`` drops the bytes of every handle, decoded or not.
 
 Two implementations behind one protocol, chosen by ``PPL_DECODE_PROCESSES``:
@@ -40,7 +41,7 @@ import numpy as np
 
 from ppl_model.inference.crops import crop_pixels
 from ppl_model.reasons import Reason
-from worker.decoding import decode_pixels
+from worker.decoding import decode_jpeg_region, decode_pixels
 from worker.settings import Settings
 from worker.sources import SourceError, fetch_source
 
@@ -126,6 +127,10 @@ def fetch_and_hash(source: str, settings: Settings) -> tuple[bytes | None, str, 
 def decode_crops(data: bytes, settings: Settings, spec: CropSpec) -> Decoded:
     started = time.perf_counter()
     try:
+        region = decode_jpeg_region(data, settings, spec.size, spec.tiles, spec.mean)
+        if region is not None:
+            return Decoded(region.width, region.height, region.format, region.crops,
+                           1000 * (time.perf_counter() - started))
         image, image_format = decode_pixels(data, settings)
         crops = crop_pixels(image, spec.size, spec.tiles, spec.mean)
         width, height = image.width, image.height

@@ -343,10 +343,11 @@ class BatchProcessor:
         crops = [item.decoded.crops for item in items if item.decoded is not None and item.decoded.crops is not None]
         if len(crops) != len(items):
             raise RuntimeError("an item reached inference without crops")
-        pixels = normalise(np.concatenate(crops), model.preprocessing.mean, model.preprocessing.std)
+        prep, backend = model.preprocessing, model.backend
         with self._infer_lock:
             waited = time.perf_counter() - started
-            predictions = aggregate(model.backend.predict(pixels.to(model.backend.device)), [len(c) for c in crops])
+            pixels = normalise(np.concatenate(crops), prep.mean, prep.std, backend.device)
+            predictions = aggregate(backend.predict(pixels), [len(c) for c in crops])
         infer_s = time.perf_counter() - started
         report.seconds["infer"] = infer_s
         report.seconds["infer_wait"] = waited

@@ -95,3 +95,22 @@ def test_a_decode_process_that_dies_fails_its_jobs_transiently_and_is_replaced(p
         assert again[0].error is None and result[0].error is None and result[0].crops is not None
     finally:
         loader.close()
+
+
+def test_a_jpeg_is_decoded_from_its_crop_region_and_other_formats_in_full(photos, monkeypatch):
+    from worker import loading
+
+    full_decodes = []
+    real = loading.decode_pixels
+    monkeypatch.setattr(loading, "decode_pixels", lambda data, settings: full_decodes.append(len(data))
+                        or real(data, settings))
+    settings = Settings.from_env({}, file_roots=(photos,), decode_threads=2)
+    loader = ThreadLoader(settings)
+    try:
+        fetched = loader.fetch([(photos / "j2.jpg").as_uri(), (photos / "p2.png").as_uri()])
+        decoded = loader.decode([f.handle for f in fetched], CropSpec(32, 1, (0.5, 0.5, 0.5)))
+        loader.release(f.handle for f in fetched)
+    finally:
+        loader.close()
+    assert [d.format for d in decoded] == ["JPEG", "PNG"] and all(d.error is None for d in decoded)
+    assert full_decodes == [(photos / "p2.png").stat().st_size]  # only the PNG was decoded whole
