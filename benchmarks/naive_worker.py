@@ -21,10 +21,8 @@ from sqlalchemy.engine import Engine
 
 from worker import db
 from worker.app import DETECT_QUEUE, DETECT_TASK
-from worker.decoding import decode_image
 from worker.model import ServedModel, load_model
 from worker.settings import Settings
-from worker.sources import fetch_source
 
 settings = Settings.from_env()
 app = Celery("ppl-naive", broker=settings.broker_url)
@@ -60,17 +58,24 @@ def _database(model: ServedModel) -> Engine:
 
 @app.task(name=DETECT_TASK, acks_late=True)
 def detect_image(source: str, external_id: str | None = None, metadata: dict[str, Any] | None = None) -> None:
-    from ppl_model.inference.preprocess import aggregate, prepare_image
+    from ppl_model.inference.preprocess import aggregate, normalise
     from ppl_model.inference.verdict import make_verdict
+    from worker.loading import CropSpec, decode_crops, fetch_and_hash
 
     model = load_model(settings)
     engine = _database(model)
-    decoded = decode_image(fetch_source(source, settings).data, settings)
-    prepared = prepare_image(decoded.image, model.preprocessing, decoded.format)
-    prediction = aggregate(model.backend.predict(prepared.crops.to(model.backend.device)), [len(prepared.crops)])[0]
+    data, digest, _, error = fetch_and_hash(source, settings)  # the worker's own per-image steps, one at a time
+    if error is not None:
+        raise error
+    prep = model.preprocessing
+    decoded = decode_crops(data or b"", settings, CropSpec(prep.input_size, prep.tiles, prep.mean))
+    if decoded.error is not None or decoded.crops is None:
+        raise decoded.error or RuntimeError("no crops")
+    pixels = normalise(decoded.crops, prep.mean, prep.std, model.backend.device)
+    prediction = aggregate(model.backend.predict(pixels), [len(decoded.crops)])[0]
     grid = prediction.patch_prob[0]
     verdict = make_verdict(float(prediction.image_prob[0]), grid, model.threshold)
-    row = db.VerdictRow.of(verdict, grid, sha256=decoded.sha256, model_version=model.version_id, source=source,
+    row = db.VerdictRow.of(verdict, grid, sha256=digest, model_version=model.version_id, source=source,
                            external_id=external_id, metadata=metadata, width=decoded.width, height=decoded.height,
                            format=decoded.format, timings_ms={})
     with engine.begin() as conn:
