@@ -1,12 +1,12 @@
 """Benchmark-only: ``detect_image`` served the naive way, the baseline ``ppl-worker bench`` compares with.
 
 One image per task, one inference call per image and one transaction per verdict, with the same code as the
-real pipeline for everything else (``fetch_source``, ``decode_image``, ``prepare_image``, the served model's
-backend, ``make_verdict``, ``upsert_verdicts``) and the same settings (``PPL_*``). It has no verdict-cache
+real pipeline for everything else (``worker.loading``'s ``fetch_and_hash`` and ``decode_crops``, the served
+model's backend, ``make_verdict``, ``upsert_verdicts``) and the same settings (``PPL_*``). It has no verdict-cache
 lookup and no failure handling: the benchmark feeds it good, distinct images only, and leaving those steps
 out can only make the baseline faster. It lives with the benchmarks, outside the shipped packages; the
 benchmark runs it as ``python -m benchmarks.naive_worker`` (one process, threads pool, concurrency 1, as
-``ppl-worker run``).
+one batch in flight).
 """
 
 from __future__ import annotations
