@@ -204,14 +204,17 @@ def oriented_size(path: Path) -> tuple[int, int] | None:
 
 
 def is_finished(out_path: Path, expected: tuple[int, int] | None) -> bool:
-    """A complete PNG of the input's size is already there (outputs appear only by rename, so whole)."""
+    """A PNG of the input's size is already there and every chunk's checksum holds (outputs appear only by
+    rename, so whole; the check catches a file damaged since, without decompressing the pixels)."""
     if expected is None or not out_path.is_file():
         return False
     try:
-        img, _ = decode_rgb(out_path, formats={"PNG"})
-    except UnreadableImage:
+        with Image.open(out_path, formats=["PNG"]) as img:
+            size = img.size
+            img.verify()
+    except Exception:  # unreadable in any way: made again
         return False
-    return img.size == expected
+    return size == expected
 
 
 def write_png(pixels: np.ndarray, path: Path) -> None:
@@ -381,6 +384,7 @@ def _batches(jobs: list[_Job], batch_size: int) -> Iterable[list[_Job]]:
 
 
 def _write_report(out_dir: Path, report: ReconstructReport) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / REPORT_NAME
     partial = path.with_name(f".{path.name}{PARTIAL_SUFFIX}")
     partial.write_text(json.dumps(report.as_json(), indent=2) + "\n")
@@ -417,6 +421,8 @@ def reconstruct_folder(pipeline_dir: str | Path, images_dir: str | Path, out_dir
                                "inputs (and as a data folder of their own); choose a folder outside it")
     device, dtype = resolve_device(options.device, options.precision)
     layout, inputs = select_inputs(images_dir, options.layout, options.generators)
+    if not inputs:
+        raise ReconstructError(f"no images to reconstruct under {images_dir} ({layout} layout)")
     recipe = options.recipe()
     report = ReconstructReport("running", str(pipeline_dir.resolve()), str(images_resolved), str(out_resolved),
                                layout, recipe, device=str(device), dtype=str(dtype).removeprefix("torch."),
@@ -443,7 +449,6 @@ def reconstruct_folder(pipeline_dir: str | Path, images_dir: str | Path, out_dir
 
     reconstructor = load_reconstructor(pipeline_dir, options, device, dtype) if pending else None
     # Written before the first output (and only once the pipeline has loaded): the recipe a resumed run must match.
-    out_dir.mkdir(parents=True, exist_ok=True)
     _write_report(out_dir, report)
     started = time.perf_counter()
     bar = tqdm(total=len(pending), desc=f"reconstruct ({options.method})", unit="img", disable=not progress,

@@ -142,7 +142,7 @@ def test_a_rerun_skips_finished_files_and_redoes_only_what_is_missing(tmp_path, 
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*.png")} == stamps
     # A missing file and a damaged one are made again; the damaged one is not "valid" just for existing.
     (out / "sub" / "c.png").unlink()
-    (out / "a.png").write_bytes(first["a.png"][:50])
+    (out / "a.png").write_bytes(first["a.png"][:-20])  # header intact, pixel data and end cut off
     assert _run(tiny_pipeline, images, out) == 0
     assert _report(out)["written"] == 2 and _report(out)["already_done"] == 3
     assert _pngs(out) == first  # per-file seeds: the same bytes, though they were now reconstructed apart
@@ -283,6 +283,9 @@ def test_user_errors_exit_2_with_a_reason(tmp_path, tiny_pipeline, capsys):
     assert "no denoising step" in capsys.readouterr().err
     assert _run(tmp_path / "no-pipeline", images, tmp_path / "out") == 2
     assert "pipeline folder not found" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert _run(tiny_pipeline, tmp_path / "empty", tmp_path / "out") == 2
+    assert "no images to reconstruct" in capsys.readouterr().err
     assert _run(tiny_pipeline, images, tmp_path / "out", "--precision", "fp16", "--device", "cpu") == 2
     assert "needs a CUDA device" in capsys.readouterr().err
     # One folder never mixes two recipes.
