@@ -32,6 +32,7 @@ from ppl_model.inference.preprocess import (
     Preprocessing,
     aggregate,
     prepare_image,
+    prepare_jpeg,
 )
 from ppl_model.inference.verdict import make_verdict
 from ppl_model.provenance import Provenance, ProvenancePolicy, decide, read_provenance
@@ -104,12 +105,17 @@ def _load(path: Path, prep: Preprocessing, perturb: Perturbation | None,
         reason = Reason.MISSING if isinstance(exc, FileNotFoundError) else Reason.UNREADABLE
         return _Loaded("", UnreadableImage(path, reason, str(exc)))
     digest = hashlib.sha256(data).hexdigest()
+    provenance = read_provenance(data, policy) if policy is not None else None
     try:
+        # A JPEG's crops from their regions alone (bit-identical to a full decode), unless the whole picture is
+        # to be perturbed first; a plain JPEG is one frame (an MPO's frames are counted by the full decode).
+        prepared = prepare_jpeg(data, prep) if perturb is None else None
+        if prepared is not None and prepared.format == "JPEG":
+            return _Loaded(digest, prepared, 1, provenance)
         decoded = decode(data, name=str(path))
     except UnreadableImage as exc:
         return _Loaded(digest, exc)
     image = decoded.image if perturb is None else perturb(decoded.image)
-    provenance = read_provenance(data, policy) if policy is not None else None
     return _Loaded(digest, prepare_image(image, prep, decoded.format), decoded.frames, provenance)
 
 
