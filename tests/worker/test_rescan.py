@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import json
+import uuid
 
 import pytest
 import redis
@@ -71,3 +72,83 @@ def test_bad_rescan_arguments_are_refused():
     with pytest.raises(RescanError, match="ISO date-time"):
         RescanRequest.from_kwargs({"since": "yesterday"})
     assert RescanRequest.from_kwargs({"since": "2026-01-01T00:00:00"}).since.tzinfo is not None
+
+
+KWARGS_CASES = [
+    {"source": "https://images.example.com/a.jpg"},
+    {"source": "file:///srv/ünïcode/☃.png", "external_id": "post-1", "metadata": {"k": [1, 2.5, None], "s": "é\n"}},
+    {"source": "https://x.example/" + "long/" * 400, "metadata": {"nested": {"deep": True}}},  # kwargsrepr is cut
+]
+
+
+def _normalised(message: dict) -> dict:
+    """A message with its per-message random values (task id, delivery tag) and sender identity replaced."""
+    message = json.loads(json.dumps(message))
+    tid = message["headers"]["id"]
+    assert message["headers"]["root_id"] == message["properties"]["correlation_id"] == tid
+    for where, key in (("headers", "id"), ("headers", "root_id"), ("headers", "origin"),
+                       ("properties", "correlation_id"), ("properties", "delivery_tag")):
+        message[where][key] = "-"
+    # The display-only kwargsrepr is the rescan's plain repr, not Celery's saferepr (checked on its own).
+    del message["headers"]["kwargsrepr"]
+    return message
+
+
+def test_rescan_messages_are_those_send_task_publishes(monkeypatch, redis_url):
+    """DetectMessages' template messages equal, field for field, what kombu publishes for app.send_task with the
+    same keyword arguments (captured before it reaches Redis), but for the random ids."""
+    from kombu.transport import redis as kombu_redis
+
+    from worker.app import DETECT_TASK, detect_kwargs
+    from worker.rescan import DetectMessages, _kwargs_repr
+
+    published: list[tuple[str, dict]] = []
+    monkeypatch.setattr(kombu_redis.Channel, "_put",
+                        lambda self, queue, message, **kw: published.append((queue, message)))
+    app = make_app(Settings.from_env({}, broker_url=redis_url))
+    jobs = [detect_kwargs(**case) for case in KWARGS_CASES]
+    for kwargs in jobs:
+        app.send_task(DETECT_TASK, kwargs=kwargs, queue=DETECT_QUEUE)
+    built = DetectMessages(app).build(jobs)
+    assert [queue for queue, _ in published] == [DETECT_QUEUE] * len(jobs)
+    for (_, expected), item, kwargs in zip(published, built, jobs, strict=True):
+        ours = json.loads(item)
+        assert _normalised(ours) == _normalised(expected)
+        assert ours["headers"]["kwargsrepr"] == _kwargs_repr(kwargs, app.amqp.kwargsrepr_maxsize)
+        assert len(ours["headers"]["kwargsrepr"]) <= app.amqp.kwargsrepr_maxsize
+    ids = [json.loads(item)["headers"]["id"] for item in built]
+    assert len(set(ids)) == len(ids) and all(str(uuid.UUID(i, version=4)) == i for i in ids)
+
+
+def test_the_broker_fetch_script_delivers_rescan_messages_as_detect_image_jobs(stored, database_url, redis_url):
+    """What the rescan pushed, taken by the worker's own fetch script (worker.broker) as a worker takes it:
+    recorded as unacknowledged, not a dead letter, a detect_image job whose body decodes to the kwargs."""
+    from worker.broker import FETCH_SCRIPT, _payload
+
+    settings = Settings.from_env({}, database_url=database_url, broker_url=redis_url, rescan_chunk=7)
+    app = make_app(settings)
+    client = redis.Redis.from_url(redis_url)
+    # Keys of this test's own (a worker of another test run may consume the shared "detect" list meanwhile).
+    prefix = f"rescan-test-{uuid.uuid4().hex}:"
+    result = run_rescan(settings, RescanRequest(target_model_version="new"), app=app, engine=stored)
+    assert result.enqueued == 25
+    items = client.lrange(DETECT_QUEUE, 0, -1)
+    client.delete(DETECT_QUEUE)
+    if len(items) < 25:
+        pytest.skip("another test's worker consumed the shared detect queue")
+    client.lpush(prefix + DETECT_QUEUE, *reversed(items))  # same order as in the queue
+    keys = [prefix + "unacked", prefix + "unacked_index", prefix + "tags", prefix + DETECT_QUEUE]
+    sources = []
+    try:
+        # ARGV: the time, the most messages to take (one at a time here), the queue name.
+        while reply := client.eval(FETCH_SCRIPT, 4, *keys, "0", "1", DETECT_QUEUE):
+            payload = _payload(reply[1], reply[2].decode(), DETECT_QUEUE)
+            assert payload["content-type"] == "application/json" and payload["headers"]["task"] == "detect_image"
+            args, kwargs, embed = json.loads(base64.b64decode(payload["body"]))
+            assert args == [] and set(kwargs) <= {"source", "external_id", "metadata"}
+            assert embed == {"callbacks": None, "errbacks": None, "chain": None, "chord": None}
+            sources.append(kwargs["source"])
+        assert client.hlen(prefix + "unacked") == 25  # each recorded as held, as for any message
+    finally:
+        client.delete(*keys)
+    assert sorted(sources) == sorted(f"https://images.example.com/stale{i}.jpg" for i in range(25))

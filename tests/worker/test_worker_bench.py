@@ -60,10 +60,15 @@ def test_every_part_runs_and_every_job_is_accounted_for(config, pg_server_url, r
     upserts = result["upserts"]
     assert [b["batch"] for b in upserts["by_batch"]] == [1, 8, 64]
     assert upserts["rows_per_s"] == upserts["by_batch"][1]["rows_per_s"] > 0
-    assert upserts["by_batch"][1]["rows"] == 400
+    for row in upserts["by_batch"]:  # write and COPY alternate in rounds of distinct rows, whole batches each
+        assert row["rows"] % row["batch"] == 0 and 0 < row["rows"] <= max(400, 4 * row["batch"])
+        assert row["copy_rows_per_s"] > 0 and row["ratio"] == pytest.approx(row["rows_per_s"] / row["copy_rows_per_s"],
+                                                                            rel=1e-2)
 
     rescan = result["rescan"]
     assert rescan["enqueued"] == rescan["queued"] == 2000 and rescan["jobs_per_s"] > 0
+    assert rescan["lpush_jobs_per_s"] > 0
+    assert rescan["ratio"] == pytest.approx(rescan["jobs_per_s"] / rescan["lpush_jobs_per_s"], rel=1e-2)
     assert 0 < rescan["rss_start_mib"] <= rescan["rss_peak_mib"] and rescan["rss_end_mib"] <= rescan["rss_peak_mib"]
 
     emulated = result["emulated"]
@@ -107,7 +112,8 @@ def test_the_command_runs_a_part_and_refuses_a_shared_redis_database(tmp_path, p
     assert main(["bench", "--out", "cli", "--parts", "upserts", "--upsert-rows", "200",
                  "--images", "4", "--database-url", pg_server_url, "--broker-url", redis_url]) == 0
     printed = capfd.readouterr().out
-    assert "PostgreSQL upserts, batch 32" in printed and "| rescan enqueue rate | – |" in printed
+    assert "verdict writes (verdicts + submissions), batch 32" in printed
+    assert "| rescan enqueue ÷ pipelined LPUSH | – |" in printed
     assert json.loads((out / "worker-bench.json").read_text())["upserts"]["batch"] == 32
     with pytest.raises(BenchError, match="not /0"):
         WorkerBenchConfig(out=out, broker_url="redis://127.0.0.1:6379/0").validate()
@@ -154,3 +160,21 @@ def test_the_realistic_set_mixes_sizes_formats_and_duplicates(tmp_path):
     again, _ = make_realistic(tmp_path / "again", 20, seed=3, kinds=kinds, duplicate_share=0.2)
     assert [p.read_bytes() for p in again] == [p.read_bytes() for p in paths]  # deterministic for a seed
     assert "| screenshot | 4 | 200×100 |" in mix_table(mix)
+
+
+def test_the_storage_benchmark_runs_alone_and_prints_its_ratios(tmp_path, pg_server_url, redis_url, capsys):
+    from benchmarks import storage_bench
+
+    before = set(bench_databases(pg_server_url))
+    assert storage_bench.main(["--out", str(tmp_path / "storage"), "--database-url", pg_server_url, "--broker-url",
+                               redis_url, "--write-rows", "256", "--batches", "32,256", "--rescan-rows", "1500",
+                               "--rescan-chunk", "400"]) == 0
+    printed = capsys.readouterr().out
+    result = json.loads((tmp_path / "storage" / "storage-bench.json").read_text())
+    assert [b["batch"] for b in result["upserts"]["by_batch"]] == [32, 256]
+    assert result["rescan"]["enqueued"] == result["rescan"]["queued"] == 1500
+    assert [t["name"] for t in result["targets"]] == [
+        "verdict writes ÷ COPY, batch 32", "verdict writes ÷ COPY, batch 256", "rescan enqueue ÷ pipelined LPUSH",
+        "rescan memory flat (peak − start RSS)"]
+    assert printed.count("ratio") == 3 and printed.count("PASS") + printed.count("MISS") == 4
+    assert set(bench_databases(pg_server_url)) == before and redis.Redis.from_url(redis_url).dbsize() == 0
