@@ -7,14 +7,18 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, get_type_hints
+from typing import TYPE_CHECKING, Any, get_type_hints
 
 from ppl_model.categories import Backend, Precision, choices
 from worker.errors import WorkerError
+
+if TYPE_CHECKING:
+    from ppl_model.provenance import ProvenancePolicy
 
 PREFIX = "PPL_"
 
@@ -63,6 +67,12 @@ class Settings:
     decode_memory_bytes: int = 3 << 29  # 1.5 GiB
     max_metadata_bytes: int = 4096
 
+    # Provenance (ppl_model.provenance): the PEM file of the root certificates whose C2PA signing chains are
+    # trusted (none: a manifest is at best "valid"), and whether unsigned metadata (XMP source type, generator
+    # chunks) may decide a label: off, because anyone can write it (docs/OPERATIONS.md, "Provenance")
+    c2pa_trust_anchors: Path | None = None
+    trust_unsigned_metadata: bool = False
+
     # Retries of transient failures (HTTP 5xx, database down), with exponential back-off
     max_retries: int = 5
     retry_backoff_s: float = 2.0
@@ -110,6 +120,8 @@ class Settings:
             if value not in tuple(enum):
                 raise SettingsError(f"{env_name(name)} must be {choices(enum)}, got {value!r}")
             object.__setattr__(self, name, enum(value))  # frozen: the documented way to normalise a field
+        if not isinstance(self.trust_unsigned_metadata, bool):  # a keyword override given as a string
+            raise SettingsError(f"PPL_TRUST_UNSIGNED_METADATA must be a boolean, got {self.trust_unsigned_metadata!r}")
         if self.decode_processes < 0:
             raise SettingsError(f"PPL_DECODE_PROCESSES must be 0 (decode in threads) or more, "
                                 f"got {self.decode_processes}")
@@ -157,8 +169,16 @@ def _split_list(raw: str, separators: str = ",") -> list[str]:
     return [p.strip() for p in raw.split(separators[0]) if p.strip()]
 
 
+_BOOLEANS = {"1": True, "true": True, "yes": True, "0": False, "false": False, "no": False}
+
+
 def _parse(name: str, raw: str, hint: Any) -> Any:
     text = raw.strip()
+    if hint is bool:
+        flag = _BOOLEANS.get(text.lower())
+        if flag is None:
+            raise SettingsError(f"{env_name(name)}={raw!r} is not a boolean: use 1/0, true/false or yes/no")
+        return flag
     try:
         if hint in (int,):
             return int(text)
@@ -175,6 +195,23 @@ def _parse(name: str, raw: str, hint: Any) -> Any:
         return text
     except ValueError:
         raise SettingsError(f"{env_name(name)}={raw!r} is not a valid {getattr(hint, '__name__', hint)}") from None
+
+
+def provenance_policy(settings: Settings) -> ProvenancePolicy:
+    """The provenance policy these settings describe, built once per process (the trust anchors are read and
+    checked by c2pa on the first call; a file that is missing or holds no usable certificate is a
+    ``SettingsError`` naming ``PPL_C2PA_TRUST_ANCHORS``)."""
+    return _provenance_policy(settings.c2pa_trust_anchors, settings.trust_unsigned_metadata)
+
+
+@functools.cache
+def _provenance_policy(trust_anchors: Path | None, trust_unsigned_metadata: bool) -> ProvenancePolicy:
+    from ppl_model.provenance import ProvenanceConfigError, ProvenancePolicy
+
+    try:
+        return ProvenancePolicy.from_files(trust_anchors, trust_unsigned_metadata=trust_unsigned_metadata)
+    except ProvenanceConfigError as exc:
+        raise SettingsError(f"{env_name('c2pa_trust_anchors')}: {exc}") from None
 
 
 def _hide_password(url: str) -> str:

@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 
 from ppl_model.categories import Backend, Precision
-from worker.settings import Settings, SettingsError, env_names
+from worker.settings import Settings, SettingsError, env_names, provenance_policy
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -66,3 +66,44 @@ def test_every_setting_is_documented_in_the_readme():
     readme = (REPO / "README.md").read_text()
     missing = [name for name in env_names() if f"`{name}`" not in readme]
     assert not missing, f"README does not document {missing}"
+
+
+@pytest.mark.parametrize(("raw", "expected"), [("1", True), ("true", True), ("YES", True), (" yes ", True),
+                                               ("0", False), ("false", False), ("No", False)])
+def test_booleans_take_the_usual_spellings(raw, expected):
+    assert Settings.from_env({"PPL_TRUST_UNSIGNED_METADATA": raw}).trust_unsigned_metadata is expected
+    assert Settings.from_env({}).trust_unsigned_metadata is False  # off unless the operator turns it on
+
+
+@pytest.mark.parametrize("raw", ["", "on", "2", "tru", "enabled"])
+def test_a_boolean_setting_refuses_anything_else(raw):
+    with pytest.raises(SettingsError, match="PPL_TRUST_UNSIGNED_METADATA=.* is not a boolean"):
+        Settings.from_env({"PPL_TRUST_UNSIGNED_METADATA": raw})
+    with pytest.raises(SettingsError, match="PPL_TRUST_UNSIGNED_METADATA must be a boolean"):
+        Settings.from_env({}, trust_unsigned_metadata=raw)
+
+
+def test_the_provenance_policy_reads_the_trust_anchors_once(tmp_path):
+    from tests.provenance_files import signing_chain
+
+    anchors = tmp_path / "anchors.pem"
+    anchors.write_text(signing_chain().root_pem)
+    settings = Settings.from_env({"PPL_C2PA_TRUST_ANCHORS": str(anchors), "PPL_TRUST_UNSIGNED_METADATA": "yes"})
+    policy = provenance_policy(settings)
+    assert policy.trust_anchors_pem == signing_chain().root_pem and policy.trust_unsigned_metadata
+    anchors.unlink()  # built once per process: the policy does not read the file again
+    assert provenance_policy(settings) is policy
+    assert provenance_policy(Settings.from_env({})).trust_anchors_pem == ""  # none by default
+
+
+@pytest.mark.parametrize(("content", "message"), [
+    (None, "No such file"),
+    ("not a certificate\n", "no PEM certificate"),
+    ("-----BEGIN CERTIFICATE-----\nbm90IGEgY2VydGlmaWNhdGU=\n-----END CERTIFICATE-----\n", "C2PA trust anchors"),
+])
+def test_bad_trust_anchors_are_a_settings_error_naming_the_variable(tmp_path, content, message):
+    anchors = tmp_path / f"bad-{len(content or '')}.pem"
+    if content is not None:
+        anchors.write_text(content)
+    with pytest.raises(SettingsError, match=f"PPL_C2PA_TRUST_ANCHORS: .*{message}"):
+        provenance_policy(Settings.from_env({"PPL_C2PA_TRUST_ANCHORS": str(anchors)}))
