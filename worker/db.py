@@ -50,8 +50,9 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.sql.selectable import NamedFromClause
 
-from ppl_model.categories import Label
+from ppl_model.categories import C2paState, Decision, Label, ProvenanceKind
 from ppl_model.inference.verdict import Verdict
+from ppl_model.provenance import Provenance, Ruling
 from ppl_model.reasons import Reason
 
 # The lifecycle and the tables live in their own modules; these names stay importable from here, where the
@@ -136,21 +137,59 @@ class VerdictRow:
     grid_rows: int
     grid_cols: int
     timings_ms: dict[str, float]
+    # What the image's own bytes say about its origin (revision 0004), and what decided the label. None where
+    # nothing was read (rows written before 0004); provenance_kind "none" where it was and nothing was found.
+    provenance: dict[str, Any] | None = None  # ppl_model.provenance.Provenance.to_json()
+    decision: Decision = Decision.MODEL
+    provenance_kind: ProvenanceKind | None = None  # the strongest signal
+    declared_generator: str | None = None
+    c2pa_state: C2paState | None = None
+    c2pa_signer: str | None = None  # the C2PA signing certificate's issuer
+    frames: int | None = None  # frames the file holds; the first is judged
 
     @classmethod
     def of(cls, verdict: Verdict, grid: np.ndarray, *, sha256: str, model_version: str, source: str,
            external_id: str | None, metadata: dict[str, Any] | None, width: int, height: int, format: str,
-           timings_ms: dict[str, float]) -> VerdictRow:
+           timings_ms: dict[str, float], ruling: Ruling | None = None, provenance: Provenance | None = None,
+           frames: int | None = None) -> VerdictRow:
         """The row for a verdict (``make_verdict``) on ``grid`` (the per-patch probabilities): the one place
-        a verdict becomes a row, for the worker, its benchmarks and the tests alike."""
+        a verdict becomes a row, for the worker, its benchmarks and the tests alike. ``ruling`` (``decide``)
+        gives the label and what decided it (default: the model's label); the score is the model's either way.
+        The provenance's strings come from the file, so they are made storable here (NUL characters and
+        unpaired surrogates escaped, as ``storable_text`` does): a hostile file must not cost its verdict."""
         packed, grid_rows, grid_cols = quantise_patch_grid(grid)
-        return cls(sha256=sha256, model_version=model_version, score=verdict.score, label=verdict.label,
+        manifest = provenance.c2pa if provenance is not None else None
+        return cls(sha256=sha256, model_version=model_version, score=verdict.score,
+                   label=ruling.label if ruling is not None else verdict.label,
                    threshold=verdict.threshold, source=source, external_id=external_id, metadata=metadata,
                    width=width, height=height, format=format, patch_mean=verdict.patch_mean,
                    patch_max=verdict.patch_max, patch_p90=verdict.patch_p90,
                    patch_frac_above=verdict.patch_frac_above, top_patch_row=verdict.top_patch_row,
                    top_patch_col=verdict.top_patch_col, patch_grid=packed, grid_rows=grid_rows, grid_cols=grid_cols,
-                   timings_ms=timings_ms)
+                   timings_ms=timings_ms,
+                   provenance=_storable_json(provenance.to_json()) if provenance is not None else None,
+                   decision=ruling.decision if ruling is not None else Decision.MODEL,
+                   provenance_kind=provenance.strongest if provenance is not None else None,
+                   declared_generator=_storable_or_none(provenance.declared_generator if provenance else ""),
+                   c2pa_state=manifest.state if manifest is not None else None,
+                   c2pa_signer=_storable_or_none(manifest.signer if manifest is not None else ""),
+                   frames=frames)
+
+
+def _storable_or_none(value: str) -> str | None:
+    """A text column's value: None for "" (so that analysts filter on IS NOT NULL), else ``storable_text``."""
+    return storable_text(value) if value else None
+
+
+def _storable_json(value: Any) -> Any:
+    """A JSON value with every string (object keys too) made ``storable_text``: jsonb refuses ``\\u0000``."""
+    if isinstance(value, str):
+        return storable_text(value)
+    if isinstance(value, dict):
+        return {storable_text(str(key)): _storable_json(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_storable_json(item) for item in value]
+    return value
 
 
 _VERDICT_ROW_FIELDS: Final = tuple(f.name for f in fields(VerdictRow))
@@ -260,11 +299,18 @@ _INSERT_VERDICTS: Final = text(
 _JSON_FIELDS: Final = tuple(name for name in _VERDICT_ROW_FIELDS if isinstance(verdicts.c[name].type, JSONB))
 
 
+def _text_or_none(value: str | None) -> str | None:
+    return None if value is None else str(value)  # an enum member as its value
+
+
 def _verdict_record(ord_: int, row: VerdictRow) -> tuple[Any, ...]:
+    """The COPY row of a verdict: ``ord`` and every field of ``VerdictRow`` in its order (``_VERDICT_COLUMNS``)."""
     return (ord_, row.sha256, row.model_version, row.score, str(row.label), row.threshold, row.source,
             row.external_id, _json(row.metadata), row.width, row.height, row.format, row.patch_mean, row.patch_max,
             row.patch_p90, row.patch_frac_above, row.top_patch_row, row.top_patch_col, row.patch_grid,
-            row.grid_rows, row.grid_cols, _json(row.timings_ms))
+            row.grid_rows, row.grid_cols, _json(row.timings_ms), _json(row.provenance), str(row.decision),
+            _text_or_none(row.provenance_kind), row.declared_generator, _text_or_none(row.c2pa_state),
+            row.c2pa_signer, row.frames)
 
 
 def upsert_verdicts(bind: Bind, rows: Sequence[VerdictRow]) -> int:
@@ -746,11 +792,21 @@ class VerdictListing(TypedDict):
     grid_cols: int
     timings_ms: dict[str, float]
     created_at: datetime
+    provenance: dict[str, Any] | None
+    decision: str  # a Decision value
+    provenance_kind: str | None  # a ProvenanceKind value; None for rows written before revision 0004
+    declared_generator: str | None
+    c2pa_state: str | None  # a C2paState value
+    c2pa_signer: str | None
+    frames: int | None
 
 
-def query_verdicts(bind: Bind, *, flagged_only: bool, since: datetime | None, limit: int) -> list[VerdictListing]:
+def query_verdicts(bind: Bind, *, flagged_only: bool, since: datetime | None, limit: int,
+                   decision: Decision | None = None, provenance_kind: ProvenanceKind | None = None,
+                   generator: str | None = None) -> list[VerdictListing]:
     """Latest verdicts, newest first (what ``ppl-worker verdicts`` prints): every column but the patch grid
-    bytes (see ``find_verdicts`` and ``dequantise_patch_grid`` for those).
+    bytes (see ``find_verdicts`` and ``dequantise_patch_grid`` for those). ``decision``, ``provenance_kind``
+    and ``generator`` (the declared generator, exactly) keep the latest verdicts that match.
 
     Same rows as ``latest_verdicts``, but written as "no newer row for this image" so it walks the
     created_at index backwards and stops after ``limit`` rows; the view would sort the whole table first.
@@ -768,6 +824,12 @@ def query_verdicts(bind: Bind, *, flagged_only: bool, since: datetime | None, li
         conditions.append(v.c.label == Label.FAKE)
     if since is not None:
         conditions.append(v.c.created_at >= since)
+    if decision is not None:
+        conditions.append(v.c.decision == Decision(decision).value)
+    if provenance_kind is not None:
+        conditions.append(v.c.provenance_kind == ProvenanceKind(provenance_kind).value)
+    if generator is not None:
+        conditions.append(v.c.declared_generator == generator)
     columns = [v.c[name] for name in VerdictListing.__annotations__]
     statement = select(*columns).where(and_(*conditions)).order_by(v.c.created_at.desc(), v.c.id.desc()).limit(limit)
     with transaction(bind) as conn:

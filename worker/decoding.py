@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 from PIL import Image
 
-from ppl_model.imageio import MemoryBudget, UnreadableImage, decode_rgb
+from ppl_model.imageio import Decoded, MemoryBudget, UnreadableImage, decode
 from ppl_model.inference.crops import fill_colour, tile_offsets
 from ppl_model.jpeg_region import RegionDecode, decode_jpeg_crops
 from ppl_model.reasons import Reason, Transience
@@ -86,18 +86,20 @@ class DecodedImage:
 def decode_image(data: bytes, settings: Settings) -> DecodedImage:
     """First displayed frame, EXIF-oriented, converted to RGB; ``SourceError`` when it cannot be."""
     data = bytes(data)
-    image, image_format = decode_pixels(data, settings)
-    return DecodedImage(image=image, format=image_format, width=image.width, height=image.height,
+    decoded = decode_pixels(data, settings)
+    image = decoded.image
+    return DecodedImage(image=image, format=decoded.format, width=image.width, height=image.height,
                         sha256=hashlib.sha256(data).hexdigest())
 
 
-def decode_pixels(data: bytes, settings: Settings) -> tuple[Image.Image, str]:
-    """The RGB image and its format name, as ``decode_image`` makes it, for a caller that has hashed the bytes."""
+def decode_pixels(data: bytes, settings: Settings) -> Decoded:
+    """The RGB image, its format name and the file's frame count (``ppl_model.imageio.decode``), as
+    ``decode_image`` makes it, for a caller that has hashed the bytes."""
     if not data:
         raise SourceError(Reason.NOT_AN_IMAGE, "empty data")
     try:
-        return decode_rgb(data, max_pixels=settings.max_pixels, formats=ALLOWED_FORMATS,
-                          max_bytes=settings.max_decode_bytes, budget=process_budget(settings))
+        return decode(data, max_pixels=settings.max_pixels, formats=ALLOWED_FORMATS,
+                      max_bytes=settings.max_decode_bytes, budget=process_budget(settings))
     except UnreadableImage as exc:
         # The reason decides; one whose transience depends on the error (unreadable: only from a path, never
         # from these bytes) would count as permanent.

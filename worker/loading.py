@@ -7,7 +7,9 @@ Two steps, so that content already judged is answered from its hash before a pix
 2. the pipeline looks the hashes up; ``decode`` turns the handles it still needs into uint8 crops
    (``worker.decoding``: allow-list, pixel and memory caps, EXIF orientation; the centre crop or tiles of
    ``ppl_model.inference.crops``). A JPEG's crops are decoded from their regions alone where
-   ``ppl_model.jpeg_region`` applies (bit-identical to a full decode), the rest in full;
+   ``ppl_model.jpeg_region`` applies (bit-identical to a full decode), the rest in full. The image's
+   provenance (``ppl_model.provenance``: C2PA, XMP source type, generator metadata) is read from the same
+   bytes beside the decode, in the same thread or decode process, as is its frame count;
 3. ``release`` drops the bytes of every handle, decoded or not.
 
 Two implementations behind one protocol, chosen by ``PPL_DECODE_PROCESSES``:
@@ -40,9 +42,10 @@ from typing import Protocol
 import numpy as np
 
 from ppl_model.inference.crops import crop_pixels
+from ppl_model.provenance import Provenance, read_provenance
 from ppl_model.reasons import Reason
 from worker.decoding import decode_jpeg_region, decode_pixels
-from worker.settings import Settings
+from worker.settings import Settings, provenance_policy
 from worker.sources import SourceError, fetch_source
 
 log = logging.getLogger(__name__)
@@ -74,7 +77,8 @@ class Fetched:
 
 @dataclass(frozen=True)
 class Decoded:
-    """An image's crops, ``(T, S, S, 3)`` uint8, and what its verdict row records; or why it could not be."""
+    """An image's crops, ``(T, S, S, 3)`` uint8, and what its verdict row records; or why it could not be.
+    Picklable: decode processes send it back whole."""
 
     width: int = 0
     height: int = 0
@@ -82,6 +86,9 @@ class Decoded:
     crops: np.ndarray | None = None
     decode_ms: float = 0.0
     error: SourceError | None = None
+    frames: int | None = None  # frames the file holds (animations, TIFF pages, HEIF images); the first is judged
+    provenance: Provenance | None = None  # None only when the image could not be decoded (not read then)
+    provenance_ms: float = 0.0
 
 
 class Loader(Protocol):
@@ -125,23 +132,30 @@ def fetch_and_hash(source: str, settings: Settings) -> tuple[bytes | None, str, 
 
 
 def decode_crops(data: bytes, settings: Settings, spec: CropSpec) -> Decoded:
+    """The crops of an image, its size, format and frame count, and its provenance (read under the settings'
+    policy, ``provenance_policy``; only for an image that decodes: a failed job stores none)."""
     started = time.perf_counter()
     try:
         region = decode_jpeg_region(data, settings, spec.size, spec.tiles, spec.mean)
-        if region is not None:
-            return Decoded(region.width, region.height, region.format, region.crops,
-                           1000 * (time.perf_counter() - started))
-        image, image_format = decode_pixels(data, settings)
-        crops = crop_pixels(image, spec.size, spec.tiles, spec.mean)
-        width, height = image.width, image.height
-        del image  # the full picture goes (and its decode-memory reservation with it) before the next decode
+        if region is not None and region.format == "JPEG":  # a plain JPEG holds one frame
+            width, height, image_format, crops, frames = region.width, region.height, region.format, region.crops, 1
+        else:  # not a JPEG, or the region decoder refused it; an MPO's frames are counted by the full decode
+            decoded = decode_pixels(data, settings)
+            crops = crop_pixels(decoded.image, spec.size, spec.tiles, spec.mean)
+            width, height, image_format, frames = decoded.image.width, decoded.image.height, decoded.format, \
+                decoded.frames
+            del decoded  # the full picture goes (and its decode-memory reservation with it) before the next decode
     except SourceError as exc:
         return Decoded(decode_ms=1000 * (time.perf_counter() - started), error=exc)
     except Exception as exc:  # a decoder bug must not take the batch's other jobs down with it
         log.exception("unexpected error decoding %d bytes", len(data))
         return Decoded(decode_ms=1000 * (time.perf_counter() - started),
                        error=SourceError(Reason.DECODE_ERROR, f"{type(exc).__name__}: {exc}"[:500]))
-    return Decoded(width, height, image_format, crops, 1000 * (time.perf_counter() - started))
+    decode_ms = 1000 * (time.perf_counter() - started)
+    started = time.perf_counter()
+    provenance = read_provenance(data, provenance_policy(settings))  # never raises: what it cannot read is in it
+    return Decoded(width, height, image_format, crops, decode_ms, frames=frames, provenance=provenance,
+                   provenance_ms=1000 * (time.perf_counter() - started))
 
 
 # ------------------------------------------------------------------------------------------ threads
@@ -152,6 +166,7 @@ class ThreadLoader:
 
     def __init__(self, settings: Settings):
         self.settings = settings
+        provenance_policy(settings)  # a bad PPL_C2PA_TRUST_ANCHORS fails here, before any job
         self.pool = ThreadPoolExecutor(max_workers=settings.decode_threads, thread_name_prefix="ppl-fetch")
         self._data: dict[int, bytes] = {}
         self._handles = itertools.count()
@@ -194,6 +209,7 @@ _child_data: dict[int, bytes] = {}
 def _child_init(settings: Settings) -> None:
     global _child_settings
     _child_settings = settings
+    provenance_policy(settings)  # read the trust anchors once, before the first job
 
 
 def _child_fetch(items: list[tuple[int, str]]) -> list[tuple[int, str, float, SourceError | None]]:
@@ -224,6 +240,7 @@ class ProcessLoader:
 
     def __init__(self, settings: Settings, processes: int):
         self.settings = settings
+        provenance_policy(settings)  # a bad PPL_C2PA_TRUST_ANCHORS fails here, not in every decode process
         # spawn, not fork: the worker process has threads (Celery's, torch's) whose locks a fork would copy held
         self._context = multiprocessing.get_context("spawn")
         self._executors = [self._start() for _ in range(processes)]

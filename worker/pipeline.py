@@ -29,6 +29,7 @@ from sqlalchemy.exc import DBAPIError, OperationalError
 
 from ppl_model.inference.preprocess import aggregate, normalise
 from ppl_model.inference.verdict import make_verdict
+from ppl_model.provenance import decide
 from ppl_model.reasons import Reason
 from worker import db, metrics
 from worker.loading import CropSpec, Decoded, Fetched, Loader, make_loader
@@ -356,15 +357,22 @@ class BatchProcessor:
         metrics.IMAGES.labels("inferred").inc(len(items))
         rows = []
         for item, prediction in zip(items, predictions, strict=True):
-            assert item.decoded is not None
+            decoded = item.decoded
+            assert decoded is not None
             grid = prediction.patch_prob[0]
             verdict = make_verdict(float(prediction.image_prob[0]), grid, model.threshold)
+            # The label follows the provenance where it decides (a validating C2PA manifest declaring
+            # trained-algorithmic media; unsigned metadata only when trusted); the model's score is kept as is.
+            ruling = decide(decoded.provenance, verdict.label,
+                            trust_unsigned_metadata=self.settings.trust_unsigned_metadata)
             rows.append(db.VerdictRow.of(
                 verdict, grid, sha256=item.sha256, model_version=version, source=item.job.source,
-                external_id=item.job.external_id, metadata=item.job.metadata, width=item.decoded.width,
-                height=item.decoded.height, format=item.decoded.format,
-                timings_ms={"fetch": round(item.fetched.fetch_ms, 2), "decode": round(item.decoded.decode_ms, 2),
-                            "infer": round(1000 * infer_s, 2), "batch_images": len(items)}))
+                external_id=item.job.external_id, metadata=item.job.metadata, width=decoded.width,
+                height=decoded.height, format=decoded.format, ruling=ruling, provenance=decoded.provenance,
+                frames=decoded.frames,
+                timings_ms={"fetch": round(item.fetched.fetch_ms, 2), "decode": round(decoded.decode_ms, 2),
+                            "provenance": round(decoded.provenance_ms, 2), "infer": round(1000 * infer_s, 2),
+                            "batch_images": len(items)}))
         return rows
 
     # -- database -------------------------------------------------------------------------------------

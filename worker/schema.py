@@ -8,6 +8,7 @@ Alembic revisions under ``migrations/`` (``worker.database.migrate``), never by 
 from __future__ import annotations
 
 from datetime import datetime
+from enum import StrEnum
 from typing import Any, Final, cast
 
 from sqlalchemy import (
@@ -31,9 +32,11 @@ from sqlalchemy import (
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-from ppl_model.categories import Label
+from ppl_model.categories import C2paState, Decision, Label, ProvenanceKind
 
 LABELS: Final = tuple(Label)
+LABEL_FOLLOWS_DECISION: Final = ("label = CASE WHEN decision <> 'model' THEN 'fake' "
+                                 "WHEN score >= threshold THEN 'fake' ELSE 'real' END")
 RESCAN_STATUSES: Final = ("running", "paused", "done", "failed")
 
 
@@ -41,6 +44,11 @@ def _hex64(column: str) -> str:
     """64 lower-case hex digits. Not ``~ '^[0-9a-f]{64}$'``: PostgreSQL runs that bounded repetition at 10-14 µs
     a row, a length test and a negated class in under 1 (revision 0003)."""
     return f"length({column}) = 64 AND {column} !~ '[^0-9a-f]'"
+
+
+def _one_of(column: str, enum: type[StrEnum]) -> str:
+    """``column IN (...)`` of an enum's values (NULL passes, as in every CHECK)."""
+    return f"{column} IN ({', '.join(repr(member.value) for member in enum)})"
 
 
 class Base(DeclarativeBase):
@@ -99,6 +107,15 @@ class VerdictRecord(Base):
     grid_cols: Mapped[int] = mapped_column(SmallInteger, nullable=False)
     timings_ms: Mapped[dict[str, float]] = mapped_column(JSONB, nullable=False, server_default=text("'{}'::jsonb"))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False, server_default=func.now())
+    # Provenance (revision 0004): the document ppl_model.provenance.Provenance.to_json() wrote (NULL: not read,
+    # rows from before), what decided the label, and the few fields analysts filter on, copied out of it.
+    provenance: Mapped[dict[str, Any] | None] = mapped_column(JSONB(none_as_null=True))
+    decision: Mapped[str] = mapped_column(Text, nullable=False, server_default=text("'model'"))
+    provenance_kind: Mapped[str | None] = mapped_column(Text)  # the strongest signal; 'none' when none was found
+    declared_generator: Mapped[str | None] = mapped_column(Text)
+    c2pa_state: Mapped[str | None] = mapped_column(Text)  # NULL: no C2PA manifest
+    c2pa_signer: Mapped[str | None] = mapped_column(Text)
+    frames: Mapped[int | None] = mapped_column(Integer)
 
     __table_args__ = (
         # Idempotency key of every write, and the index behind per-image lookups (sha256 leads).
@@ -106,9 +123,15 @@ class VerdictRecord(Base):
         CheckConstraint(_hex64("sha256"), name="ck_verdicts_sha256"),
         CheckConstraint("label IN ('real', 'fake')", name="ck_verdicts_label"),
         CheckConstraint("score >= 0 AND score <= 1", name="ck_verdicts_score"),  # also rejects NaN
-        # The label is a function of score and threshold (ppl_model.inference.verdict.make_verdict).
-        CheckConstraint("label = CASE WHEN score >= threshold THEN 'fake' ELSE 'real' END",
-                        name="ck_verdicts_label_matches_score"),
+        # The label is the model's (a function of score and threshold: ppl_model.inference.verdict.make_verdict)
+        # where the model decided, and fake where provenance did (ppl_model.provenance.decide; revision 0004).
+        CheckConstraint(LABEL_FOLLOWS_DECISION, name="ck_verdicts_label_follows_decision"),
+        CheckConstraint(_one_of("decision", Decision), name="ck_verdicts_decision"),
+        CheckConstraint(_one_of("provenance_kind", ProvenanceKind), name="ck_verdicts_provenance_kind"),
+        CheckConstraint(_one_of("c2pa_state", C2paState), name="ck_verdicts_c2pa_state"),
+        # Only a manifest that validates decides (an invalid one is recorded, never trusted).
+        CheckConstraint("decision <> 'c2pa' OR c2pa_state IN ('valid', 'trusted')", name="ck_verdicts_c2pa_decision"),
+        CheckConstraint("frames >= 1", name="ck_verdicts_frames"),
         CheckConstraint("width > 0 AND height > 0", name="ck_verdicts_size"),
         CheckConstraint("grid_rows > 0 AND grid_cols > 0 AND octet_length(patch_grid) = grid_rows * grid_cols",
                         name="ck_verdicts_patch_grid"),
@@ -117,6 +140,14 @@ class VerdictRecord(Base):
         Index("ix_verdicts_external_id", "external_id", postgresql_where=text("external_id IS NOT NULL")),
         # Lookups by URL (`submit --wait`, analysts); hash, because a btree entry cannot hold a very long URL.
         Index("ix_verdicts_source", "source", postgresql_using="hash"),
+        # Analysts' provenance queries (docs/queries.md) and `ppl-worker verdicts` filters. Partial: provenance
+        # is rare, so the rows the model decided, with no signal, cost a predicate test and no index entry.
+        Index("ix_verdicts_decision_created_at", "decision", "created_at",
+              postgresql_where=text("decision <> 'model'")),
+        Index("ix_verdicts_provenance_kind_created_at", "provenance_kind", "created_at",
+              postgresql_where=text("provenance_kind <> 'none'")),
+        Index("ix_verdicts_declared_generator_created_at", "declared_generator", "created_at",
+              postgresql_where=text("declared_generator IS NOT NULL")),
     )
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import random
 import subprocess
@@ -16,10 +17,13 @@ import pytest
 from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
-from sqlalchemy import event, inspect, text
+from sqlalchemy import event, insert, inspect, text
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 
+from ppl_model.categories import C2paState, Decision, Label, ProvenanceKind
+from ppl_model.inference.verdict import make_verdict
+from ppl_model.provenance import C2paManifest, Provenance, Ruling, Signal
 from worker import db
 from worker.db import FailureRow, RescanFilters, VerdictRow
 
@@ -46,6 +50,20 @@ def set_created_at(engine: Engine, times: dict[tuple[str, str], datetime]) -> No
         for (name, version), when in times.items():
             conn.execute(text("UPDATE verdicts SET created_at = :t WHERE sha256 = :s AND model_version = :v"),
                          {"t": when, "s": sha_of(name), "v": version})
+
+
+# The verdict columns before revision 0004 (provenance): what the code of revisions 0001-0003 wrote.
+PROVENANCE_FIELDS = ("provenance", "decision", "provenance_kind", "declared_generator", "c2pa_state", "c2pa_signer",
+                     "frames")
+FIELDS_BEFORE_0004 = tuple(name for name in VerdictRow.__dataclass_fields__ if name not in PROVENANCE_FIELDS)
+
+
+def write_as_before_0004(engine: Engine, rows: list[VerdictRow]) -> None:
+    """Insert verdicts naming only the columns revisions 0001-0003 have (the worker's own write names them all)."""
+    with engine.begin() as conn:
+        conn.execute(insert(db.verdicts), [{name: str(value) if name == "label" else value
+                                            for name in FIELDS_BEFORE_0004
+                                            for value in (getattr(row, name),)} for row in rows])
 
 
 def count_statements(engine: Engine) -> tuple[list[str], Callable[[], None]]:
@@ -120,7 +138,7 @@ def test_revision_0002_gives_existing_verdicts_and_failures_a_submission_and_dow
     try:
         register(engine, NEW)
         rows = [verdict_row(f"old{i}", NEW) for i in range(3)]
-        db.upsert_verdicts(engine, rows)
+        write_as_before_0004(engine, rows)
         with engine.begin() as conn:  # revision 0001's detection_failures, written as that code did
             conn.execute(text("INSERT INTO detection_failures (source, source_sha256, external_id, reason, detail) "
                               "VALUES ('file:///gone.png', :h, 'post-9', 'missing', '')"),
@@ -165,7 +183,7 @@ def test_revision_0003_keeps_the_data_and_its_rules_and_downgrades_to_0002_exact
         before = _schema_facts(engine)
         register(engine, NEW)
         rows = [verdict_row(f"keep{i}", NEW) for i in range(3)]
-        db.upsert_verdicts(engine, rows)
+        write_as_before_0004(engine, rows)
         command.upgrade(config, "0003")
         after = _schema_facts(engine)
         assert after["foreign_keys"] == set() and before["foreign_keys"] == {"fk_verdicts_model_version"}
@@ -181,18 +199,137 @@ def test_revision_0003_keeps_the_data_and_its_rules_and_downgrades_to_0002_exact
         command.downgrade(config, "0002")
         assert _schema_facts(engine) == before
         _the_model_version_rule_holds(engine, verdict_row)
-        command.upgrade(config, "head")
+        command.upgrade(config, "0003")
         assert _schema_facts(engine) == after
         assert db.count_rows(engine)["verdicts"] == 3
     finally:
         engine.dispose()
 
 
+def _verdict_shape(engine: Engine) -> dict[str, Any]:
+    """What revision 0004 changes: the columns of verdicts and of the view, the verdicts' checks and indexes."""
+    with engine.connect() as conn:
+        checks = dict(conn.execute(text(
+            "SELECT conname, pg_get_constraintdef(oid) FROM pg_constraint "
+            "WHERE conrelid = 'verdicts'::regclass AND contype = 'c'")).all())
+        indexes = dict(conn.execute(text(
+            "SELECT indexname, indexdef FROM pg_indexes WHERE tablename = 'verdicts'")).all())
+        return {"columns": [c["name"] for c in inspect(conn).get_columns("verdicts")],
+                "view": [c["name"] for c in inspect(conn).get_columns("latest_verdicts")],
+                "checks": checks, "indexes": indexes}
+
+
+def _provenance(**c2pa: Any) -> Provenance:
+    """A provenance with a C2PA manifest declaring trained-algorithmic media (``c2pa`` overrides its fields)."""
+    manifest = C2paManifest(**({"state": C2paState.TRUSTED, "claim_generator": "Image Maker 2.1",
+                                "signer": "Example AI Labs", "signer_name": "Example signing key",
+                                "source_types": (TRAINED,), "generator": "Image Maker"} | c2pa))
+    return Provenance(c2pa=manifest)
+
+
+TRAINED = "http://cv.iptc.org/newscodes/digitalsourcetype/trainedAlgorithmicMedia"
+
+
+def test_revision_0004_migrates_old_verdicts_to_the_model_decision_and_downgrades_to_0003_exactly(
+        empty_database_url: str, verdict_row: MakeRow) -> None:
+    config = db.alembic_config(empty_database_url)
+    command.upgrade(config, "0003")
+    engine = db.make_engine(empty_database_url)
+    try:
+        before = _verdict_shape(engine)
+        register(engine, NEW)
+        write_as_before_0004(engine, [verdict_row("judged-before", NEW, score=0.3),
+                                      verdict_row("flagged-before", NEW, score=0.8)])
+        command.upgrade(config, "0004")
+        after = _verdict_shape(engine)
+        assert after["columns"] == before["columns"] + list(PROVENANCE_FIELDS)
+        assert after["view"] == after["columns"]
+        assert "ck_verdicts_label_matches_score" not in after["checks"]
+        assert {"ck_verdicts_label_follows_decision", "ck_verdicts_decision", "ck_verdicts_c2pa_decision"} <= set(
+            after["checks"])
+        assert "WHERE (decision <> 'model'::text)" in after["indexes"]["ix_verdicts_decision_created_at"]
+        with engine.connect() as conn:
+            migrated = conn.execute(text(f"SELECT label, {', '.join(PROVENANCE_FIELDS)} FROM latest_verdicts "
+                                         "ORDER BY score")).all()
+        assert [tuple(r) for r in migrated] == [("real", None, "model", None, None, None, None, None),
+                                                ("fake", None, "model", None, None, None, None, None)]
+
+        # A verdict the C2PA manifest decided (the model scored it real), written by the code of this revision.
+        grid = np.full((4, 4), 0.1, np.float32)
+        decided = VerdictRow.of(make_verdict(0.1, grid, 0.5), grid, sha256=sha_of("signed"), model_version=NEW,
+                                source="file:///signed.jpg", external_id=None, metadata=None, width=8, height=8,
+                                format="JPEG", timings_ms={}, ruling=Ruling(Label.FAKE, Decision.C2PA),
+                                provenance=_provenance(), frames=1)
+        assert db.upsert_verdicts(engine, [decided]) == 1
+        with engine.connect() as conn:
+            row = conn.execute(text("SELECT label, score, decision, c2pa_state, c2pa_signer, declared_generator, "
+                                    "provenance_kind, frames, provenance->'c2pa'->>'claim_generator' AS claim "
+                                    "FROM latest_verdicts WHERE decision = 'c2pa'")).one()
+        assert tuple(row) == ("fake", pytest.approx(0.1), "c2pa", "trusted", "Example AI Labs", "Image Maker", "c2pa",
+                              1, "Image Maker 2.1")
+
+        command.downgrade(config, "0003")
+        assert _verdict_shape(engine) == before
+        with engine.connect() as conn:
+            labels = dict(conn.execute(text("SELECT sha256, label FROM verdicts")).all())
+        # The provenance-decided label goes back to the model's (0003's check holds again); the others are kept.
+        assert labels == {sha_of("judged-before"): "real", sha_of("flagged-before"): "fake", decided.sha256: "real"}
+        _the_model_version_rule_holds(engine, verdict_row)
+        command.upgrade(config, "head")
+        assert _verdict_shape(engine) == after
+        assert db.count_rows(engine)["verdicts"] == 3
+    finally:
+        engine.dispose()
+
+
+def test_the_database_holds_labels_to_what_decided_them(verdict_row: MakeRow, engine: Engine) -> None:
+    register(engine, NEW)
+    grid = np.full((4, 4), 0.2, np.float32)
+    low = make_verdict(0.2, grid, 0.5)
+
+    def row(name: str, ruling: Ruling, provenance: Provenance | None) -> VerdictRow:
+        return VerdictRow.of(low, grid, sha256=sha_of(name), model_version=NEW, source=f"file:///{name}.jpg",
+                             external_id=None, metadata=None, width=8, height=8, format="JPEG", timings_ms={},
+                             ruling=ruling, provenance=provenance, frames=1)
+
+    assert db.upsert_verdicts(engine, [row("c2pa", Ruling(Label.FAKE, Decision.C2PA), _provenance()),
+                                       row("metadata", Ruling(Label.FAKE, Decision.METADATA), Provenance())]) == 2
+    refused = [
+        row("model-says-fake", Ruling(Label.FAKE, Decision.MODEL), None),  # the model scored it 0.2
+        row("provenance-says-real", Ruling(Label.REAL, Decision.C2PA), _provenance()),  # provenance only makes fake
+        row("invalid-decides", Ruling(Label.FAKE, Decision.C2PA), _provenance(state=C2paState.INVALID)),
+        dataclasses.replace(row("unknown", Ruling(Label.REAL, Decision.MODEL), None), decision="oracle"),
+        dataclasses.replace(row("no-frames", Ruling(Label.REAL, Decision.MODEL), None), frames=0),
+    ]
+    for bad in refused:
+        with pytest.raises(IntegrityError, match="ck_verdicts_"):
+            db.upsert_verdicts(engine, [bad])
+    assert db.count_rows(engine)["verdicts"] == 2
+
+
+def test_provenance_text_from_a_hostile_file_is_stored_escaped(verdict_row: MakeRow, engine: Engine) -> None:
+    """NUL characters and unpaired surrogates in a file's metadata would make PostgreSQL refuse the row (and the
+    verdict would be lost): they are escaped, in the document and the columns alike."""
+    register(engine, NEW)
+    hostile = _provenance(signer="Evil\x00Corp\ud800", generator="Gen\x00")
+    hostile = dataclasses.replace(hostile, signals=(Signal(ProvenanceKind.GENERATOR_METADATA, "exif:Software",
+                                                           "Gen\x00", True, "detail \x00 \udfff"),))
+    base = verdict_row("hostile", NEW)
+    stored = VerdictRow.of(make_verdict(0.3, np.full((4, 4), 0.3, np.float32), 0.5), np.full((4, 4), 0.3, np.float32),
+                           sha256=base.sha256, model_version=NEW, source=base.source, external_id=None,
+                           metadata=None, width=8, height=8, format="PNG", timings_ms={}, provenance=hostile)
+    assert db.upsert_verdicts(engine, [stored]) == 1
+    found = db.find_verdicts(engine, [base.sha256], NEW)[base.sha256]
+    assert found.c2pa_signer == "Evil\\x00Corp\\ud800"
+    assert found.provenance is not None and found.provenance["signals"][0]["detail"] == "detail \\x00 \\udfff"
+    assert found.decision == "model" and found.label == "real"
+
+
 def _the_model_version_rule_holds(engine: Engine, verdict_row: MakeRow) -> None:
     """A verdict must name a registered model version, and a version that verdicts name cannot be deleted or
     renamed: by the foreign key (revision 0002) or by the triggers that replace it (0003), the same errors."""
     with pytest.raises(IntegrityError, match="fk_verdicts_model_version"):
-        db.upsert_verdicts(engine, [verdict_row("orphan", "unregistered")])
+        write_as_before_0004(engine, [verdict_row("orphan", "unregistered")])
     with engine.begin() as conn, pytest.raises(IntegrityError, match="fk_verdicts_model_version"):
         conn.execute(text("UPDATE verdicts SET model_version = 'unregistered'"))
     for statement in ("DELETE FROM model_versions WHERE id = :v",
