@@ -20,7 +20,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from ppl_model.categories import Label
+from ppl_model.categories import Decision, Label, ProvenanceKind
 from worker.errors import WorkerError
 from worker.settings import Settings
 
@@ -120,9 +120,10 @@ def _wait_for(uris: list[str], settings: Settings, timeout: float) -> int:
         time.sleep(0.5)
 
 
-VERDICT_COLUMNS = ("created_at", "label", "score", "patch_max", "patch_frac_above", "top_patch_row", "top_patch_col",
-                   "width", "height", "format", "external_id", "source", "model_version")
-TABLE_COLUMNS = tuple(c for c in VERDICT_COLUMNS if c != "model_version")  # the terminal is narrow
+VERDICT_COLUMNS = ("created_at", "label", "decision", "score", "patch_max", "patch_frac_above", "top_patch_row",
+                   "top_patch_col", "width", "height", "format", "frames", "provenance_kind", "declared_generator",
+                   "c2pa_state", "external_id", "source", "model_version")
+TABLE_COLUMNS = tuple(c for c in VERDICT_COLUMNS if c not in ("model_version", "frames", "c2pa_state"))  # narrow
 
 
 SUBMISSION_COLUMNS = ("answered_at", "task_id", "external_id", "outcome", "label", "score", "reason", "source",
@@ -135,13 +136,18 @@ def _verdicts(args: argparse.Namespace, settings: Settings) -> int:
 
     engine = db.make_engine(settings.database_url)
     by_job = bool(args.task_id or args.external_id)
+    if by_job and (args.decision or args.provenance_kind or args.generator):
+        raise CliError("--decision, --provenance-kind and --generator filter the latest verdicts; --task-id and "
+                       "--external-id list jobs: use one or the other")
     rows: Sequence[Mapping[str, Any]]  # db.SubmissionAnswer or db.VerdictListing rows
     with engine.connect() as conn:
         if by_job:  # one row per job that carried these ids, whatever answered it
             rows = db.find_submissions(conn, task_ids=args.task_id or (), external_ids=args.external_id or (),
                                        limit=args.limit)
         else:
-            rows = db.query_verdicts(conn, flagged_only=args.flagged, since=args.since, limit=args.limit)
+            rows = db.query_verdicts(conn, flagged_only=args.flagged, since=args.since, limit=args.limit,
+                                     decision=args.decision, provenance_kind=args.provenance_kind,
+                                     generator=args.generator)
     columns, table_columns = (SUBMISSION_COLUMNS, SUBMISSION_TABLE_COLUMNS) if by_job else \
         (VERDICT_COLUMNS, TABLE_COLUMNS)
     if args.format == "json":
@@ -270,6 +276,9 @@ def _run(args: argparse.Namespace, settings: Settings) -> int:
     # OpenMP reads the variable when torch loads, so it is set before the app (and torch) is imported; a
     # value set by the operator wins.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    from worker.settings import provenance_policy
+
+    provenance_policy(settings)  # a bad PPL_C2PA_TRUST_ANCHORS stops the worker here, in one line, before any job
     from worker.app import app
 
     concurrency = args.concurrency or settings.batches_in_flight
@@ -336,6 +345,11 @@ def build_parser() -> argparse.ArgumentParser:
     verdicts = commands.add_parser("verdicts", help="the latest verdicts, newest first")
     verdicts.add_argument("--flagged", action="store_true", help="only images judged fake")
     verdicts.add_argument("--since", type=parse_when, help="24h, 30m, 7d or an ISO date-time")
+    verdicts.add_argument("--decision", choices=[d.value for d in Decision],
+                          help="what decided the label: a C2PA manifest, unsigned metadata or the model")
+    verdicts.add_argument("--provenance-kind", choices=[k.value for k in ProvenanceKind],
+                          help="the strongest provenance signal the image carries")
+    verdicts.add_argument("--generator", help="the generator the image declares (exactly, e.g. 'Stable Diffusion')")
     verdicts.add_argument("--limit", type=int, default=50)
     verdicts.add_argument("--format", default="table", choices=["table", "json", "csv"])
     verdicts.add_argument("--task-id", action="append",

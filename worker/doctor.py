@@ -86,6 +86,18 @@ def run_checks(settings: Settings, *, check_model: bool = True) -> Iterator[Chec
 
     yield _check("migrations", migrations)
 
+    def provenance() -> str:
+        from worker.settings import provenance_policy
+
+        policy = provenance_policy(settings)  # reads and checks PPL_C2PA_TRUST_ANCHORS, as a worker does at start
+        anchors = policy.trust_anchors_pem.count("-----BEGIN CERTIFICATE-----")
+        trust = (f"{anchors} C2PA trust anchor(s) from {settings.c2pa_trust_anchors}" if anchors else
+                 "no C2PA trust anchors (a manifest is at best valid, never trusted)")
+        unsigned = "decides" if policy.trust_unsigned_metadata else "is evidence only"
+        return f"{trust}; unsigned metadata {unsigned}"
+
+    yield _check("provenance", provenance)
+
     if check_model:
         def model() -> str:
             from worker.model import load_model
