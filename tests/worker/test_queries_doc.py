@@ -3,6 +3,7 @@ exactly the rows they claim to."""
 
 from __future__ import annotations
 
+import hashlib
 import re
 from collections import Counter
 from dataclasses import dataclass, field
@@ -15,7 +16,10 @@ import pytest
 from sqlalchemy import text
 from sqlalchemy.engine import Engine
 
+from ppl_model.categories import C2paState, ProvenanceKind
 from ppl_model.inference.verdict import make_verdict
+from ppl_model.provenance import C2paManifest, Provenance, ProvenanceError, Signal, decide
+from ppl_model.reasons import ProvenanceFault
 from worker import db
 from worker.db import FailureRow, RescanFilters, VerdictRow
 
@@ -78,6 +82,62 @@ def verdict(sha256: str, version: str, score: float, rng: np.random.Generator, s
                                      (("fetch", 2, 20), ("decode", 2, 2), ("infer", 4, 2), ("db", 2, 1))})
 
 
+SIGNER = "Example AI Labs"
+GENERATOR = "Image Maker"
+TYPES = "http://cv.iptc.org/newscodes/digitalsourcetype/"
+HASH_MISMATCH, SIGNATURE_MISMATCH = "assertion.dataHash.mismatch", "claimSignature.mismatch"
+
+
+def _manifest(state: C2paState, source_type: str, signer: str = SIGNER, failures: tuple[str, ...] = ()) -> Provenance:
+    return Provenance(c2pa=C2paManifest(state=state, claim_generator=f"{GENERATOR} 3.0", signer=signer,
+                                        source_types=(TYPES + source_type,),
+                                        generator=GENERATOR if source_type == "trainedAlgorithmicMedia" else "",
+                                        failures=failures))
+
+
+def _signal(kind: ProvenanceKind, value: str, trained: bool) -> Provenance:
+    return Provenance(signals=(Signal(kind, "xmp" if kind is ProvenanceKind.IPTC else "png:parameters", value,
+                                      trained),))
+
+
+# Images the new model judged, with what their bytes said (name: provenance, score).
+PROVENANCE_CASES: dict[str, tuple[Provenance, float]] = {
+    "signed-ai-missed": (_manifest(C2paState.TRUSTED, "trainedAlgorithmicMedia"), 0.2),
+    "signed-ai-missed-untrusted-root": (_manifest(C2paState.VALID, "trainedAlgorithmicMedia"), 0.4),
+    "signed-ai-caught": (_manifest(C2paState.TRUSTED, "trainedAlgorithmicMedia"), 0.9),
+    "camera-signed": (_manifest(C2paState.TRUSTED, "digitalCapture", signer="Camera Maker"), 0.3),
+    "altered": (_manifest(C2paState.INVALID, "trainedAlgorithmicMedia", failures=(HASH_MISMATCH,)), 0.3),
+    "altered-again": (_manifest(C2paState.INVALID, "trainedAlgorithmicMedia",
+                                failures=(HASH_MISMATCH, SIGNATURE_MISMATCH)), 0.8),
+    "damaged-manifest": (Provenance(c2pa=C2paManifest(state=C2paState.INVALID, failures=("Verify: bad box",))), 0.5),
+    "a1111": (_signal(ProvenanceKind.GENERATOR_METADATA, "Stable Diffusion", True), 0.3),
+    "comfyui": (_signal(ProvenanceKind.GENERATOR_METADATA, "ComfyUI", True), 0.7),
+    "iptc-ai": (_signal(ProvenanceKind.IPTC, TYPES + "trainedAlgorithmicMedia", True), 0.1),
+    "iptc-camera": (_signal(ProvenanceKind.IPTC, TYPES + "digitalCapture", False), 0.2),
+    "xml-bomb": (Provenance(errors=(ProvenanceError(ProvenanceFault.XML_FORBIDDEN, "xmp", "EntitiesForbidden"),)),
+                 0.5),
+    "plain": (Provenance(), 0.3),
+}
+
+
+def provenance_verdict(name: str, rng: np.random.Generator) -> VerdictRow:
+    """A new-model verdict for a ``PROVENANCE_CASES`` image, labelled as the worker labels it (``decide``, with
+    unsigned metadata untrusted)."""
+    provenance, score = PROVENANCE_CASES[name]
+    grid = np.clip(rng.normal(score, 0.15, (GRID, GRID)), 0, 1).astype(np.float32)
+    summary = make_verdict(score, grid, THRESHOLDS[NEW])
+    ruling = decide(provenance, summary.label, trust_unsigned_metadata=False)
+    return VerdictRow.of(summary, grid, sha256=provenance_sha(name), model_version=NEW,
+                         source=f"https://images.example.com/{name}.jpg", external_id=name, metadata=None, width=1024,
+                         height=768, format="JPEG", timings_ms={"fetch": 20.0, "decode": 4.0, "provenance": 0.3,
+                                                                "infer": 8.0, "db": 2.0},
+                         ruling=ruling, provenance=provenance, frames=1)
+
+
+def provenance_sha(name: str) -> str:
+    return hashlib.sha256(name.encode()).hexdigest()
+
+
 def age(rng: np.random.Generator, low: float, high: float) -> float:
     """An age in hours kept clear of the 24-hour and 7-day window edges, so seconds of test runtime never
     move a row across one."""
@@ -105,6 +165,10 @@ def filled(module_engine: Engine) -> tuple[Engine, Dataset]:
             new_score = float(np.clip(old_score + rng.normal(0, 0.2), 0, 1)) if i < 60 else float(rng.random())
             data.rows[sha, NEW] = verdict(sha, NEW, new_score, rng, source, external_id)
             data.age_hours[sha, NEW] = age(rng, 0.5, data.age_hours.get((sha, OLD), 60) - 1)
+    for name in PROVENANCE_CASES:  # judged by the new model only, this week
+        row = provenance_verdict(name, rng)
+        data.rows[row.sha256, NEW] = row
+        data.age_hours[row.sha256, NEW] = age(rng, 0.5, 150)
     db.upsert_verdicts(engine, list(data.rows.values()))
     failures = [(FailureRow("https://images.example.com/listing-48213/photo-2.jpg", LOOKUP_EXTERNAL_ID,
                             "not_an_image", "content-type text/html"), 2, 3.0),
@@ -159,8 +223,11 @@ def test_the_document_has_the_promised_queries() -> None:
     assert {"Images flagged in the last 24 hours", "Fake rate per day", "Score distribution per model version",
             "Images whose verdict changed between two versions", "Failures by reason in a window",
             "Where flagged images look most generated (top-patch heatmap)", "Decoding the patch grid",
-            "Looking up one item", "Stale images awaiting a rescan", "Jobs by task id or external id"} <= sections
-    assert len(BLOCKS) >= 15
+            "Looking up one item", "Stale images awaiting a rescan", "Jobs by task id or external id",
+            "Provenance: signed as AI but scored real", "Provenance: declared generators this week",
+            "Provenance: invalid manifests by signer",
+            "Provenance: metadata-only evidence the model disagrees with"} <= sections
+    assert len(BLOCKS) >= 21
 
 
 @pytest.mark.parametrize("name", list(BLOCKS))
@@ -291,3 +358,37 @@ def test_jobs_by_external_id_and_refusals(filled: tuple[Engine, Dataset]) -> Non
     assert {(r["outcome"], r["label"]) for r in jobs} == {("verdict", data.rows[LOOKUP_SHA, NEW].label)}
     refused = run_block(engine, "Jobs by task id or external id #2")
     assert [(r["reason"], r["jobs"]) for r in refused] == [("malformed_message", 1)]
+
+
+def test_signed_as_ai_but_scored_real(filled: tuple[Engine, Dataset]) -> None:
+    engine, data = filled
+    rows = run_block(engine, "Provenance: signed as AI but scored real #1")
+    assert {r["sha256"] for r in rows} == {provenance_sha("signed-ai-missed"),
+                                           provenance_sha("signed-ai-missed-untrusted-root")}
+    assert all(r["score"] < r["threshold"] and r["claim_generator"] == f"{GENERATOR} 3.0" for r in rows)
+    recall = run_block(engine, "Provenance: signed as AI but scored real #2")
+    assert [(r["model_version"], r["signed_as_ai"], r["model_flagged"]) for r in recall] == [(NEW, 3, 1)]
+    assert all(row.label == "fake" for row in data.rows.values() if row.decision == "c2pa")
+
+
+def test_declared_generators_this_week(filled: tuple[Engine, Dataset]) -> None:
+    engine, _ = filled
+    rows = run_block(engine, "Provenance: declared generators this week #1")
+    assert {r["declared_generator"]: (r["images"], r["decided_by_c2pa"], r["decided_by_metadata"], r["model_flagged"])
+            for r in rows} == {GENERATOR: (3, 3, 0, 1), "Stable Diffusion": (1, 0, 0, 0), "ComfyUI": (1, 0, 0, 1)}
+
+
+def test_invalid_manifests_by_signer(filled: tuple[Engine, Dataset]) -> None:
+    engine, _ = filled
+    rows = run_block(engine, "Provenance: invalid manifests by signer #1")
+    assert {r["signer"]: (r["images"], sorted(r["failure_codes"])) for r in rows} == {
+        SIGNER: (2, [HASH_MISMATCH, SIGNATURE_MISMATCH]), "(unreadable)": (1, ["Verify: bad box"])}
+
+
+def test_metadata_only_evidence_the_model_disagrees_with(filled: tuple[Engine, Dataset]) -> None:
+    engine, _ = filled
+    rows = run_block(engine, "Provenance: metadata-only evidence the model disagrees with #1")
+    assert {r["sha256"] for r in rows} == {provenance_sha("a1111"), provenance_sha("iptc-ai")}
+    assert {(r["decision"], r["label"]) for r in rows} == {("model", "real")}  # unsigned metadata untrusted
+    errors = run_block(engine, "Provenance: metadata-only evidence the model disagrees with #2")
+    assert [(r["part"], r["fault"], r["images"]) for r in errors] == [("xmp", "xml_forbidden", 1)]
