@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import cProfile
 import dataclasses
+import hashlib
 import io
 import json
 import os
@@ -256,6 +257,11 @@ def worker_env(config: WorkerBenchConfig, database_url: str, model_dir: Path, ro
     return env
 
 
+def distinct_contents(paths: Sequence[Path]) -> int:
+    """How many different files (by sha256) there are among ``paths``: the verdict rows their jobs make."""
+    return len({hashlib.sha256(path.read_bytes()).hexdigest() for path in paths})
+
+
 def verdict_count(engine: Engine) -> tuple[int, int]:
     """(verdict rows, failure rows)."""
     with engine.connect() as conn:
@@ -332,7 +338,8 @@ def measure_worker(config: WorkerBenchConfig, kind: str, model_dir: Path, images
                 started = time.perf_counter()
                 send_jobs(config.broker_url, images)
                 sent_s = time.perf_counter() - started
-                done = wait_for_verdicts(engine, len(warmup) + len(images), worker, config.timeout_s,
+                # One verdict row per distinct content: the realistic set's duplicates add none
+                done = wait_for_verdicts(engine, distinct_contents([*warmup, *images]), worker, config.timeout_s,
                                          f"{len(images)} verdicts from the {kind} worker")
                 seconds = done - started
                 cpu = cpu_seconds(worker.pid) - cpu
@@ -508,6 +515,8 @@ def run_soak(config: WorkerBenchConfig, log: Log = print) -> dict[str, Any]:
     every ``soak_every`` jobs), and the throughput of each successive ``soak_every`` jobs. Written to
     OUT/worker-soak.json."""
     config.validate()
+    if config.image_set != "overhead":  # each job gets distinct bytes by a JPEG comment: JPEGs only
+        raise BenchError("the soak runs on the overhead set (--image-set overhead)")
     wall = time.perf_counter()
     model_dir, model, base, warmup = prepare_inputs(dataclasses.replace(config, images=min(config.images,
                                                                                           config.soak_jobs)), log)
