@@ -218,7 +218,10 @@ def copy_batch(engine: Engine, rows: Sequence[db.VerdictRow], answered: Sequence
                                 row.external_id, None if row.metadata is None else json.dumps(row.metadata),
                                 row.width, row.height, row.format, row.patch_mean, row.patch_max, row.patch_p90,
                                 row.patch_frac_above, row.top_patch_row, row.top_patch_col, row.patch_grid,
-                                row.grid_rows, row.grid_cols, json.dumps(row.timings_ms)))
+                                row.grid_rows, row.grid_cols, json.dumps(row.timings_ms),
+                                None if row.provenance is None else json.dumps(row.provenance), row.decision.value,
+                                row.provenance_kind, row.declared_generator, row.c2pa_state, row.c2pa_signer,
+                                row.frames))
         columns = ", ".join(_COPY_SUBMISSION_COLUMNS)
         with cursor.copy(f"COPY {COPY_TABLES['submissions']} ({columns}) FROM STDIN") as copy:
             for i, sub in enumerate(answered):
