@@ -10,7 +10,9 @@ from __future__ import annotations
 import os
 import sys
 
-from ppl_model.inference.preprocess import Preprocessing
+import numpy as np
+
+from ppl_model.inference.preprocess import Preprocessing, normalise
 from ppl_model.model_dir import read_model_info
 from worker.model import ServedModel
 from worker.settings import Settings
@@ -32,6 +34,10 @@ def main() -> int:
                                       float(os.environ.get(LATENCY_ENV, "2")) / 1000,
                                       int(os.environ.get(INPUT_SIZE_ENV, "224")))
     served = ServedModel(accelerator, Preprocessing.for_model(accelerator.info, tiles=settings.tiles))
+    # torch's first operation on the meta device imports its reference implementations (about a second): paid
+    # here, not by the first batch.
+    normalise(np.zeros((1, 2, 2, 3), dtype=np.uint8), served.preprocessing.mean, served.preprocessing.std,
+              accelerator.device)
     tasks.install_processor(BatchProcessor(settings, db.make_engine(settings.database_url), resend=tasks.resend,
                                            model_loader=lambda _: served))
     argv = ["worker", "--queues", "detect", "--pool", "threads", "--concurrency", str(settings.batches_in_flight),
