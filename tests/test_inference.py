@@ -21,7 +21,7 @@ from ppl_model.inference.crops import tile_offsets
 from ppl_model.inference.export import LogitsOnly, export_onnx, onnx_version_id, verify_onnx
 from ppl_model.inference.preprocess import Preprocessing, aggregate, prepare
 from ppl_model.inference.scan import collect_files, scan
-from ppl_model.inference.verdict import make_verdict
+from ppl_model.inference.verdict import make_verdict, make_verdicts
 from ppl_model.model_dir import load_model_dir, read_model_info, save_model_dir
 from tests.helpers import REPO, noise_image, tiny_model_config
 
@@ -127,6 +127,17 @@ def test_verdict_summarises_the_patch_grid():
     assert verdict.patch_mean == pytest.approx(0.4625) and verdict.patch_max == pytest.approx(0.95)
     assert verdict.patch_frac_above == 0.5 and (verdict.top_patch_row, verdict.top_patch_col) == (1, 0)
     assert verdict.patch_p90 == pytest.approx(np.percentile(grid, 90))
+
+
+def test_a_batch_of_verdicts_equals_one_at_a_time():
+    rng = np.random.default_rng(1)
+    grids = rng.random((17, 14, 14)).astype(np.float32)
+    scores = rng.random(17).astype(np.float32)
+    batch = make_verdicts(scores, grids, 0.5)
+    assert batch == [make_verdict(float(score), grid, 0.5) for score, grid in zip(scores, grids, strict=True)]
+    one = batch[3]  # and each one is its grid's own summary, not a neighbour's
+    assert one.patch_max == float(grids[3].max()) and one.patch_p90 == float(np.percentile(grids[3], 90))
+    assert (one.top_patch_row, one.top_patch_col) == np.unravel_index(int(grids[3].argmax()), (14, 14))
 
 
 @pytest.fixture

@@ -28,7 +28,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import DBAPIError, OperationalError
 
 from ppl_model.inference.preprocess import aggregate, normalise
-from ppl_model.inference.verdict import make_verdict
+from ppl_model.inference.verdict import make_verdicts
 from ppl_model.provenance import decide
 from ppl_model.reasons import Reason
 from worker import db, metrics
@@ -356,11 +356,12 @@ class BatchProcessor:
         metrics.STAGE_SECONDS.labels("infer").observe(infer_s)
         metrics.IMAGES.labels("inferred").inc(len(items))
         rows = []
-        for item, prediction in zip(items, predictions, strict=True):
+        grids = np.concatenate([prediction.patch_prob for prediction in predictions])
+        verdicts = make_verdicts(np.concatenate([prediction.image_prob for prediction in predictions]), grids,
+                                 model.threshold)
+        for item, verdict, grid in zip(items, verdicts, grids, strict=True):
             decoded = item.decoded
             assert decoded is not None
-            grid = prediction.patch_prob[0]
-            verdict = make_verdict(float(prediction.image_prob[0]), grid, model.threshold)
             # The label follows the provenance where it decides (a validating C2PA manifest declaring
             # trained-algorithmic media; unsigned metadata only when trusted); the model's score is kept as is.
             ruling = decide(decoded.provenance, verdict.label,
