@@ -174,14 +174,12 @@ class ThreadLoader:
 
     def fetch(self, sources: Sequence[str]) -> list[Fetched]:
         out = []
-        for source, (data, digest, ms, error) in zip(
-                sources, self.pool.map(lambda s: fetch_and_hash(s, self.settings), sources), strict=True):
+        for data, digest, ms, error in self.pool.map(lambda source: fetch_and_hash(source, self.settings), sources):
             with self._lock:
                 handle = next(self._handles)
                 if data is not None:
                     self._data[handle] = data
             out.append(Fetched(handle, digest, ms, error))
-            del source
         return out
 
     def decode(self, handles: Sequence[int], spec: CropSpec) -> list[Decoded]:
