@@ -100,6 +100,7 @@ class WorkerBenchConfig:
     batch_timeout_ms: int = 200
     decode_threads: int = 8  # the worker's PPL_DECODE_THREADS, scan's --workers
     decode_processes: int = 0  # the worker's PPL_DECODE_PROCESSES (end to end and naive)
+    device: str = "cpu"  # the torch backend's device for scan and the workers, e.g. cuda:0
     batches_in_flight: int = 3  # the worker's PPL_BATCHES_IN_FLIGHT
     # The emulated part: the real worker serving benchmarks.emulated_accelerator at this rate (images/s) and
     # per-batch latency, once per value of decode processes in the sweep
@@ -246,7 +247,8 @@ def worker_env(config: WorkerBenchConfig, database_url: str, model_dir: Path, ro
     env.update({
         "PPL_DATABASE_URL": database_url, "PPL_BROKER_URL": config.broker_url,
         "PPL_MODEL_DIR": str(model_dir.resolve()),  # the workers start in the repository root, not here
-        "PPL_BACKEND": "torch", "PPL_DEVICE": "cpu", "PPL_FILE_ROOTS": ",".join(str(r.resolve()) for r in roots),
+        "PPL_BACKEND": "torch", "PPL_DEVICE": config.device,
+        "PPL_FILE_ROOTS": ",".join(str(r.resolve()) for r in roots),
         "PPL_BATCH_SIZE": str(config.batch_size), "PPL_BATCH_TIMEOUT_MS": str(config.batch_timeout_ms),
         "PPL_DECODE_THREADS": str(config.decode_threads), "PPL_METRICS_PORT": "0", "PPL_LOG_LEVEL": config.log_level,
         "PPL_DECODE_PROCESSES": str(config.decode_processes if decode_processes is None else decode_processes),
@@ -364,7 +366,7 @@ def measure_scan(config: WorkerBenchConfig, model_dir: Path, images: Sequence[Pa
     from ppl_model.inference.preprocess import Preprocessing
     from ppl_model.inference.scan import run_scan
 
-    backend = load_backend("torch", model_dir, device="cpu", max_batch=config.batch_size)
+    backend = load_backend("torch", model_dir, device=config.device, max_batch=config.batch_size)
     prep = Preprocessing.for_model(backend.info)
     options = {"batch_size": config.batch_size, "workers": config.decode_threads, "progress": False}
     with open(os.devnull, "w") as out:
@@ -665,6 +667,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--decode-processes", type=int, default=0,
                         help="the worker's PPL_DECODE_PROCESSES for end to end and naive (0: decode in threads)")
     parser.add_argument("--batches-in-flight", type=int, default=3, help="the worker's PPL_BATCHES_IN_FLIGHT")
+    parser.add_argument("--device", default="cpu", help="the torch backend's device for scan and the workers")
     parser.add_argument("--accelerator-rate", type=float, default=3000.0,
                         help="the emulated part: images/s of the emulated accelerator the worker serves")
     parser.add_argument("--accelerator-latency-ms", type=float, default=2.0,
@@ -702,7 +705,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     server_url = args.database_url or os.environ.get("PPL_DATABASE_URL") or None
     values = {"out": args.out.absolute(), "model_dir": args.model and args.model.absolute(),
               "broker_url": args.broker_url, "images": args.images, "image_size": args.image_size,
-              "image_set": args.image_set, "decode_processes": args.decode_processes,
+              "image_set": args.image_set, "decode_processes": args.decode_processes, "device": args.device,
               "batches_in_flight": args.batches_in_flight, "accelerator_rate": args.accelerator_rate,
               "accelerator_latency_ms": args.accelerator_latency_ms,
               "decode_process_sweep": tuple(int(p) for p in args.decode_process_sweep.split(",") if p.strip()),
