@@ -8,16 +8,20 @@ bounded and says what it waited for when it gives up; every child process is sto
 
 from __future__ import annotations
 
+import cProfile
 import dataclasses
 import hashlib
+import io
 import json
 import os
+import pstats
 import secrets
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -259,3 +263,75 @@ FROM (SELECT i, (i % 1000) / 1000.0 AS s FROM generate_series(1, :rows) AS i) AS
 def insert_synthetic_verdicts(conn: Connection, model_version: str, rows: int) -> None:
     """``rows`` stored verdicts of ``model_version`` for distinct images, made by the server."""
     conn.execute(text(INSERT_VERDICTS_SQL), {"version": model_version, "rows": rows})
+
+
+# ----------------------------------------------------------------------------------- measuring
+
+# Where the benchmarks make their databases and which Redis database they flush, unless told otherwise.
+DEFAULT_SERVER_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
+DEFAULT_BROKER_URL = "redis://127.0.0.1:6379/14"
+BENCH_DATABASE_PREFIX = "ppl_bench_"  # each measurement's database: <prefix><hex>, dropped afterwards
+MIB = 1024 * 1024
+
+
+def bench_database(server_url: str) -> AbstractContextManager[str]:
+    """A new migrated database ``ppl_bench_<hex>`` on the server, dropped afterwards even on error."""
+    from worker import db
+
+    return db.temporary_database(server_url, prefix=BENCH_DATABASE_PREFIX)
+
+
+
+def load_average() -> float:
+    """The machine's 1-minute load average: other work competing for the same cores shows here."""
+    return round(os.getloadavg()[0], 2)
+
+
+def rss_bytes(pid: int | str = "self") -> int:
+    """Resident set size of a process (``/proc/PID/statm``, the same figure as VmRSS)."""
+    with open(f"/proc/{pid}/statm") as fh:
+        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time a process has used so far, all its threads (``/proc/PID/stat``)."""
+    with open(f"/proc/{pid}/stat") as fh:
+        fields = fh.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@contextmanager
+def bench_redis(broker_url: str) -> Iterator[Any]:
+    """A benchmark's Redis database, empty on entry and flushed on exit."""
+    import redis
+
+    client = redis.Redis.from_url(broker_url, socket_connect_timeout=5)
+    client.flushdb()
+    try:
+        yield client
+    finally:
+        client.flushdb()
+        client.close()
+
+
+@contextmanager
+def profiled(enabled: bool, folder: Path, name: str, log: Callable[[str], None]) -> Iterator[None]:
+    """cProfile what it wraps into FOLDER/NAME.txt (top 40 by cumulative time, top 25 by own time) and
+    FOLDER/NAME.prof, when ``enabled``."""
+    if not enabled:
+        yield
+        return
+    profiler = cProfile.Profile()
+    profiler.enable()
+    try:
+        yield
+    finally:
+        profiler.disable()
+        folder.mkdir(parents=True, exist_ok=True)
+        stream = io.StringIO()
+        stats = pstats.Stats(profiler, stream=stream)
+        stats.sort_stats("cumulative").print_stats(40)
+        stats.sort_stats("tottime").print_stats(25)
+        (folder / f"{name}.txt").write_text(stream.getvalue())
+        profiler.dump_stats(folder / f"{name}.prof")
+        log(f"profile written to {folder / name}.txt")

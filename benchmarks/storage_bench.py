@@ -18,19 +18,15 @@ Run by ``ppl-worker bench`` (``benchmarks.worker_bench``, parts ``upserts`` and 
 from __future__ import annotations
 
 import argparse
-import cProfile
 import dataclasses
-import io
 import json
 import os
-import pstats
 import signal
 import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -39,15 +35,23 @@ from typing import Any
 from sqlalchemy import text
 from sqlalchemy.engine import Engine, make_url
 
-from benchmarks.harness import HarnessError, insert_synthetic_verdicts, synthetic_rows
+from benchmarks.harness import (
+    DEFAULT_BROKER_URL,
+    DEFAULT_SERVER_URL,
+    MIB,
+    HarnessError,
+    bench_database,
+    bench_redis,
+    insert_synthetic_verdicts,
+    load_average,
+    profiled,
+    rss_bytes,
+    synthetic_rows,
+)
 from worker import db
 
 Log = Callable[[str], None]
 
-DEFAULT_SERVER_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
-DEFAULT_BROKER_URL = "redis://127.0.0.1:6379/14"
-BENCH_DATABASE_PREFIX = "ppl_bench_"
-MIB = 1024 * 1024
 OLD_VERSION, NEW_VERSION = "bench-old-model", "bench-new-model"
 
 
@@ -69,52 +73,6 @@ class StorageBenchConfig:
     # Empty the detect queue while a rescan fills it, counting what it held, as workers would.
     rescan_drain: bool = True
     profile: bool = False
-
-
-def load_average() -> float:
-    return round(os.getloadavg()[0], 2)
-
-
-def rss_bytes(pid: int | str = "self") -> int:
-    """Resident set size of a process (``/proc/PID/statm``, the same figure as VmRSS)."""
-    with open(f"/proc/{pid}/statm") as fh:
-        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-@contextmanager
-def bench_redis(broker_url: str) -> Iterator[Any]:
-    """The benchmark's Redis database, empty on entry and flushed on exit."""
-    import redis
-
-    client = redis.Redis.from_url(broker_url, socket_connect_timeout=5)
-    client.flushdb()
-    try:
-        yield client
-    finally:
-        client.flushdb()
-        client.close()
-
-
-@contextmanager
-def profiled(config: StorageBenchConfig, name: str, log: Log) -> Iterator[None]:
-    """cProfile what it wraps into OUT/profiles/NAME.txt when asked."""
-    if not config.profile:
-        yield
-        return
-    profiler = cProfile.Profile()
-    profiler.enable()
-    try:
-        yield
-    finally:
-        profiler.disable()
-        folder = config.out / "profiles"
-        folder.mkdir(parents=True, exist_ok=True)
-        stream = io.StringIO()
-        stats = pstats.Stats(profiler, stream=stream)
-        stats.sort_stats("cumulative").print_stats(40)
-        stats.sort_stats("tottime").print_stats(25)
-        (folder / f"{name}.txt").write_text(stream.getvalue())
-        log(f"profile written to {folder / name}.txt")
 
 
 class RssSampler:
@@ -248,7 +206,7 @@ def measure_writes(config: StorageBenchConfig, log: Log) -> dict[str, Any]:
     falls on both; the ratio is write rows/s ÷ COPY rows/s."""
     by_batch = []
     received_at = datetime.now(UTC)
-    with db.temporary_database(config.server_url, prefix=BENCH_DATABASE_PREFIX) as url:
+    with bench_database(config.server_url) as url:
         engine = db.make_engine(url)
         try:
             with engine.begin() as conn:
@@ -260,7 +218,7 @@ def measure_writes(config: StorageBenchConfig, log: Log) -> dict[str, Any]:
                 count = config.write_rows if batch >= config.main_batch else max(batch, config.write_rows // 10)
                 per_round = max(batch, (count // config.write_rounds) // batch * batch)
                 figures = {"write": [0.0, 0.0, 0], "copy": [0.0, 0.0, 0]}
-                with profiled(config, f"writes-batch{batch}", log):
+                with profiled(config.profile, config.out / "profiles", f"writes-batch{batch}", log):
                     for _ in range(config.write_rounds):
                         rows = synthetic_rows(per_round, start, OLD_VERSION)
                         start += per_round
@@ -296,7 +254,7 @@ def measure_rescan(config: StorageBenchConfig, log: Log) -> dict[str, Any]:
     from worker.settings import Settings
 
     rows = config.rescan_rows
-    with (db.temporary_database(config.server_url, prefix=BENCH_DATABASE_PREFIX) as url,
+    with (bench_database(config.server_url) as url,
           bench_redis(config.broker_url) as redis_client):
         engine = db.make_engine(url)
         try:
@@ -313,7 +271,7 @@ def measure_rescan(config: StorageBenchConfig, log: Log) -> dict[str, Any]:
                                          rescan_chunk=config.rescan_chunk, rescan_max_queue=2 * rows + 1)
             app = make_app(settings)
             load = load_average()
-            with (profiled(config, "rescan", log), RssSampler() as rss,
+            with (profiled(config.profile, config.out / "profiles", "rescan", log), RssSampler() as rss,
                   QueueDrain(redis_client, config.rescan_drain) as drain):
                 cpu = time.process_time()
                 result = run_rescan(settings, RescanRequest(target_model_version=NEW_VERSION), app=app,

@@ -30,22 +30,18 @@ from the repository root. Worker processes, waits, producers and synthetic rows 
 from __future__ import annotations
 
 import argparse
-import cProfile
 import dataclasses
 import hashlib
-import io
 import json
 import os
 import platform
-import pstats
 import shutil
 import signal
 import statistics
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import AbstractContextManager, contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -58,8 +54,17 @@ from sqlalchemy.engine import Engine, make_url
 from benchmarks import storage_bench
 from benchmarks.emulated_worker import INPUT_SIZE_ENV, LATENCY_ENV, RATE_ENV
 from benchmarks.harness import (
+    DEFAULT_BROKER_URL,
+    DEFAULT_SERVER_URL,
+    MIB,
     HarnessError,
     WorkerProcess,
+    bench_database,
+    bench_redis,
+    cpu_seconds,
+    load_average,
+    profiled,
+    rss_bytes,
     send_jobs,
     wait_until,
 )
@@ -68,11 +73,7 @@ from worker import db
 
 Log = Callable[[str], None]
 
-DEFAULT_SERVER_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
-DEFAULT_BROKER_URL = "redis://127.0.0.1:6379/14"
-BENCH_DATABASE_PREFIX = "ppl_bench_"  # each measurement's database: <prefix><hex>, dropped afterwards
 PARTS = ("scan", "end_to_end", "naive", "emulated", "upserts", "rescan")
-MIB = 1024 * 1024
 
 # The issue's targets for the tiny model on the 2-core CPU machine.
 TARGET_EFFICIENCY = 0.8
@@ -204,43 +205,6 @@ def with_comment(jpeg: bytes, comment: bytes) -> bytes:
 # ------------------------------------------------------------------------------------- services
 
 
-def bench_database(server_url: str) -> AbstractContextManager[str]:
-    """A new migrated database ``ppl_bench_<hex>`` on the server, dropped afterwards even on error."""
-    return db.temporary_database(server_url, prefix=BENCH_DATABASE_PREFIX)
-
-
-@contextmanager
-def bench_redis(broker_url: str) -> Iterator[Any]:
-    """The benchmark's Redis database, empty on entry and flushed on exit."""
-    import redis
-
-    client = redis.Redis.from_url(broker_url, socket_connect_timeout=5)
-    client.flushdb()
-    try:
-        yield client
-    finally:
-        client.flushdb()
-        client.close()
-
-
-def rss_bytes(pid: int | str = "self") -> int:
-    """Resident set size of a process (``/proc/PID/statm``, the same figure as VmRSS)."""
-    with open(f"/proc/{pid}/statm") as fh:
-        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time a process has used so far, all its threads (``/proc/PID/stat``)."""
-    with open(f"/proc/{pid}/stat") as fh:
-        fields = fh.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def load_average() -> float:
-    """The machine's 1-minute load average: other work competing for the same cores shows here."""
-    return round(os.getloadavg()[0], 2)
-
-
 def worker_env(config: WorkerBenchConfig, database_url: str, model_dir: Path, roots: Sequence[Path],
                decode_processes: int | None = None) -> dict[str, str]:
     env = dict(os.environ)
@@ -291,29 +255,6 @@ def wait_for_verdicts(engine: Engine, expected: int, worker: WorkerProcess, time
         return now if seen >= expected else None
 
     return wait_until(done, timeout, lambda: f"{what} ({seen} of {expected} verdicts)", every, worker=worker)
-
-
-@contextmanager
-def _profiled(config: WorkerBenchConfig, name: str, log: Log) -> Iterator[None]:
-    """cProfile what it wraps into OUT/profiles/NAME.txt (top 40 by cumulative time) when asked."""
-    if not config.profile:
-        yield
-        return
-    profiler = cProfile.Profile()
-    profiler.enable()
-    try:
-        yield
-    finally:
-        profiler.disable()
-        folder = config.out / "profiles"
-        folder.mkdir(parents=True, exist_ok=True)
-        stream = io.StringIO()
-        stats = pstats.Stats(profiler, stream=stream)
-        stats.sort_stats("cumulative").print_stats(40)
-        stats.sort_stats("tottime").print_stats(25)
-        (folder / f"{name}.txt").write_text(stream.getvalue())
-        profiler.dump_stats(folder / f"{name}.prof")
-        log(f"profile written to {folder / name}.txt")
 
 
 # ------------------------------------------------------------------------------------- measures
@@ -372,7 +313,7 @@ def measure_scan(config: WorkerBenchConfig, model_dir: Path, images: Sequence[Pa
     with open(os.devnull, "w") as out:
         run_scan([str(p) for p in warmup], backend, prep, backend.info.threshold, out, "jsonl", **options)
         load = load_average()
-        with _profiled(config, f"scan{tag}", log):
+        with profiled(config.profile, config.out / "profiles", f"scan{tag}", log):
             cpu, started = time.process_time(), time.perf_counter()
             summary = run_scan([str(p) for p in images], backend, prep, backend.info.threshold, out, "jsonl",
                                **options)
