@@ -31,6 +31,7 @@ import hashlib
 import itertools
 import logging
 import multiprocessing
+import os
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -54,6 +55,7 @@ log = logging.getLogger(__name__)
 # worker process a pipe write and a wake-up, but more than one, so that a process that finishes early is not
 # left idle behind one holding all the large images.
 MESSAGES_PER_PROCESS = 2
+ORPHAN_CHECK_S = 1.0  # how often a decode process checks that its worker is still alive
 
 
 @dataclass(frozen=True)
@@ -204,10 +206,19 @@ _child_settings: Settings | None = None
 _child_data: dict[int, bytes] = {}
 
 
-def _child_init(settings: Settings) -> None:
+def _child_init(settings: Settings, parent: int) -> None:
     global _child_settings
     _child_settings = settings
+    threading.Thread(target=_exit_when_orphaned, args=(parent,), name="ppl-parent-watch", daemon=True).start()
     provenance_policy(settings)  # read the trust anchors once, before the first job
+
+
+def _exit_when_orphaned(parent: int) -> None:
+    """End this decode process once the worker that started it is gone. A worker killed outright (kill -9, the
+    OOM killer) cannot shut its decode processes down, and they would otherwise wait for work for ever."""
+    while os.getppid() == parent:
+        time.sleep(ORPHAN_CHECK_S)
+    os._exit(0)
 
 
 def _child_fetch(items: list[tuple[int, str]]) -> list[tuple[int, str, float, SourceError | None]]:
@@ -249,7 +260,7 @@ class ProcessLoader:
 
     def _start(self) -> ProcessPoolExecutor:
         return ProcessPoolExecutor(max_workers=1, mp_context=self._context, initializer=_child_init,
-                                   initargs=(self.settings,))
+                                   initargs=(self.settings, os.getpid()))
 
     def _chunk(self, count: int) -> int:
         return max(1, -(-count // (len(self._executors) * MESSAGES_PER_PROCESS)))

@@ -5,6 +5,10 @@ from __future__ import annotations
 
 import hashlib
 import os
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -114,3 +118,45 @@ def test_a_jpeg_is_decoded_from_its_crop_region_and_other_formats_in_full(photos
         loader.close()
     assert [d.format for d in decoded] == ["JPEG", "PNG"] and all(d.error is None for d in decoded)
     assert full_decodes == [(photos / "p2.png").stat().st_size]  # only the PNG was decoded whole
+
+
+ORPHAN_SCRIPT = """
+import multiprocessing, sys, time
+from worker.loading import ProcessLoader
+from worker.settings import Settings
+
+if __name__ == "__main__":
+    loader = ProcessLoader(Settings.from_env({}), 2)
+    loader.fetch(["file:///nowhere/a.png"] * 4)  # starts the decode processes
+    print(" ".join(str(child.pid) for child in multiprocessing.active_children()), flush=True)
+    time.sleep(120)
+"""
+
+
+def test_decode_processes_end_when_their_worker_is_killed(tmp_path):
+    script = tmp_path / "worker_with_decoders.py"
+    script.write_text(ORPHAN_SCRIPT)
+    repo = Path(__file__).resolve().parents[2]
+    proc = subprocess.Popen([sys.executable, str(script)], cwd=repo, stdout=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": str(repo)})
+    try:
+        children = [int(pid) for pid in proc.stdout.readline().split()]
+        assert len(children) >= 2 and all(_alive(pid) for pid in children)
+        proc.kill()  # kill -9: the worker cannot stop them itself
+        proc.wait(timeout=10)
+        deadline = time.monotonic() + 15
+        while any(_alive(pid) for pid in children) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not any(_alive(pid) for pid in children), "decode processes outlived their worker"
+    finally:
+        proc.kill()
+        proc.wait(timeout=10)
+
+
+def _alive(pid: int) -> bool:
+    """Whether a process exists and is not a zombie (a dead child not yet reaped by its new parent)."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
