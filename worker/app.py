@@ -2,9 +2,10 @@
 
 Run a worker (one per GPU; the model loads in it on the first batch):
 
-    celery -A worker.app:app worker -Q detect,rescan --pool threads --concurrency 1
+    celery -A worker.app:app worker -Q detect --pool threads --concurrency 3
 
-or ``ppl-worker run``, which does the same with the settings' defaults.
+or ``ppl-worker run``, which does the same with the settings' defaults (``PPL_BATCHES_IN_FLIGHT`` batches at
+once; a ``--queues rescan`` worker runs one task at a time).
 
 Delivery guarantees, and the settings they rest on:
 * JSON only, both ways: a message in any other format is refused before it is decoded.

@@ -279,9 +279,12 @@ def _run(args: argparse.Namespace, settings: Settings) -> int:
     from worker.settings import provenance_policy
 
     provenance_policy(settings)  # a bad PPL_C2PA_TRUST_ANCHORS stops the worker here, in one line, before any job
-    from worker.app import app
+    from worker.app import DETECT_QUEUE, app
 
-    concurrency = args.concurrency or settings.batches_in_flight
+    # A detect worker overlaps its batches; a rescan worker runs one rescan at a time (two at once would
+    # enqueue the same images twice over).
+    detects = DETECT_QUEUE in [queue.strip() for queue in args.queues.split(",")]
+    concurrency = args.concurrency or (settings.batches_in_flight if detects else 1)
     argv = ["worker", "--queues", args.queues, "--pool", "threads", "--concurrency", str(concurrency),
             "--loglevel", settings.log_level]
     if args.hostname:
@@ -329,8 +332,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="detect (default) or rescan: give rescans their own worker, or a long rescan task "
                           "holds the slot that detection needs")
     run.add_argument("--concurrency", type=int,
-                     help="batches in flight at once (default: PPL_BATCHES_IN_FLIGHT); their stages overlap, and "
-                          "one inference runs at a time")
+                     help="tasks at once: for detect, the batches in flight (default PPL_BATCHES_IN_FLIGHT; their "
+                          "stages overlap, one inference runs at a time); for a rescan-only worker, 1")
     run.add_argument("--hostname", help="Celery node name, e.g. gpu0@%%h")
     run.set_defaults(handler=_run)
 

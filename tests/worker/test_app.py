@@ -77,7 +77,13 @@ def test_ppl_worker_run_starts_a_threads_worker_with_openmp_not_spinning(monkeyp
     assert argv[0] == "worker"
     assert argv[argv.index("--pool") + 1] == "threads" and argv[argv.index("--queues") + 1] == "detect"
     assert argv[argv.index("--hostname") + 1] == "gpu0@%h"
+    assert argv[argv.index("--concurrency") + 1] == str(Settings.from_env({}).batches_in_flight)  # overlapping batches
     assert os.environ["OMP_WAIT_POLICY"] == "PASSIVE"
+    assert cli.main(["run", "--queues", "rescan"]) == 0  # one rescan at a time
+    assert started[-1][started[-1].index("--concurrency") + 1] == "1"
+    assert cli.main(["run", "--queues", "detect,rescan", "--concurrency", "2"]) == 0
+    assert started[-1][started[-1].index("--concurrency") + 1] == "2"
+    del started[1:]
 
     monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")  # the operator's choice wins
     assert cli.main(["run"]) == 0
