@@ -59,7 +59,9 @@ def normalise(crops: np.ndarray, mean: tuple[float, ...], std: tuple[float, ...]
               device: str | torch.device = "cpu") -> torch.Tensor:
     """(N, H, W, 3) uint8 crops → normalised float (N, 3, H, W) on ``device``, in one vectorised pass. The
     uint8 pixels move first, so a GPU receives a quarter of the bytes and does the arithmetic itself."""
-    tensor = torch.from_numpy(np.ascontiguousarray(crops)).to(device).permute(0, 3, 1, 2).to(torch.float32) / 255.0
+    # torch refuses to share a read-only array (a PIL image's) without a warning: copy that one (a crop's bytes)
+    pixels = np.require(crops, dtype=np.uint8, requirements=["C_CONTIGUOUS", "WRITEABLE"])
+    tensor = torch.from_numpy(pixels).to(device).permute(0, 3, 1, 2).to(torch.float32) / 255.0
     mean_t = torch.tensor(mean, dtype=torch.float32, device=device)[None, :, None, None]
     std_t = torch.tensor(std, dtype=torch.float32, device=device)[None, :, None, None]
     return (tensor - mean_t) / std_t
