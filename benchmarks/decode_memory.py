@@ -37,8 +37,6 @@ from PIL import Image, ImageOps
 if TYPE_CHECKING:
     from ppl_model.imageio import MemoryBudget
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
 MiB = 1 << 20
 BOMB_SIDE = 8000

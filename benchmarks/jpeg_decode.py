@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import io
 import statistics
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -28,11 +27,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from ppl_model.inference.preprocess import Preprocessing, prepare, prepare_jpeg
+from ppl_model.jpeg_region import available
 
-from ppl_model.inference.preprocess import Preprocessing, prepare, prepare_jpeg  # noqa: E402
-from ppl_model.jpeg_region import available  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 PHOTO = ROOT / "demo" / "photos" / "caer_puppy.png"
 # (name, width, height, quality, progressive, EXIF orientation)
