@@ -46,7 +46,7 @@ import functools
 import importlib.metadata
 import io
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from typing import Any
 
@@ -54,6 +54,7 @@ import numpy as np
 from PIL import Image
 
 from ppl_model.imageio import MemoryBudget, UnreadableImage
+from ppl_model.inference.crops import fill_colour, tile_offsets
 from ppl_model.reasons import Reason
 
 SCAN_LIMIT = 100  # libjpeg writes 10 scans for a colour progressive JPEG, 6 for grey; mozjpeg a few more
@@ -275,14 +276,16 @@ def _header_info(data: bytes) -> tuple[str, int] | None:
 
 def decode_jpeg_crops(data: bytes, offsets: Callable[[int, int], list[tuple[int, int]]], size: int,
                       fill: tuple[int, int, int], *, max_pixels: int | None,
-                      scan_limit: int = SCAN_LIMIT, budget: MemoryBudget | None = None) -> RegionDecode | None:
+                      scan_limit: int = SCAN_LIMIT, budget: MemoryBudget | None = None,
+                      formats: Collection[str] | None = None) -> RegionDecode | None:
     """The ``size``×``size`` crops at ``offsets(width, height)`` (top-left corners in the EXIF-oriented image of
     that size) of a JPEG, padded with ``fill`` where they leave the image, decoding only what they cover.
 
     None: not handled here (see the module docstring), decode the whole image instead. Raises
     ``UnreadableImage`` (``too_large``) for a progressive file with more than ``scan_limit`` scans. With a
     ``budget``, the decode's memory is reserved from it first (as ``imageio.decode_rgb`` reserves a full
-    decode's), which may wait or raise ``decode_busy``/``too_large`` as it does."""
+    decode's), which may wait or raise ``decode_busy``/``too_large`` as it does. ``formats``: the Pillow format
+    names to decode (``JPEG``, ``MPO``); None for any, the others return None before anything is decoded."""
     lib = _library()
     if lib is None or not isinstance(data, bytes) or data[:3] != b"\xff\xd8\xff":
         return None
@@ -294,6 +297,8 @@ def decode_jpeg_crops(data: bytes, offsets: Callable[[int, int], list[tuple[int,
     if header is None:
         return None
     image_format, orientation = header
+    if formats is not None and image_format not in formats:
+        return None
     handle = _handle(lib)
     try:
         if lib.tj3DecompressHeader(handle.ptr, data, len(data)) != 0:
@@ -359,6 +364,16 @@ def _decode_regions(handle: _Handle, data: bytes, regions: list[Box], wanted: li
             left, top = corners[index]
             crops[index, box[1] - top:box[3] - top, box[0] - left:box[2] - left] = _orient(part, orientation)
     return RegionDecode(width, height, crops, image_format, decoded)
+
+
+def decode_model_crops(data: bytes, size: int, tiles: int, mean: tuple[float, ...], *, max_pixels: int | None,
+                       budget: MemoryBudget | None = None) -> RegionDecode | None:
+    """The crops the model judges of a plain JPEG (``crops.tile_offsets``: the centre crop or up to ``tiles``
+    tiles of ``size``, padded with the normalisation ``mean``'s colour), decoded from their regions alone: what
+    ``crops.crop_pixels`` cuts from a full decode, bit for bit. None for an MPO (its frame count comes from the
+    full decode) and for whatever ``decode_jpeg_crops`` does not handle."""
+    return decode_jpeg_crops(data, lambda width, height: tile_offsets(width, height, size, tiles), size,
+                             fill_colour(mean), max_pixels=max_pixels, budget=budget, formats=("JPEG",))
 
 
 def _inside(box: Box, region: Box) -> bool:

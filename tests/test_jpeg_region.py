@@ -22,9 +22,9 @@ from PIL import Image
 
 from ppl_model import jpeg_region
 from ppl_model.imageio import UnreadableImage, decode_rgb
-from ppl_model.inference.crops import crop_at, tile_offsets
+from ppl_model.inference.crops import crop_at, fill_colour, tile_offsets
 from ppl_model.inference.preprocess import Preprocessing, prepare_image, prepare_jpeg
-from ppl_model.jpeg_region import decode_jpeg_crops
+from ppl_model.jpeg_region import decode_jpeg_crops, decode_model_crops
 from ppl_model.reasons import Reason
 
 FILL = (123, 117, 104)
@@ -213,6 +213,20 @@ def test_mpo_is_its_first_frame() -> None:
     got = decode_jpeg_crops(data, centre(224), 224, FILL, max_pixels=None)
     assert got is not None and got.format == "MPO"
     assert check(data, centre(224), 224) == PILLOW_MAX_DIFF
+    # The model's crops take plain JPEGs only: an MPO's frame count comes from the full decode
+    assert decode_model_crops(data, 224, 1, (0.5, 0.5, 0.5), max_pixels=None) is None
+
+
+def test_model_crops_are_the_centre_crop_or_tiles_padded_with_the_mean() -> None:
+    data = VARIANTS["baseline 4:2:0"](photo(500, 300, seed=3), 1)
+    mean = (0.48, 0.46, 0.41)
+    for tile_count in (1, 4):
+        got = decode_model_crops(data, 224, tile_count, mean, max_pixels=None)
+        expected = decode_jpeg_crops(data, tiles(224, tile_count) if tile_count > 1 else centre(224), 224,
+                                     fill_colour(mean), max_pixels=None)
+        assert got is not None and expected is not None and got.format == "JPEG"
+        assert np.array_equal(got.crops, expected.crops)
+        assert len(got.crops) == len(tile_offsets(500, 300, 224, tile_count))
 
 
 @pytest.mark.parametrize("tile_count", [1, 4, 9])

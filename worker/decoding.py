@@ -27,8 +27,7 @@ from dataclasses import dataclass
 from PIL import Image
 
 from ppl_model.imageio import Decoded, MemoryBudget, UnreadableImage, decode
-from ppl_model.inference.crops import fill_colour, tile_offsets
-from ppl_model.jpeg_region import RegionDecode, decode_jpeg_crops
+from ppl_model.jpeg_region import RegionDecode, decode_model_crops
 from ppl_model.reasons import Reason, Transience
 from worker.settings import Settings
 from worker.sources import SourceError
@@ -109,12 +108,12 @@ def decode_pixels(data: bytes, settings: Settings) -> Decoded:
 
 def decode_jpeg_region(data: bytes, settings: Settings, size: int, tiles: int, mean: tuple[float, ...]
                        ) -> RegionDecode | None:
-    """The crops of a JPEG decoded from their regions only (``ppl_model.jpeg_region``: bit-identical to a full
-    decode), under the same pixel cap and memory budget; None where that decoder does not apply (decode the
-    whole image with ``decode_pixels``, which gives the reason if it cannot)."""
+    """The crops of a plain JPEG decoded from their regions only (``ppl_model.jpeg_region``: bit-identical to a
+    full decode), under the same pixel cap and memory budget; None where that decoder does not apply, an MPO
+    included (decode the whole image with ``decode_pixels``, which gives the reason if it cannot)."""
     try:
-        return decode_jpeg_crops(data, lambda width, height: tile_offsets(width, height, size, tiles), size,
-                                 fill_colour(mean), max_pixels=settings.max_pixels, budget=process_budget(settings))
+        return decode_model_crops(data, size, tiles, mean, max_pixels=settings.max_pixels,
+                                  budget=process_budget(settings))
     except UnreadableImage as exc:
         transient = exc.reason.transience is Transience.ALWAYS
         raise SourceError(exc.reason, exc.detail[:500], transient=transient) from None

@@ -139,9 +139,9 @@ def decode_crops(data: bytes, settings: Settings, spec: CropSpec) -> Decoded:
     started = time.perf_counter()
     try:
         region = decode_jpeg_region(data, settings, spec.size, spec.tiles, spec.mean)
-        if region is not None and region.format == "JPEG":  # a plain JPEG holds one frame
+        if region is not None:  # a plain JPEG: one frame
             width, height, image_format, crops, frames = region.width, region.height, region.format, region.crops, 1
-        else:  # not a JPEG, or the region decoder refused it; an MPO's frames are counted by the full decode
+        else:  # not a plain JPEG, or the region decoder refused it; an MPO's frames are counted by the full decode
             decoded = decode_pixels(data, settings)
             crops = crop_pixels(decoded.image, spec.size, spec.tiles, spec.mean)
             width, height, image_format, frames = decoded.image.width, decoded.image.height, decoded.format, \

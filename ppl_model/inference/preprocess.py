@@ -19,8 +19,8 @@ from PIL import Image
 
 from ppl_model.imageio import decode_rgb
 from ppl_model.inference.base import Prediction
-from ppl_model.inference.crops import crop_pixels, fill_colour, tile_offsets
-from ppl_model.jpeg_region import decode_jpeg_crops
+from ppl_model.inference.crops import crop_pixels
+from ppl_model.jpeg_region import decode_model_crops
 from ppl_model.model_dir import ModelInfo
 
 AGGREGATIONS = ("max", "mean")
@@ -86,13 +86,12 @@ def prepare(source: Path | str | bytes, prep: Preprocessing, name: str = "") -> 
 
 
 def prepare_jpeg(data: bytes, prep: Preprocessing, *, max_pixels: int | None = None) -> Prepared | None:
-    """``prepare_image(decode_rgb(data))`` for a JPEG, decoding only the crops' regions
+    """``prepare_image(decode_rgb(data))`` for a plain JPEG, decoding only the crops' regions
     (``ppl_model.jpeg_region``): the same crops bit for bit, size and format. None for what that decoder does
-    not handle (not a JPEG, CMYK, over ``max_pixels``, damaged, ...): decode the whole image as before, which
-    gives the reason if it cannot. Raises ``UnreadableImage`` (``too_large``) for a hostile progressive file."""
-    size = prep.input_size
-    region = decode_jpeg_crops(data, lambda width, height: tile_offsets(width, height, size, prep.tiles), size,
-                               fill_colour(prep.mean), max_pixels=max_pixels)
+    not handle (not a JPEG, an MPO, CMYK, over ``max_pixels``, damaged, ...): decode the whole image as before,
+    which gives the reason if it cannot. Raises ``UnreadableImage`` (``too_large``) for a hostile progressive
+    file."""
+    region = decode_model_crops(data, prep.input_size, prep.tiles, prep.mean, max_pixels=max_pixels)
     if region is None:
         return None
     return Prepared(normalise(region.crops, prep.mean, prep.std), region.width, region.height, region.format)

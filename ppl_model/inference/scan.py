@@ -105,18 +105,20 @@ def _load(path: Path, prep: Preprocessing, perturb: Perturbation | None,
         reason = Reason.MISSING if isinstance(exc, FileNotFoundError) else Reason.UNREADABLE
         return _Loaded("", UnreadableImage(path, reason, str(exc)))
     digest = hashlib.sha256(data).hexdigest()
-    provenance = read_provenance(data, policy) if policy is not None else None
     try:
-        # A JPEG's crops from their regions alone (bit-identical to a full decode), unless the whole picture is
-        # to be perturbed first; a plain JPEG is one frame (an MPO's frames are counted by the full decode).
+        # A plain JPEG's crops from their regions alone (bit-identical to a full decode; one frame), unless the
+        # whole picture is to be perturbed first.
         prepared = prepare_jpeg(data, prep) if perturb is None else None
-        if prepared is not None and prepared.format == "JPEG":
-            return _Loaded(digest, prepared, 1, provenance)
-        decoded = decode(data, name=str(path))
+        frames: int | None = 1
+        if prepared is None:
+            decoded = decode(data, name=str(path))
+            image = decoded.image if perturb is None else perturb(decoded.image)
+            prepared, frames = prepare_image(image, prep, decoded.format), decoded.frames
     except UnreadableImage as exc:
         return _Loaded(digest, exc)
-    image = decoded.image if perturb is None else perturb(decoded.image)
-    return _Loaded(digest, prepare_image(image, prep, decoded.format), decoded.frames, provenance)
+    # Read only for a file that decodes, as the worker does: a failed one records no provenance
+    provenance = read_provenance(data, policy) if policy is not None else None
+    return _Loaded(digest, prepared, frames, provenance)
 
 
 def scan(files: Sequence[Path], backend: InferenceBackend, prep: Preprocessing, threshold: float, *,
