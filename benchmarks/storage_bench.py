@@ -172,14 +172,7 @@ def copy_batch(engine: Engine, rows: Sequence[db.VerdictRow], answered: Sequence
         cursor = raw.cursor()
         with cursor.copy(f"COPY {COPY_TABLES['verdicts']} ({', '.join(_COPY_VERDICT_COLUMNS)}) FROM STDIN") as copy:
             for row in rows:
-                copy.write_row((row.sha256, row.model_version, row.score, row.label.value, row.threshold, row.source,
-                                row.external_id, None if row.metadata is None else json.dumps(row.metadata),
-                                row.width, row.height, row.format, row.patch_mean, row.patch_max, row.patch_p90,
-                                row.patch_frac_above, row.top_patch_row, row.top_patch_col, row.patch_grid,
-                                row.grid_rows, row.grid_cols, json.dumps(row.timings_ms),
-                                None if row.provenance is None else json.dumps(row.provenance), row.decision.value,
-                                row.provenance_kind, row.declared_generator, row.c2pa_state, row.c2pa_signer,
-                                row.frames))
+                copy.write_row(db.verdict_copy_values(row))  # the values the worker's write stages
         columns = ", ".join(_COPY_SUBMISSION_COLUMNS)
         with cursor.copy(f"COPY {COPY_TABLES['submissions']} ({columns}) FROM STDIN") as copy:
             for i, sub in enumerate(answered):

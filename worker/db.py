@@ -303,14 +303,20 @@ def _text_or_none(value: str | None) -> str | None:
     return None if value is None else str(value)  # an enum member as its value
 
 
-def _verdict_record(ord_: int, row: VerdictRow) -> tuple[Any, ...]:
-    """The COPY row of a verdict: ``ord`` and every field of ``VerdictRow`` in its order (``_VERDICT_COLUMNS``)."""
-    return (ord_, row.sha256, row.model_version, row.score, str(row.label), row.threshold, row.source,
+def verdict_copy_values(row: VerdictRow) -> tuple[Any, ...]:
+    """Every field of ``VerdictRow``, in its order (``_VERDICT_COLUMNS``), as ``COPY`` writes it: JSON as text,
+    enums as their values."""
+    return (row.sha256, row.model_version, row.score, str(row.label), row.threshold, row.source,
             row.external_id, _json(row.metadata), row.width, row.height, row.format, row.patch_mean, row.patch_max,
             row.patch_p90, row.patch_frac_above, row.top_patch_row, row.top_patch_col, row.patch_grid,
             row.grid_rows, row.grid_cols, _json(row.timings_ms), _json(row.provenance), str(row.decision),
             _text_or_none(row.provenance_kind), row.declared_generator, _text_or_none(row.c2pa_state),
             row.c2pa_signer, row.frames)
+
+
+def _verdict_record(ord_: int, row: VerdictRow) -> tuple[Any, ...]:
+    """The staging row of a verdict: ``ord``, then ``verdict_copy_values``."""
+    return (ord_, *verdict_copy_values(row))
 
 
 def upsert_verdicts(bind: Bind, rows: Sequence[VerdictRow]) -> int:
