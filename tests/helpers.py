@@ -2,15 +2,43 @@
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 from PIL import Image
 
-from ppl_model.config import ExperimentConfig, ModelConfig, from_dict
+from ppl_model.config import AugmentConfig, ExperimentConfig, ModelConfig, from_dict
 
 REPO = Path(__file__).resolve().parent.parent
 PHOTOS = REPO / "demo" / "photos"  # real photos the repository ships (attribution in SOURCES.md there)
+
+# Dataset settings under which a sample's tensor is its pixels: no augmentation, identity normalisation
+NO_AUG = AugmentConfig(flip_prob=0.0, jpeg_prob=0.0, blur_prob=0.0)
+IDENTITY = {"mean": (0.0, 0.0, 0.0), "std": (1 / 255, 1 / 255, 1 / 255)}  # tensor values = pixel values
+
+
+T = TypeVar("T")
+
+
+def run_concurrently(action: Callable[[T], object], args: Iterable[T], timeout: float = 60.0) -> list[BaseException]:
+    """``action(arg)`` for every arg, each in its own thread, all at once; the exceptions they raised."""
+    errors: list[BaseException] = []
+
+    def run(arg: T) -> None:
+        try:
+            action(arg)
+        except BaseException as exc:  # the caller asserts on the list
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(arg,)) for arg in args]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=timeout)
+    return errors
 
 
 def tiny_model_config(arch: str = "clip", finetune: str = "lora", **overrides) -> ModelConfig:

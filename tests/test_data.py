@@ -17,10 +17,7 @@ from ppl_model.data.datasets import (
     index_dataset,
 )
 from ppl_model.data.transforms import UnreadableImage, load_rgb
-from tests.helpers import make_folders_dataset, noise_image
-
-NO_AUG = AugmentConfig(flip_prob=0.0, jpeg_prob=0.0, blur_prob=0.0)
-IDENTITY = {"mean": (0.0, 0.0, 0.0), "std": (1 / 255, 1 / 255, 1 / 255)}  # tensor values = pixel values
+from tests.helpers import IDENTITY, NO_AUG, make_folders_dataset, noise_image
 
 
 def _save(path, image):

@@ -13,7 +13,7 @@ from PIL import Image
 
 from ppl_model import reconstruct
 from ppl_model.cli import main
-from ppl_model.config import AugmentConfig, DataConfig, RPRConfig
+from ppl_model.config import DataConfig, RPRConfig
 from ppl_model.data.datasets import (
     FAKE,
     REAL,
@@ -23,10 +23,8 @@ from ppl_model.data.datasets import (
     detect_layout,
     index_dataset,
 )
-from tests.helpers import REPO, noise_image
+from tests.helpers import IDENTITY, NO_AUG, REPO, noise_image
 
-NO_AUG = AugmentConfig(flip_prob=0.0, jpeg_prob=0.0, blur_prob=0.0)
-IDENTITY = {"mean": (0.0, 0.0, 0.0), "std": (1 / 255, 1 / 255, 1 / 255)}  # tensor values = pixel values
 FAST_INPAINT = ["--method", "inpaint", "--steps", "4", "--strength", "0.5"]  # two denoising steps
 
 

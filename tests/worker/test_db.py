@@ -7,7 +7,6 @@ import hashlib
 import random
 import subprocess
 import sys
-import threading
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -24,6 +23,7 @@ from sqlalchemy.exc import IntegrityError
 from ppl_model.categories import C2paState, Decision, Label, ProvenanceKind
 from ppl_model.inference.verdict import make_verdict
 from ppl_model.provenance import C2paManifest, Provenance, Ruling, Signal
+from tests.helpers import run_concurrently
 from worker import db
 from worker.db import FailureRow, RescanFilters, VerdictRow
 
@@ -440,23 +440,15 @@ def test_concurrent_overlapping_batches_do_not_deadlock(verdict_row: MakeRow, en
     and no transaction is chosen as a deadlock victim."""
     register(engine, NEW)
     rows = [verdict_row(f"race{i}", NEW) for i in range(200)]
-    errors: list[BaseException] = []
     inserted: list[int] = []
 
     def write(seed: int) -> None:
         shuffled = rows[:]
         random.Random(seed).shuffle(shuffled)
-        try:
-            for start in range(0, len(shuffled), 50):
-                inserted.append(db.upsert_verdicts(engine, shuffled[start:start + 100]))
-        except BaseException as exc:  # reported below
-            errors.append(exc)
+        for start in range(0, len(shuffled), 50):
+            inserted.append(db.upsert_verdicts(engine, shuffled[start:start + 100]))
 
-    threads = [threading.Thread(target=write, args=(seed,)) for seed in range(4)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=120)
+    errors = run_concurrently(write, range(4), timeout=120)
     assert errors == [] and sum(inserted) == 200 and db.count_rows(engine)["verdicts"] == 200
 
 
@@ -605,19 +597,8 @@ def test_one_model_version_is_active(engine: Engine) -> None:
 
 def test_concurrent_activations_leave_exactly_one_active(engine: Engine) -> None:
     versions = [f"{i:016x}" for i in range(6)]
-    errors: list[BaseException] = []
-
-    def activate(version: str) -> None:
-        try:
-            db.register_model_version(engine, version, {"arch": "clip"}, 0.5, {})
-        except BaseException as exc:  # reported by the assertion below
-            errors.append(exc)
-
-    threads = [threading.Thread(target=activate, args=(v,)) for v in versions]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=60)
+    errors = run_concurrently(lambda version: db.register_model_version(engine, version, {"arch": "clip"}, 0.5, {}),
+                              versions)
     assert errors == []
     with engine.connect() as conn:
         assert conn.execute(text("SELECT count(*) FROM model_versions WHERE active")).scalar_one() == 1

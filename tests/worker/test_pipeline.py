@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import threading
 import time
 
 import numpy as np
@@ -10,6 +9,7 @@ import pytest
 from PIL import Image
 from sqlalchemy import text
 
+from tests.helpers import run_concurrently
 from worker import db
 from worker.loading import make_loader
 from worker.model import ServedModel, load_model
@@ -227,19 +227,8 @@ def test_batches_in_flight_overlap_but_infer_one_at_a_time(make_processor, image
     processor, backend, _ = make_processor()
     batches = [[request(10 * b + i, source=uri(images / f"img{i}.png"), external_id=f"b{b}") for i in range(4)]
                for b in range(3)]
-    reports, errors = [], []
-
-    def run(batch):
-        try:
-            reports.append(processor.process(batch))
-        except Exception as exc:  # pragma: no cover - reported by the assert below
-            errors.append(exc)
-
-    threads = [threading.Thread(target=run, args=(batch,)) for batch in batches]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=60)
+    reports = []
+    errors = run_concurrently(lambda batch: reports.append(processor.process(batch)), batches)
     assert not errors and len(reports) == 3
     assert not backend.overlapped
     assert sum(r.inserted for r in reports) == 4 and sum(r.inferred for r in reports) >= 4
