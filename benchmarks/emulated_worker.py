@@ -10,22 +10,21 @@ from __future__ import annotations
 import os
 import sys
 
-import numpy as np
-
-from ppl_model.inference.preprocess import Preprocessing, normalise
-from ppl_model.model_dir import read_model_info
-from worker.model import ServedModel
-from worker.settings import Settings
-
 RATE_ENV, LATENCY_ENV, INPUT_SIZE_ENV = "BENCH_ACCELERATOR_RATE", "BENCH_ACCELERATOR_LATENCY_MS", "BENCH_INPUT_SIZE"
 
 
 def main() -> int:
+    # As ppl-worker run: OpenMP reads its wait policy when torch loads, so it is set before anything imports torch
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    import numpy as np
+
     from benchmarks.emulated_accelerator import EmulatedAccelerator
-    from worker import db, tasks
-    from worker.app import app
+    from ppl_model.inference.preprocess import Preprocessing, normalise
+    from ppl_model.model_dir import read_model_info
+    from worker import cli, db, tasks
+    from worker.model import ServedModel
     from worker.pipeline import BatchProcessor
+    from worker.settings import Settings
 
     settings = Settings.from_env()
     if settings.model_dir is None:
@@ -40,9 +39,7 @@ def main() -> int:
               accelerator.device)
     tasks.install_processor(BatchProcessor(settings, db.make_engine(settings.database_url), resend=tasks.resend,
                                            model_loader=lambda _: served))
-    argv = ["worker", "--queues", "detect", "--pool", "threads", "--concurrency", str(settings.batches_in_flight),
-            "--loglevel", settings.log_level]
-    return int(app.start(argv) or 0)
+    return cli.main(["run", "--queues", "detect"])  # the real worker's own start, with this processor
 
 
 if __name__ == "__main__":
