@@ -273,7 +273,7 @@ def measure_rescan(config: StorageBenchConfig, log: Log) -> dict[str, Any]:
             queued = drain.drained + redis_client.llen(DETECT_QUEUE)
             redis_client.delete(DETECT_QUEUE)
             with QueueDrain(redis_client, config.rescan_drain) as lpush_drain:
-                lpush_s, pushed = measure_lpush(engine, redis_client, app, config.rescan_chunk)
+                lpush_s, pushed = measure_lpush(engine, redis_client, app, config.rescan_chunk, NEW_VERSION)
             lpush_queued = lpush_drain.drained + redis_client.llen(DETECT_QUEUE)
         finally:
             engine.dispose()
@@ -299,30 +299,30 @@ def measure_rescan(config: StorageBenchConfig, log: Log) -> dict[str, Any]:
             "ratio": round(rate / lpush_rate, 3)}
 
 
-def measure_lpush(engine: Engine, redis_client: Any, app: Any, chunk: int) -> tuple[float, int]:
-    """The rescan's physical limit: the same messages (``DetectMessages``, from the same rows in the same
-    pages) pushed to the same queue by redis-py, one ``LPUSH`` per message, one pipeline per chunk. Only the
-    pipelines are timed (reading the rows and building the messages are not); (seconds, messages)."""
-    from worker.app import DETECT_QUEUE, detect_kwargs
+def measure_lpush(engine: Engine, redis_client: Any, app: Any, chunk: int, target: str) -> tuple[float, int]:
+    """The rescan's physical limit: the same messages (``DetectMessages`` from ``db.RescanPages``' rows, in the
+    same pages) pushed to the same queue by redis-py, one ``LPUSH`` per message, one pipeline per chunk. Only
+    the pipelines are timed (reading the pages and rendering the messages are not); (seconds, messages)."""
+    from worker.app import DETECT_QUEUE
     from worker.rescan import DetectMessages
 
     messages = DetectMessages(app)
+    pages = db.RescanPages(db.RescanFilters(), target, messages.body)
     seconds, pushed, cursor = 0.0, 0, 0
     while True:
         with engine.connect() as conn:
-            rows = conn.execute(text("SELECT id, source, external_id, metadata FROM verdicts WHERE id > :cursor "
-                                     "ORDER BY id LIMIT :chunk"), {"cursor": cursor, "chunk": chunk}).all()
+            rows = pages.page(conn, cursor, chunk)
         if not rows:
             return seconds, pushed
-        items = messages.build([detect_kwargs(r.source, r.external_id, r.metadata) for r in rows])
-        cursor = rows[-1].id
+        cursor = rows[-1][0]
+        items = messages.render(rows)
         started = time.perf_counter()
         with redis_client.pipeline(transaction=False) as pipe:
             for item in items:
                 pipe.lpush(DETECT_QUEUE, item)
             pipe.execute()
         seconds += time.perf_counter() - started
-        pushed += len(items)
+        pushed += len(rows)
 
 
 # ------------------------------------------------------------------------------------------ tables

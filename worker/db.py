@@ -29,15 +29,19 @@ from typing import Any, Final, TypedDict, cast
 
 import numpy as np
 from sqlalchemy import (
+    BigInteger,
     ColumnElement,
+    Integer,
     Table,
     Text,
     and_,
     any_,
     bindparam,
+    case,
     exists,
     func,
     literal,
+    literal_column,
     or_,
     select,
     text,
@@ -617,31 +621,28 @@ def _rescan_conditions(filters: RescanFilters, target_model_version: str, up_to_
                        candidate: NamedFromClause) -> list[ColumnElement[bool]]:
     """WHERE clauses selecting, per image, its latest verdict row when it matches the filters.
 
-    Written as anti-joins so each candidate row costs two probes of the (sha256, model_version) unique
-    index, and the caller's keyset on ``id`` walks the primary key: the work per page is proportional to
-    the rows it reads, never to the table. Measured on 202,500 verdicts (125,000 images, 62,500 stale): a
-    1,000-row page in 10-20 ms, all 63 pages in 1.2 s; selecting from the DISTINCT ON view instead sorts
-    the whole table for every page (310 ms a page, spilling to disk), a ``max(id)`` subquery form misleads
-    the planner's estimates into JIT compilation (120 ms a page).
+    Written as an anti-join so each candidate row costs one probe of the (sha256, model_version) unique index,
+    and the caller's keyset on ``id`` walks the primary key: the work per page is proportional to the rows it
+    reads, never to the table. Measured on 202,500 verdicts (125,000 images, 62,500 stale): a 1,000-row page in
+    10-20 ms, all 63 pages in 1.2 s; selecting from the DISTINCT ON view instead sorts the whole table for every
+    page (310 ms a page, spilling to disk), a ``max(id)`` subquery form misleads the planner's estimates into
+    JIT compilation (120 ms a page).
     """
     v = candidate
-    newer = verdicts.alias("newer")
-    # Each "no such row" test is a correlated scalar subquery (one probe of the sha256-led unique index per
-    # candidate), not NOT EXISTS: the planner turns NOT EXISTS into an anti-join whose inner side it may scan
-    # whole and materialise for every page (it did, for a target version with no verdicts yet: a sequential scan
-    # of the table per page).
-    conditions: list[ColumnElement[bool]] = [
-        select(literal(1)).where(newer.c.sha256 == v.c.sha256,
-                                 tuple_(newer.c.created_at, newer.c.id) > tuple_(v.c.created_at, v.c.id))
-        .limit(1).scalar_subquery().is_(None),
-    ]
+    other = verdicts.alias("other")
+    # A candidate is excluded by another verdict of the same image that is newer or, for a stale-only rescan,
+    # by the target version: one test over the image's few index entries, so one probe (two separate tests
+    # cost twice the index descents, half of a page's server time). The test is a correlated scalar subquery,
+    # not NOT EXISTS: the planner turns NOT EXISTS into an anti-join whose inner side it may scan whole and
+    # materialise for every page (it did, for a target version with no verdicts yet: a sequential scan of the
+    # table per page).
+    excluded = tuple_(other.c.created_at, other.c.id) > tuple_(v.c.created_at, v.c.id)
+    conditions: list[ColumnElement[bool]] = []
     if filters.stale_only:
-        judged = verdicts.alias("judged")
-        conditions += [
-            v.c.model_version != target_model_version,  # implied by the next line; cheap to test first
-            select(literal(1)).where(judged.c.sha256 == v.c.sha256, judged.c.model_version == target_model_version)
-            .limit(1).scalar_subquery().is_(None),
-        ]
+        excluded = or_(other.c.model_version == target_model_version, excluded)
+        conditions.append(v.c.model_version != target_model_version)  # implied by the probe; cheap to test first
+    conditions.append(select(literal(1)).where(other.c.sha256 == v.c.sha256, excluded)
+                      .limit(1).scalar_subquery().is_(None))
     if up_to_id is not None:
         conditions.append(v.c.id <= up_to_id)
     if filters.since is not None:
@@ -663,32 +664,76 @@ def _no_jit(conn: Connection) -> None:
     conn.execute(text("SET LOCAL jit = off"))
 
 
-def rescan_candidates(bind: Bind, filters: RescanFilters, target_model_version: str, after_id: int, limit: int,
-                      up_to_id: int | None = None) -> list[tuple[int, str, str | None, dict[str, Any] | None]]:
-    """The next page of images to re-judge: ``(verdict id, source, external_id, metadata)`` of each image's
-    latest verdict, for ids above ``after_id`` (the previous page's last id), in id order.
+@dataclass(frozen=True)
+class MessageBody:
+    """How a ``detect_image`` message carries its keyword arguments: the body is base64 of ``prefix`` + their
+    JSON + ``suffix``, and the display-only ``kwargsrepr`` header their JSON cut to ``repr_maxsize`` characters
+    (``worker.rescan.DetectMessages`` takes these from Celery's own message)."""
+
+    prefix: str
+    suffix: str
+    repr_maxsize: int
+
+
+# A candidate's detect_image keyword arguments as JSON text, keys in ``worker.app.detect_kwargs``'s order and
+# the unset ones left out; ``metadata`` is the stored JSON's own text, so nothing is parsed and re-encoded.
+_DETECT_KWARGS_JSON: Final = (
+    "'{\"source\": ' || to_json(v.source)::text"
+    " || CASE WHEN v.external_id IS NULL THEN '' ELSE ', \"external_id\": ' || to_json(v.external_id)::text END"
+    " || CASE WHEN v.metadata IS NULL OR jsonb_typeof(v.metadata) = 'null' THEN ''"
+    " ELSE ', \"metadata\": ' || v.metadata::text END || '}'")
+
+
+class RescanPages:
+    """The pages of one rescan: the images to re-judge, each as its latest verdict's ``(id, kwargsrepr as a JSON
+    string literal, base64 body)``, the parts of its ``detect_image`` message that depend on the row, in id
+    order, each page after the previous page's last id.
 
     Each image (sha256) appears once over all pages: only its latest verdict row qualifies. ``up_to_id``
     bounds the run to the verdicts that existed when it started (``RescanRun.max_verdict_id``); without it,
     a ``stale_only=False`` rescan would meet the verdicts it is itself producing.
+
+    The server builds the keyword arguments' JSON and its base64 body from the row's columns, and the rescan
+    adds the ids and the fixed text (``worker.rescan.DetectMessages``): rendering the keyword arguments in
+    Python (reading the row, JSON in and out, base64) cost more than the page query and the push together,
+    and the server does it while the rescan pushes the previous page. The statement is built once per run,
+    with the page's start and size as parameters, so a page costs no query compilation in SQLAlchemy and,
+    once the driver has prepared it, no planning on the server.
     """
-    if limit <= 0:
-        raise ValueError(f"limit must be positive, got {limit}")
-    v = verdicts.alias("v")
-    statement = (select(v.c.id, v.c.source, v.c.external_id, v.c.metadata)
-                 .where(v.c.id > after_id, *_rescan_conditions(filters, target_model_version, up_to_id, v))
-                 .order_by(v.c.id)
-                 .limit(limit))
-    with transaction(bind) as conn:
-        _no_jit(conn)
-        # Plain tuples from the driver's fetchall: SQLAlchemy's Row objects cost more than the query at 1,000
-        # rows a page (a rescan reads every stored verdict).
-        return [tuple(row) for row in conn.execute(statement).cursor.fetchall()]
+
+    def __init__(self, filters: RescanFilters, target_model_version: str, body: MessageBody,
+                 up_to_id: int | None = None):
+        if body.repr_maxsize < 3:
+            raise ValueError(f"repr_maxsize must be at least 3, got {body.repr_maxsize}")
+        v = verdicts.alias("v")
+        page = (select(v.c.id, literal_column(_DETECT_KWARGS_JSON, Text).label("kwargs_json"))
+                .where(v.c.id > bindparam("after_id", type_=BigInteger),
+                       *_rescan_conditions(filters, target_model_version, up_to_id, v))
+                .order_by(v.c.id)
+                .limit(bindparam("page_size", type_=Integer))
+                .subquery("page"))
+        kwargs_json = page.c.kwargs_json
+        shown = case((func.length(kwargs_json) <= body.repr_maxsize, kwargs_json),
+                     else_=func.left(kwargs_json, body.repr_maxsize - 3).concat("..."))
+        # PostgreSQL's base64 breaks lines every 76 characters; a message body is one line.
+        encoded = func.translate(func.encode(func.convert_to(
+            literal(body.prefix, Text).concat(kwargs_json).concat(literal(body.suffix, Text)), "UTF8"),
+            "base64"), "\n", "")
+        self._statement = select(page.c.id, func.to_json(shown).cast(Text), encoded).order_by(page.c.id)
+
+    def page(self, bind: Bind, after_id: int, limit: int) -> list[tuple[int, str, str]]:
+        """The next ``limit`` candidates after verdict id ``after_id``, in id order."""
+        if limit <= 0:
+            raise ValueError(f"limit must be positive, got {limit}")
+        with transaction(bind) as conn:
+            _no_jit(conn)
+            result = conn.execute(self._statement, {"after_id": after_id, "page_size": limit})
+            return [tuple(row) for row in result.cursor.fetchall()]
 
 
 def count_rescan_candidates(bind: Bind, filters: RescanFilters, target_model_version: str, after_id: int = 0,
                             up_to_id: int | None = None) -> int:
-    """How many images ``rescan_candidates`` would return over all pages after ``after_id`` (a progress
+    """How many images ``RescanPages`` would return over all pages after ``after_id`` (a progress
     total; one pass over the table, so call it once per run, not per page)."""
     v = verdicts.alias("v")
     statement = (select(func.count())

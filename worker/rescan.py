@@ -10,16 +10,17 @@ resume, which is harmless: verdict writes are idempotent.
 
 from __future__ import annotations
 
-import base64
-import json
 import logging
+import operator
 import os
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Final
 
+import numpy as np
 from celery import Celery
 from kombu import Producer
 from kombu.exceptions import ChannelError
@@ -28,7 +29,7 @@ from tqdm import tqdm
 from ppl_model.categories import Label, choices
 from ppl_model.model_dir import ModelDirError, read_model_info
 from worker import db
-from worker.app import DETECT_QUEUE, DETECT_TASK, DetectKwargs, detect_kwargs
+from worker.app import DETECT_QUEUE, DETECT_TASK
 from worker.errors import WorkerError
 from worker.settings import Settings
 
@@ -124,16 +125,8 @@ def _declared_length(channel: Any, queue: str) -> int:
         return 0
 
 
-def _kwargs_repr(kwargs: DetectKwargs, maxsize: int) -> str:
-    """What the ``kwargsrepr`` header shows (Flower, worker logs): ``repr``, cut at ``maxsize`` characters. The
-    values come from the database's text and JSON columns, so plain ``repr`` is safe, and it is 30 times
-    cheaper than Celery's ``saferepr``, which was a third of a rescan's time."""
-    text = repr(kwargs)
-    return text if len(text) <= maxsize else text[:maxsize - 3] + "..."
-
-
-# Placeholders in the reference message that DetectMessages cuts into a template: values that no real
-# message field can hold.
+# Placeholders in the reference message that DetectMessages cuts into a template: values that no
+# real message field can hold.
 _ID, _TAG = "\x01ppl-task-id\x01", "\x01ppl-delivery-tag\x01"
 _REPR, _BODY = "\x01ppl-kwargsrepr\x01", "\x01ppl-body\x01"
 _KWARGS: Final = {"\x01ppl-kwargs\x01": 0}
@@ -141,15 +134,18 @@ _KWARGS: Final = {"\x01ppl-kwargs\x01": 0}
 
 class DetectMessages:
     """The Redis list items of ``detect_image`` jobs, as ``app.send_task(DETECT_TASK, kwargs=...,
-    queue=DETECT_QUEUE)`` would push them, made from a template.
+    queue=DETECT_QUEUE)`` would push them, made from a template and the rows of ``db.RescanPages``.
 
-    The template is one reference message built once, by Celery's message factory
-    (``app.amqp.create_task_message``: protocol 2, JSON) wrapped in kombu's Redis envelope (base64 body,
-    ``delivery_info`` for the default exchange and the ``detect`` queue, priority 0, persistent), with
-    placeholders where each message differs: its task id (``id``, ``root_id``, ``correlation_id``), delivery
-    tag, ``kwargsrepr`` and body. A message is then the template's fixed text joined with those values: no
-    Celery or kombu call per message (they were 80 % of a rescan's CPU). ``tests/worker/test_rescan.py``
+    The template is one reference message built by Celery's message factory (``app.amqp.create_task_message``:
+    protocol 2, JSON) wrapped in kombu's Redis envelope (base64 body, ``delivery_info`` for the default
+    exchange and the ``detect`` queue, priority 0, persistent), with placeholders where each message differs:
+    its task id (``id``, ``root_id``, ``correlation_id``), delivery tag, ``kwargsrepr`` and body. The database
+    renders a row's ``kwargsrepr`` and body (``body`` says how); a message is then the template's fixed text
+    joined with those and two new ids: no Celery or kombu call per message. ``tests/worker/test_rescan.py``
     checks the result against what kombu publishes, and that the real worker judges the jobs.
+
+    One difference from ``send_task``: the display-only ``kwargsrepr`` header (worker logs, Flower) shows the
+    keyword arguments as JSON, not as Python's ``repr``, cut at the same length.
     """
 
     def __init__(self, app: Celery):
@@ -157,79 +153,70 @@ class DetectMessages:
         from kombu.utils.json import dumps as json_dumps
 
         amqp = app.amqp
-        self.maxsize: int = amqp.kwargsrepr_maxsize
         reference = amqp.create_task_message(_ID, DETECT_TASK, (), dict(_KWARGS), reply_to=app.thread_oid,
                                              argsrepr="()", kwargsrepr=_REPR)
         content_type, content_encoding, body = serialize(reference.body, serializer="json")
-        kwargs_json = json_dumps(_KWARGS)
-        self._body = tuple(part.encode() for part in str(body).split(kwargs_json))
-        if len(self._body) != 2:
+        body_parts = str(body).split(json_dumps(_KWARGS))
+        if len(body_parts) != 2:
             raise RuntimeError("unexpected Celery message body layout: the rescan's message template needs updating")
+        self.body = db.MessageBody(prefix=body_parts[0], suffix=body_parts[1], repr_maxsize=amqp.kwargsrepr_maxsize)
         properties = {**reference.properties, "delivery_mode": 2,
                       "delivery_info": {"exchange": "", "routing_key": DETECT_QUEUE}, "priority": 0,
                       "body_encoding": "base64", "delivery_tag": _TAG}
         envelope = json_dumps({"body": _BODY, "content-encoding": content_encoding, "content-type": content_type,
                                "headers": reference.headers, "properties": properties})
-        # The fixed text between placeholders, and which value follows each piece.
-        slots = {json_dumps(_ID)[1:-1]: "id", json_dumps(_TAG)[1:-1]: "tag", json_dumps(_REPR): "repr",
-                 json_dumps(_BODY)[1:-1]: "body"}
-        pieces: list[tuple[str, str | None]] = []
+        # The fixed text between placeholders, and which value follows each piece: the index of the value in
+        # (task id, delivery tag, kwargsrepr, body). The ids and the body sit inside JSON strings; kwargsrepr's
+        # value is the whole JSON string.
+        markers = {json_dumps(_ID)[1:-1]: 0, json_dumps(_TAG)[1:-1]: 1, json_dumps(_REPR): 2,
+                   json_dumps(_BODY)[1:-1]: 3}
+        pieces: list[tuple[str, int | None]] = []
         rest = envelope
         while rest:
-            found = [(rest.find(marker), marker) for marker in slots if marker in rest]
+            found = [(rest.find(marker), marker) for marker in markers if marker in rest]
             if not found:
                 pieces.append((rest, None))
                 break
             at, marker = min(found)
-            pieces.append((rest[:at], slots[marker]))
+            pieces.append((rest[:at], markers[marker]))
             rest = rest[at + len(marker):]
-        names = [slot for _, slot in pieces if slot]
-        if sorted(names) != sorted(["id", "id", "id", "tag", "repr", "body"]):
-            raise RuntimeError(f"unexpected kombu envelope layout {names}: the rescan's message template needs "
+        slots = [slot for _, slot in pieces if slot is not None]
+        if sorted(slots) != [0, 0, 0, 1, 2, 3]:
+            raise RuntimeError(f"unexpected kombu envelope layout {slots}: the rescan's message template needs "
                                "updating")
-        # One %-format over the fixed text, the values in slot order.
-        self._format = "".join(text.replace("%", "%%") + ("%s" if slot else "") for text, slot in pieces)
-        self._slots = tuple(names)
+        self._format = "".join(fixed.replace("%", "%%") + ("%s" if slot is not None else "") for fixed, slot in pieces)
+        self._values = operator.itemgetter(*slots)  # (id, tag, repr, body) -> the values in template order
 
-    def build(self, jobs: Sequence[DetectKwargs]) -> list[bytes]:
-        """One list item per job, in order, each with a new random (version 4) task id and delivery tag."""
-        # Task ids as kombu's uuid() makes them, from one os.urandom call per chunk: a call per id was 8 % of a
-        # rescan's time (each is a system call, and slow in a VM).
-        entropy = os.urandom(32 * len(jobs))
-        prefix, suffix = self._body
-        slots, fmt, maxsize, dumps, b64 = self._slots, self._format, self.maxsize, json.dumps, base64.b64encode
-        out = []
-        for i, kwargs in enumerate(jobs):
-            values = {"id": _uuid4(entropy, 32 * i), "tag": _uuid4(entropy, 32 * i + 16),
-                      "repr": dumps(_kwargs_repr(kwargs, maxsize)),
-                      "body": b64(prefix + dumps(kwargs).encode() + suffix).decode("ascii")}
-            out.append((fmt % tuple(values[slot] for slot in slots)).encode())
-        return out
+    def render(self, rows: Sequence[tuple[int, str, str]]) -> list[str]:
+        """One list item per ``db.RescanPages`` row, in order, each with a new random (version 4) task id and
+        delivery tag."""
+        ids = _uuid4s(2 * len(rows))
+        fmt, values = self._format, self._values
+        return [fmt % values((ids[2 * i], ids[2 * i + 1], shown, body)) for i, (_, shown, body) in enumerate(rows)]
 
 
-def _uuid4(entropy: bytes, at: int) -> str:
-    """``str(uuid.UUID(bytes=entropy[at:at + 16], version=4))``, without the UUID object."""
-    raw = bytearray(entropy[at:at + 16])
-    raw[6] = (raw[6] & 0x0F) | 0x40
-    raw[8] = (raw[8] & 0x3F) | 0x80
-    h = raw.hex()
-    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+def _uuid4s(count: int) -> list[str]:
+    """``count`` random version-4 UUIDs as kombu's ``uuid()`` writes them, from one ``os.urandom`` call (a call
+    per id was 8 % of a rescan's time: each is a system call, and slow in a VM) and formatted in numpy."""
+    raw = np.frombuffer(os.urandom(16 * count), np.uint8).reshape(count, 16).copy()
+    raw[:, 6] = (raw[:, 6] & 0x0F) | 0x40  # version 4
+    raw[:, 8] = (raw[:, 8] & 0x3F) | 0x80  # RFC 4122 variant
+    digits = np.frombuffer(raw.tobytes().hex().encode("ascii"), "S1").reshape(count, 32)
+    text = np.full((count, 36), b"-", "S1")
+    for start, stop, at in ((0, 8, 0), (8, 12, 9), (12, 16, 14), (16, 20, 19), (20, 32, 24)):
+        text[:, at:at + stop - start] = digits[:, start:stop]
+    return text.view("S36").ravel().astype(str).tolist()
 
 
-def publish_chunk(app: Celery, producer: Producer, jobs: list[DetectKwargs],
-                  messages: DetectMessages | None = None) -> None:
-    """Enqueue one ``detect_image`` message per keyword-argument dict with one ``LPUSH`` of the whole chunk.
-
-    The messages are those ``app.send_task(DETECT_TASK, kwargs=..., queue=DETECT_QUEUE)`` sends
-    (``DetectMessages``); one LPUSH of many items leaves them in the list as that many LPUSHes in the same
-    order would, so workers (which take from the other end) receive them in chunk order. If the push fails,
-    the caller has not recorded the chunk, so a resumed run enqueues it again (verdict writes are idempotent).
-    """
-    messages = messages or DetectMessages(app)
+def push_messages(app: Celery, producer: Producer, messages: Sequence[str]) -> None:
+    """Enqueue rendered ``detect_image`` messages (``DetectMessages``) with one ``LPUSH`` of the whole
+    chunk. One LPUSH of many items leaves them in the list as that many LPUSHes in the same order would, so
+    workers (which take from the other end) receive them in chunk order. If the push fails, the caller has
+    not recorded the chunk, so a resumed run enqueues it again (verdict writes are idempotent)."""
     producer.maybe_declare(app.amqp.queues[DETECT_QUEUE])  # a no-op after the first chunk on this channel
-    if jobs:
+    if messages:
         with producer.channel.conn_or_acquire() as client:  # the synchronous client kombu's own _put uses
-            client.lpush(DETECT_QUEUE, *messages.build(jobs))
+            client.lpush(DETECT_QUEUE, *messages)
 
 
 def run_rescan(settings: Settings, request: RescanRequest, *, app: Celery, progress: bool = False,
@@ -253,30 +240,37 @@ def run_rescan(settings: Settings, request: RescanRequest, *, app: Celery, progr
 
     try:
         messages = DetectMessages(app)
-        with app.producer_or_acquire() as producer:
+        pages = db.RescanPages(filters, target, messages.body, up_to_id)
+
+        def next_page(after_id: int, already: int) -> list[tuple[int, str, str]]:
+            size = settings.rescan_chunk if request.limit is None else min(settings.rescan_chunk,
+                                                                           request.limit - already)
+            if size <= 0:
+                return []
+            with engine.connect() as conn:
+                return pages.page(conn, after_id, size)
+
+        # The next page is read while this one is pushed and recorded: the page query runs on the database
+        # server, so the two overlap (the driver releases the GIL while it waits).
+        with (app.producer_or_acquire() as producer,
+              ThreadPoolExecutor(max_workers=1, thread_name_prefix="rescan-page") as reader):
             # The queue's length through the producer's own channel: a new broker connection per chunk (what
             # queue_length does) was 5 % of a rescan's time.
             depth = queue_length_fn or (lambda: _declared_length(producer.channel, DETECT_QUEUE))
-            while request.limit is None or result.enqueued < request.limit:
+            rows = next_page(cursor, result.enqueued)
+            while rows:
+                ahead = reader.submit(next_page, rows[-1][0], result.enqueued + len(rows))
                 while depth() > settings.rescan_max_queue:  # back-pressure
                     result.waits += 1
                     bar.set_postfix_str("waiting for the detect queue")
                     sleep(1.0)
-                size = settings.rescan_chunk
-                if request.limit is not None:
-                    size = min(size, request.limit - result.enqueued)
-                with engine.connect() as conn:
-                    rows = db.rescan_candidates(conn, filters, target, after_id=cursor, limit=size,
-                                                up_to_id=up_to_id)
-                if not rows:
-                    break
-                publish_chunk(app, producer, [detect_kwargs(source, external_id, metadata)
-                                              for _, source, external_id, metadata in rows], messages)
+                push_messages(app, producer, messages.render(rows))
                 cursor = rows[-1][0]
                 result.enqueued += len(rows)
                 with engine.begin() as conn:
                     db.update_rescan_run(conn, run_id, cursor=cursor, enqueued=result.enqueued, status="running")
                 bar.update(len(rows))
+                rows = ahead.result()
         result.status = "done" if request.limit is None or result.enqueued < request.limit else "paused"
     except BaseException:
         result.status = "paused"  # interrupted (Ctrl-C, broker or database gone): the next run resumes here

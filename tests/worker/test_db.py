@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import hashlib
+import json
 import random
 import subprocess
 import sys
@@ -635,13 +637,24 @@ def load(engine: Engine, verdict_row: MakeRow, dataset: dict[tuple[str, str], tu
 
 def all_candidates(engine: Engine, filters: RescanFilters, limit: int, target: str = NEW,
                    up_to_id: int | None = None) -> list[tuple[int, str, str | None, dict | None]]:
+    """Every page of ``db.RescanPages``, each row as (verdict id, source, external_id, metadata), read back from
+    the keyword arguments the database rendered into its message body."""
+    pages = db.RescanPages(filters, target, KWARGS_ONLY, up_to_id=up_to_id)
     out: list[tuple[int, str, str | None, dict | None]] = []
     after = 0
-    while page := db.rescan_candidates(engine, filters, target, after, limit, up_to_id=up_to_id):
+    while page := pages.page(engine, after, limit):
         assert len(page) <= limit
-        out += page
+        for row_id, shown, body in page:
+            (kwargs,) = json.loads(base64.b64decode(body))
+            assert set(kwargs) <= {"source", "external_id", "metadata"}
+            assert json.loads(json.loads(shown)) == kwargs  # kwargsrepr: the same JSON, short enough to be whole
+            out.append((row_id, kwargs["source"], kwargs.get("external_id"), kwargs.get("metadata")))
         after = page[-1][0]
     return out
+
+
+# A message body that is the keyword arguments alone, in a JSON list.
+KWARGS_ONLY = db.MessageBody(prefix="[", suffix="]", repr_maxsize=10_000)
 
 
 def expected_candidates(engine: Engine, dataset: dict[tuple[str, str], tuple[float, datetime]],
@@ -746,7 +759,9 @@ def test_rescan_filters_validate_and_round_trip_through_json() -> None:
         with pytest.raises(ValueError):
             RescanFilters(**bad)
     with pytest.raises(ValueError):
-        db.rescan_candidates(None, RescanFilters(), NEW, 0, 0)  # type: ignore[arg-type]
+        db.RescanPages(RescanFilters(), NEW, KWARGS_ONLY).page(None, 0, 0)  # type: ignore[arg-type]
+    with pytest.raises(ValueError):
+        db.RescanPages(RescanFilters(), NEW, db.MessageBody("[", "]", repr_maxsize=2))
 
 
 def test_rescan_runs_record_progress_and_resume(verdict_row: MakeRow, engine: Engine) -> None:

@@ -82,25 +82,29 @@ KWARGS_CASES = [
 
 
 def _normalised(message: dict) -> dict:
-    """A message with its per-message random values (task id, delivery tag) and sender identity replaced."""
+    """A message with its per-message random values (task id, delivery tag) and sender identity replaced, and
+    its base64 body decoded (the rescan's JSON may differ from kombu's in escapes and spacing, not in value)."""
     message = json.loads(json.dumps(message))
     tid = message["headers"]["id"]
     assert message["headers"]["root_id"] == message["properties"]["correlation_id"] == tid
     for where, key in (("headers", "id"), ("headers", "root_id"), ("headers", "origin"),
                        ("properties", "correlation_id"), ("properties", "delivery_tag")):
         message[where][key] = "-"
-    # The display-only kwargsrepr is the rescan's plain repr, not Celery's saferepr (checked on its own).
+    # The display-only kwargsrepr is JSON in the rescan's messages, Celery's saferepr in send_task's (checked
+    # on its own).
     del message["headers"]["kwargsrepr"]
+    message["body"] = json.loads(base64.b64decode(message["body"]))
     return message
 
 
-def test_rescan_messages_are_those_send_task_publishes(monkeypatch, redis_url):
-    """DetectMessages' template messages equal, field for field, what kombu publishes for app.send_task with the
-    same keyword arguments (captured before it reaches Redis), but for the random ids."""
+def test_rescan_messages_are_those_send_task_publishes(monkeypatch, engine, verdict_row, redis_url):
+    """The messages rendered from the rescan's template and the database's rows equal, field for field, what
+    kombu publishes for app.send_task with the same keyword arguments (captured before it reaches Redis), but
+    for the random ids and the display-only kwargsrepr."""
     from kombu.transport import redis as kombu_redis
 
     from worker.app import DETECT_TASK, detect_kwargs
-    from worker.rescan import DetectMessages, _kwargs_repr
+    from worker.rescan import DetectMessages
 
     published: list[tuple[str, dict]] = []
     monkeypatch.setattr(kombu_redis.Channel, "_put",
@@ -109,15 +113,28 @@ def test_rescan_messages_are_those_send_task_publishes(monkeypatch, redis_url):
     jobs = [detect_kwargs(**case) for case in KWARGS_CASES]
     for kwargs in jobs:
         app.send_task(DETECT_TASK, kwargs=kwargs, queue=DETECT_QUEUE)
-    built = DetectMessages(app).build(jobs)
-    assert [queue for queue, _ in published] == [DETECT_QUEUE] * len(jobs)
-    for (_, expected), item, kwargs in zip(published, built, jobs, strict=True):
-        ours = json.loads(item)
+    with engine.begin() as conn:
+        for version in ("old", "new"):
+            db.register_model_version(conn, version, {}, 0.5, {}, activate=version == "new")
+        db.upsert_verdicts(conn, [verdict_row(f"case{i}", "old", source=case["source"],
+                                              external_id=case.get("external_id"), metadata=case.get("metadata"))
+                                  for i, case in enumerate(KWARGS_CASES)])
+    messages = DetectMessages(app)
+    rows = messages.render(db.RescanPages(db.RescanFilters(), "new", messages.body).page(engine, 0, 100))
+    assert [queue for queue, _ in published] == [DETECT_QUEUE] * len(jobs) == [DETECT_QUEUE] * len(rows)
+    maxsize = app.amqp.kwargsrepr_maxsize
+    # upsert_verdicts stores rows in key order: match the rendered messages to the jobs by source.
+    by_source = {json.loads(base64.b64decode(json.loads(item)["body"]))[1]["source"]: item for item in rows}
+    for (_, expected), kwargs in zip(published, jobs, strict=True):
+        ours = json.loads(by_source[kwargs["source"]])
         assert _normalised(ours) == _normalised(expected)
-        assert ours["headers"]["kwargsrepr"] == _kwargs_repr(kwargs, app.amqp.kwargsrepr_maxsize)
-        assert len(ours["headers"]["kwargsrepr"]) <= app.amqp.kwargsrepr_maxsize
-    ids = [json.loads(item)["headers"]["id"] for item in built]
-    assert len(set(ids)) == len(ids) and all(str(uuid.UUID(i, version=4)) == i for i in ids)
+        shown = ours["headers"]["kwargsrepr"]
+        assert len(shown) <= maxsize
+        assert json.loads(shown) == kwargs if len(shown) < maxsize else shown.endswith("...")
+    ids = [json.loads(item)["headers"]["id"] for item in rows]
+    tags = [json.loads(item)["properties"]["delivery_tag"] for item in rows]
+    assert len(set(ids + tags)) == 2 * len(ids)
+    assert all(str(uuid.UUID(i, version=4)) == i for i in ids + tags)
 
 
 def test_the_broker_fetch_script_delivers_rescan_messages_as_detect_image_jobs(stored, database_url, redis_url):
