@@ -8,6 +8,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from ppl_model import reconstruct
+from ppl_model.categories import Backend, Precision
 from ppl_model.config import ConfigError, load_config
 from ppl_model.errors import PPLError
 from ppl_model.training.runner import run_training
@@ -27,14 +29,13 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _reconstruct(args: argparse.Namespace) -> int:
-    from ppl_model.reconstruct import ReconstructOptions, reconstruct_folder
-
-    options = ReconstructOptions(method=args.method, latent=args.latent, strength=args.strength, steps=args.steps,
-                                 guidance=args.guidance, mask=args.mask, seed=args.seed, batch_size=args.batch_size,
-                                 device=args.device, precision=args.precision, layout=args.layout,
-                                 generators=tuple(g for g in (args.generators or "").split(",") if g),
-                                 max_pixels=args.max_pixels)
-    report = reconstruct_folder(args.pipeline, args.images, args.out, options, progress=not args.no_progress)
+    options = reconstruct.ReconstructOptions(
+        method=args.method, latent=args.latent, strength=args.strength, steps=args.steps, guidance=args.guidance,
+        mask=args.mask, seed=args.seed, batch_size=args.batch_size, device=args.device, precision=args.precision,
+        layout=args.layout, generators=tuple(g for g in (args.generators or "").split(",") if g),
+        max_pixels=args.max_pixels)
+    report = reconstruct.reconstruct_folder(args.pipeline, args.images, args.out, options,
+                                            progress=not args.no_progress)
     rate = f" ({report.images_per_second:.3g} images/s)" if report.written else ""
     print(f"{report.written} reconstruction(s) written to {args.out}{rate}, {report.already_done} already there, "
           f"{len(report.skipped)} input(s) skipped ({report.layout} layout); report in {args.out}/reconstruct.json")
@@ -216,10 +217,10 @@ def build_parser() -> argparse.ArgumentParser:
                           "or a VAE folder itself), e.g. a copy of an SD 1.x inpainting checkpoint")
     rec.add_argument("--images", required=True, help="folder of real images (GenImage, real/ + fake/, or plain)")
     rec.add_argument("--out", required=True, help="output folder, outside --images (PNGs + reconstruct.json)")
-    rec.add_argument("--method", default="vae", choices=["vae", "inpaint"],
+    rec.add_argument("--method", default="vae", choices=reconstruct.METHODS,
                      help="vae: encode/decode through the pipeline's AutoencoderKL; inpaint: the inpainting pipeline "
                           "at --strength with an empty prompt, the paper's recipe (default vae)")
-    rec.add_argument("--latent", default="sample", choices=["sample", "mode"],
+    rec.add_argument("--latent", default="sample", choices=reconstruct.LATENTS,
                      help="vae: a latent drawn from the encoder's distribution (seeded per file) or its mode "
                           "(default sample)")
     rec.add_argument("--strength", type=float, default=0.25,
@@ -229,7 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
     rec.add_argument("--guidance", type=float, default=1.0,
                      help="inpaint: classifier-free guidance scale (default 1.0, i.e. off). With an empty prompt "
                           "guidance has nothing to steer towards: above 1 it only doubles the cost")
-    rec.add_argument("--mask", default="auto", choices=["auto", "keep", "repaint"],
+    rec.add_argument("--mask", default="auto", choices=reconstruct.MASKS,
                      help="inpaint: keep (all-black mask: the UNet sees the whole image, DRCT's choice) or repaint "
                           "(all-white); auto: keep on an inpainting UNet (9 input channels), repaint on a plain one, "
                           "where keep would paste the original latents back and reduce to a VAE round trip")
@@ -237,9 +238,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="combined with each file's relative path into that file's seed: reruns are bit-identical")
     rec.add_argument("--batch-size", type=int, default=8, help="images of the same size per forward pass (default 8)")
     rec.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
-    rec.add_argument("--precision", default="auto", choices=["auto", "fp32", "fp16", "bf16"],
+    rec.add_argument("--precision", default="auto", choices=reconstruct.PRECISIONS,
                      help="auto: fp16 on CUDA, fp32 on the CPU (fp16 and bf16 need CUDA)")
-    rec.add_argument("--layout", default="auto", choices=["auto", "genimage", "folders", "plain"],
+    rec.add_argument("--layout", default="auto", choices=reconstruct.LAYOUTS,
                      help="which images of --images are real: auto detects GenImage (<gen>/train/nature), folders "
                           "(real/, or train/real/) or plain (every image)")
     rec.add_argument("--generators", metavar="A,B",
@@ -261,7 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--robustness", action="store_true",
                           help="also under JPEG 95/75/60/30, Gaussian blur σ 1/2, downscale 0.5/0.75")
     evaluate.add_argument("--roc", type=Path, help="write the ROC curves as a PNG")
-    evaluate.add_argument("--backend", default="auto", choices=["auto", "tensorrt", "torch", "onnxruntime"])
+    evaluate.add_argument("--backend", default=Backend.AUTO, choices=list(Backend))
     evaluate.add_argument("--batch-size", type=int, default=64)
     evaluate.add_argument("--workers", type=int, default=4, help="decoding threads")
     evaluate.add_argument("--no-progress", action="store_true")
@@ -298,8 +299,8 @@ def build_parser() -> argparse.ArgumentParser:
     scan = commands.add_parser("scan", help="judge image files offline (no services needed)")
     scan.add_argument("paths", nargs="+", help="image files or folders (searched recursively)")
     scan.add_argument("--model", required=True, help="model directory")
-    scan.add_argument("--backend", default="auto", choices=["auto", "tensorrt", "torch", "onnxruntime"])
-    scan.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"], help="torch on CUDA")
+    scan.add_argument("--backend", default=Backend.AUTO, choices=list(Backend))
+    scan.add_argument("--precision", default=Precision.FP32, choices=list(Precision), help="torch on CUDA")
     scan.add_argument("--out", type=Path, help="FILE.jsonl or FILE.csv (default: JSON lines on stdout)")
     scan.add_argument("--tiles", type=int, default=1, help="judge up to this many crops per image")
     scan.add_argument("--aggregate", default="max", choices=["max", "mean"], help="how crops combine")

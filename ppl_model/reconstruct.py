@@ -43,6 +43,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+from ppl_model.categories import Precision
 from ppl_model.data.datasets import DataLayoutError, detect_layout
 from ppl_model.errors import PPLError
 from ppl_model.imageio import UnreadableImage, decode_rgb, list_images
@@ -50,7 +51,7 @@ from ppl_model.imageio import UnreadableImage, decode_rgb, list_images
 METHODS = ("vae", "inpaint")
 LATENTS = ("sample", "mode")
 MASKS = ("auto", "keep", "repaint")
-PRECISIONS = ("auto", "fp32", "fp16", "bf16")
+PRECISIONS = ("auto", *Precision)
 LAYOUTS = ("auto", "genimage", "folders", "plain")
 REPORT_NAME = "reconstruct.json"
 PARTIAL_SUFFIX = ".partial"  # temporary outputs: hidden and with no image suffix, so no reader lists them
