@@ -19,7 +19,7 @@ from ppl_model.inference.backends import choose_backend, load_backend
 from ppl_model.inference.base import BackendError, Prediction
 from ppl_model.inference.crops import tile_offsets
 from ppl_model.inference.export import LogitsOnly, export_onnx, onnx_version_id, verify_onnx
-from ppl_model.inference.preprocess import Preprocessing, aggregate, prepare
+from ppl_model.inference.preprocess import Preprocessing, aggregate, normalise, prepare
 from ppl_model.inference.scan import collect_files, scan
 from ppl_model.inference.verdict import make_verdict, make_verdicts
 from ppl_model.model_dir import load_model_dir, read_model_info, save_model_dir
@@ -108,6 +108,20 @@ def test_prepare_decodes_bytes_and_crops_without_resizing():
     assert (prepared.width, prepared.height, prepared.format) == (64, 40, "PNG")
     expected = np.asarray(image)[4:36, 0:32].astype(np.float32)
     np.testing.assert_allclose(prepared.crops[0].permute(1, 2, 0).numpy(), expected, atol=1e-3)
+
+
+def test_normalise_is_the_per_channel_standardisation_in_channel_first_order():
+    rng = np.random.default_rng(3)
+    crops = rng.integers(0, 256, (5, 7, 9, 3), dtype=np.uint8)
+    mean, std = (0.48, 0.46, 0.41), (0.27, 0.26, 0.28)
+    expected = (crops.astype(np.float64) / 255.0 - np.array(mean)) / np.array(std)
+    got = normalise(crops, mean, std)
+    assert got.dtype == torch.float32 and got.shape == (5, 3, 7, 9)
+    np.testing.assert_allclose(got.permute(0, 2, 3, 1).numpy(), expected, rtol=0, atol=2e-6)
+    # Another normalisation on the same device is not served from the first one's cached constants.
+    other = normalise(crops, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+    np.testing.assert_allclose(other.permute(0, 2, 3, 1).numpy(), crops / 127.5 - 1.0, rtol=0, atol=2e-6)
+    assert normalise(crops, mean, std, "meta").device.type == "meta"
 
 
 def test_aggregate_by_max_keeps_the_deciding_crop_and_by_mean_averages():

@@ -8,6 +8,7 @@ resized, as in training: smaller ones are padded with the normalisation mean.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,13 +59,23 @@ def to_tensor(img: Image.Image | np.ndarray, mean: tuple[float, ...], std: tuple
 def normalise(crops: np.ndarray, mean: tuple[float, ...], std: tuple[float, ...],
               device: str | torch.device = "cpu") -> torch.Tensor:
     """(N, H, W, 3) uint8 crops → normalised float (N, 3, H, W) on ``device``, in one vectorised pass. The
-    uint8 pixels move first, so a GPU receives a quarter of the bytes and does the arithmetic itself."""
+    uint8 pixels move first, so a GPU receives a quarter of the bytes and does the arithmetic itself.
+
+    ``(x / 255 - mean) / std`` as one fused multiply-add, ``x · 1/(255·std) + (-mean/std)``: one pass over the
+    pixels instead of three (half the time on the CPU), equal to the three-step form within float32 rounding."""
     # torch refuses to share a read-only array (a PIL image's) without a warning: copy that one (a crop's bytes)
     pixels = np.require(crops, dtype=np.uint8, requirements=["C_CONTIGUOUS", "WRITEABLE"])
-    tensor = torch.from_numpy(pixels).to(device).permute(0, 3, 1, 2).to(torch.float32) / 255.0
-    mean_t = torch.tensor(mean, dtype=torch.float32, device=device)[None, :, None, None]
-    std_t = torch.tensor(std, dtype=torch.float32, device=device)[None, :, None, None]
-    return (tensor - mean_t) / std_t
+    tensor = torch.from_numpy(pixels).to(device).permute(0, 3, 1, 2).to(torch.float32)
+    scale, shift = _affine(tuple(mean), tuple(std), str(torch.device(device)))
+    return torch.addcmul(shift, tensor, scale)
+
+
+@functools.lru_cache(maxsize=16)
+def _affine(mean: tuple[float, ...], std: tuple[float, ...], device: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The per-channel scale and shift of ``normalise``, made once per normalisation and device."""
+    scale = torch.tensor([1.0 / (255.0 * s) for s in std], dtype=torch.float32, device=device)
+    shift = torch.tensor([-m / s for m, s in zip(mean, std, strict=True)], dtype=torch.float32, device=device)
+    return scale[None, :, None, None], shift[None, :, None, None]
 
 
 class Prepared(NamedTuple):
