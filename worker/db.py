@@ -12,17 +12,20 @@ atomically:
 
 Two invariants the rest of the system relies on (docs/ARCHITECTURE.md):
 
-* ``verdicts`` holds at most one row per (image content sha256, model version) and every write is
-  ``INSERT ... ON CONFLICT DO NOTHING``, so a redelivered job never makes a second row or fails its batch.
+* ``verdicts`` holds at most one row per (image content sha256, model version), and a write of a row already
+  stored is skipped (a COPY that meets one is rolled back to its savepoint and its rows written with
+  ``INSERT ... ON CONFLICT DO NOTHING``), so a redelivered job never makes a second row or fails its batch.
 * The "latest verdict" of an image is its row with the greatest (created_at, id). The ``latest_verdicts``
   view and the queries here (written as ``NOT EXISTS (newer row)`` so they can use indexes) agree on it.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
-from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
+import weakref
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, fields
 from datetime import UTC, datetime
 from typing import Any, Final, TypedDict, cast
@@ -50,7 +53,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects.postgresql import ARRAY, JSONB
 from sqlalchemy.dialects.postgresql import insert as pg_insert
-from sqlalchemy.engine import Connection
+from sqlalchemy.engine import Connection, Transaction
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.sql.selectable import NamedFromClause
 
@@ -279,12 +282,20 @@ def _copy_rows(conn: Connection, statement: str, rows: Iterable[Sequence[Any]]) 
             for row in rows:
                 copy.write_row(row)
     except (psycopg.Error, UnicodeEncodeError) as exc:
-        orig = exc if isinstance(exc, psycopg.Error) else psycopg.DataError(f"unstorable text: {exc}")
-        invalidated = conn.dialect.is_disconnect(cast(Any, orig), conn.connection.dbapi_connection, None)
-        if invalidated:
-            conn.invalidate(orig)
-        raise DBAPIError.instance(statement, None, orig, psycopg.Error, connection_invalidated=invalidated,
-                                  dialect=conn.dialect) from exc
+        raise _dbapi_error(conn, statement, exc) from exc
+
+
+def _dbapi_error(conn: Connection, statement: str, exc: Exception) -> Exception:
+    """A driver error (or the ``UnicodeEncodeError`` of text psycopg could not encode, as a ``DataError``) as
+    SQLAlchemy's ``execute`` raises it: a ``DBAPIError``, the connection invalidated if it was lost."""
+    import psycopg
+
+    orig = exc if isinstance(exc, psycopg.Error) else psycopg.DataError(f"unstorable text: {exc}")
+    invalidated = conn.dialect.is_disconnect(cast(Any, orig), conn.connection.dbapi_connection, None)
+    if invalidated:
+        conn.invalidate(orig)
+    return DBAPIError.instance(statement, None, orig, psycopg.Error, connection_invalidated=invalidated,
+                               dialect=conn.dialect)
 
 
 def _json(value: Any) -> str | None:
@@ -295,11 +306,11 @@ def _json(value: Any) -> str | None:
 _VERDICT_COLUMNS: Final = ", ".join(_VERDICT_ROW_FIELDS)
 _COPY_VERDICTS: Final = f"COPY {STAGE_VERDICTS} (ord, {_VERDICT_COLUMNS}) FROM STDIN"
 # DELETE ... RETURNING empties the staging table as it reads it, so a second call in one transaction starts
-# from an empty one; the rows go in in staging order (key order), and the row count is the rows new.
+# from an empty one; the rows go in in staging order (key order), and the rows returned are the rows new.
 _INSERT_VERDICTS: Final = text(
     f"WITH batch AS (DELETE FROM {STAGE_VERDICTS} RETURNING *) "
     f"INSERT INTO verdicts ({_VERDICT_COLUMNS}) SELECT {_VERDICT_COLUMNS} FROM batch ORDER BY ord "
-    f"ON CONFLICT (sha256, model_version) DO NOTHING")
+    f"ON CONFLICT (sha256, model_version) DO NOTHING RETURNING id, sha256, model_version")
 _JSON_FIELDS: Final = tuple(name for name in _VERDICT_ROW_FIELDS if isinstance(verdicts.c[name].type, JSONB))
 
 
@@ -323,10 +334,159 @@ def _verdict_record(ord_: int, row: VerdictRow) -> tuple[Any, ...]:
     return (ord_, *verdict_copy_values(row))
 
 
+# ------------------------------------------------------------------------- direct COPY, staging as fallback
+#
+# A batch's verdicts, then its submissions, go by binary COPY straight into their tables, each COPY in a
+# savepoint: one pass over the rows, where staging them and moving them by INSERT ... SELECT took two (most of a
+# batch write's time; benchmarks/storage_bench.py). COPY checks what INSERT checks: unique indexes, CHECK
+# constraints, foreign keys, and the statement triggers (revision 0003's model-version check) fire as for INSERT.
+#
+# A row already stored (a redelivered job, a rescan racing a submit, two workers writing the same content) fails
+# the COPY with a unique violation. That is rare, since the pipeline answers content judged before from its
+# stored verdict without decoding it again; the savepoint is then rolled back, leaving the transaction as it was,
+# and the same rows take the staging path above (INSERT ... ON CONFLICT DO NOTHING). Rows go in key order either
+# way, and a COPY that meets another transaction's uncommitted row waits for it as an INSERT would. Binary COPY
+# does not carry every value as the text COPY of the staging path does (psycopg wraps an integer too large for a
+# smallint or integer column; a naive datetime has no binary timestamptz): such a batch takes the staging path
+# too, where the server judges the value as before.
+#
+# Verdict ids are drawn from the identity sequence before the COPY (COPY writes the ids it is given, to a
+# GENERATED ALWAYS column too), so that the transaction's submissions name their verdicts without looking them
+# up (``_written_ids``). Ids drawn for a COPY that is rolled back are never used: gaps, as a rolled-back INSERT
+# leaves.
+
+_SAVEPOINT: Final = "ppl_direct_copy"
+_WRITTEN: Final = "ppl_written_ids"  # key in a pooled connection's info: ids written by its transaction
+# One round trip: the savepoint, and the ids (the sequence looked up once, not for each row).
+_NEXT_VERDICT_IDS: Final = (f"SAVEPOINT {_SAVEPOINT}; "
+                            "SELECT nextval((SELECT pg_get_serial_sequence('verdicts', 'id')::regclass)) "
+                            "FROM generate_series(1, {count:d})")
+_DIRECT_VERDICT_COLUMNS: Final = ("id", *_VERDICT_ROW_FIELDS)
+_DIRECT_COPY_VERDICTS: Final = f"COPY verdicts ({', '.join(_DIRECT_VERDICT_COLUMNS)}) FROM STDIN (FORMAT BINARY)"
+_DIRECT_VERDICT_TYPES: Final = tuple(_column_type(verdicts, name).lower() for name in _DIRECT_VERDICT_COLUMNS)
+# psycopg's binary dumpers wrap an int too large for a smallint or integer column, where the server refuses it.
+_INT_BOUNDS: Final = {"smallint": 2**15, "integer": 2**31}
+_DIRECT_VERDICT_INTS: Final = tuple((index, _INT_BOUNDS[kind]) for index, kind in enumerate(_DIRECT_VERDICT_TYPES)
+                                    if kind in _INT_BOUNDS)
+
+
+@dataclass
+class _WrittenIds:
+    """The ids of the verdicts and failures one transaction wrote, by natural key."""
+
+    transaction: weakref.ref[Transaction]
+    verdicts: dict[tuple[str, str], int]  # (sha256, model version) -> verdicts.id
+    failures: dict[tuple[str, str], int]  # (source sha256, reason) -> detection_failures.id
+
+
+def _written_ids(conn: Connection) -> _WrittenIds:
+    """The ids the connection's current transaction has written, kept in the connection's info until another
+    transaction asks. The transaction is begun here if it was not: the direct COPY goes past SQLAlchemy, which
+    would otherwise neither know of it nor commit it. An id whose row a rolled-back savepoint took away makes its
+    submissions' COPY fail a foreign key, and the staging path then looks the answer up by its key."""
+    current = conn.get_transaction()
+    if current is None:
+        current = conn.begin()
+    info = conn.connection.info
+    written = info.get(_WRITTEN)
+    if written is None or written.transaction() is not current:
+        written = info[_WRITTEN] = _WrittenIds(weakref.ref(current), {}, {})
+    return cast(_WrittenIds, written)
+
+
+@functools.cache
+def _jsonb_text_dumper() -> type:
+    """A psycopg dumper of JSON text (``_json``'s, as the staging path sends it) as binary jsonb, used by the
+    direct COPY (``Copy.set_types``): the format's version byte, then the text."""
+    from psycopg import adapt, postgres, pq
+
+    class JsonbTextBinaryDumper(adapt.Dumper):
+        format = pq.Format.BINARY
+        oid = postgres.types["jsonb"].oid
+
+        def dump(self, obj: str) -> bytes:
+            return b"\x01" + obj.encode()
+
+    return JsonbTextBinaryDumper
+
+
+def _copy_direct(conn: Connection, prologue: str, statement: str, types: Sequence[str],
+                 records: Callable[[list[Any]], Iterable[Sequence[Any]]],
+                 retry_on: tuple[type[Exception], ...]) -> bool:
+    """In a savepoint, COPY (binary, ``statement`` of ``types``) ``records(rows)``, given the rows the
+    ``prologue`` returns (it starts with the SAVEPOINT, in the same round trip); the savepoint is released.
+
+    False when the savepoint was rolled back: the COPY met a ``retry_on`` error (a row already stored), or a value
+    binary COPY does not carry as the staging path's text does (``records`` raises ValueError for one it knows).
+    The transaction is then as before the call, and the caller writes the rows by the staging path. Any other
+    error is raised as ``_copy_rows`` raises it (a ``DBAPIError``; the transaction is left failed)."""
+    import psycopg
+
+    raw = conn.connection.driver_connection
+    assert raw is not None
+    try:
+        with raw.cursor() as cursor:
+            cursor.execute(prologue)
+            fetched: list[Any] = []
+            if cursor.nextset():
+                fetched = cursor.fetchall()
+            cursor.adapters.register_dumper(None, _jsonb_text_dumper())
+            with cursor.copy(statement) as copy:
+                copy.set_types(list(types))
+                for record in records(fetched):
+                    copy.write_row(record)
+            cursor.execute(f"RELEASE SAVEPOINT {_SAVEPOINT}")
+        return True
+    except psycopg.Error as exc:
+        if not isinstance(exc, retry_on):
+            raise _dbapi_error(conn, statement, exc) from exc
+    except UnicodeEncodeError as exc:  # unstorable text: the staging path would refuse it as well
+        raise _dbapi_error(conn, statement, exc) from exc
+    except (TypeError, ValueError, OverflowError):
+        pass  # a value binary COPY does not carry as text COPY does: the staging path lets the server judge it
+    try:
+        raw.execute(f"ROLLBACK TO SAVEPOINT {_SAVEPOINT}; RELEASE SAVEPOINT {_SAVEPOINT}")
+    except psycopg.Error as exc:
+        raise _dbapi_error(conn, f"ROLLBACK TO SAVEPOINT {_SAVEPOINT}", exc) from exc
+    return False
+
+
+def _direct_verdict_record(id_: int, row: VerdictRow) -> tuple[Any, ...]:
+    """The direct COPY's row of a verdict: its id, then ``verdict_copy_values``. ValueError for an integer its
+    column cannot hold (the server refuses it on the staging path; binary COPY would store it wrapped)."""
+    record = (id_, *verdict_copy_values(row))
+    for index, bound in _DIRECT_VERDICT_INTS:
+        value = record[index]
+        if value is not None and not -bound <= value < bound:
+            raise ValueError(f"{_DIRECT_VERDICT_COLUMNS[index]} {value} is out of its column's range")
+    return record
+
+
+def _copy_verdicts_direct(conn: Connection, keys: Sequence[tuple[str, str]],
+                          unique: Mapping[tuple[str, str], VerdictRow]) -> list[int] | None:
+    """The verdicts of ``keys`` (in that order) by direct COPY, with ids drawn from the sequence: their ids,
+    or None when the savepoint was rolled back (``_copy_direct``)."""
+    from psycopg.errors import InsufficientPrivilege, UniqueViolation
+
+    ids: list[int] = []
+
+    def records(fetched: list[Any]) -> Iterator[tuple[Any, ...]]:
+        ids.extend(row[0] for row in fetched)
+        for id_, key in zip(ids, keys, strict=True):
+            yield _direct_verdict_record(id_, unique[key])
+
+    # A role without USAGE on the sequence (docs/OPERATIONS.md asks for it) cannot draw ids: it still writes, by
+    # the staging path, rather than failing every batch.
+    written = _copy_direct(conn, _NEXT_VERDICT_IDS.format(count=len(keys)), _DIRECT_COPY_VERDICTS,
+                           _DIRECT_VERDICT_TYPES, records, (UniqueViolation, InsufficientPrivilege))
+    return ids if written else None
+
+
 def upsert_verdicts(bind: Bind, rows: Sequence[VerdictRow]) -> int:
-    """Insert verdicts with ``INSERT ... ON CONFLICT (sha256, model_version) DO NOTHING`` (the rows staged
-    by COPY, whatever their number); returns how many rows were new. Already-stored verdicts (a redelivered
-    job, a rescan racing a submit) are skipped, never an error. Within one call the first row of a key wins.
+    """Insert verdicts, skipping those already stored: by direct COPY, or where a row is already stored (a
+    redelivered job, a rescan racing a submit) by ``INSERT ... ON CONFLICT (sha256, model_version) DO NOTHING``
+    from the staging table (see above); never an error for a stored row. Returns how many rows were new. Within
+    one call the first row of a key wins.
 
     Rows go in key order: two workers inserting overlapping batches then take the unique-index entries in the
     same order, so one waits for the other instead of both deadlocking.
@@ -336,10 +496,18 @@ def upsert_verdicts(bind: Bind, rows: Sequence[VerdictRow]) -> int:
         unique.setdefault((row.sha256, row.model_version), row)
     if not unique:
         return 0
+    keys = sorted(unique)
     with transaction(bind) as conn:
+        written = _written_ids(conn)
+        ids = _copy_verdicts_direct(conn, keys, unique)
+        if ids is not None:
+            written.verdicts.update(zip(keys, ids, strict=True))
+            return len(keys)
         _ensure_staging(conn)
-        _copy_rows(conn, _COPY_VERDICTS, (_verdict_record(i, unique[key]) for i, key in enumerate(sorted(unique))))
-        return int(conn.execute(_INSERT_VERDICTS).rowcount)
+        _copy_rows(conn, _COPY_VERDICTS, (_verdict_record(i, unique[key]) for i, key in enumerate(keys)))
+        new = conn.execute(_INSERT_VERDICTS).all()
+        written.verdicts.update(((row.sha256, row.model_version), row.id) for row in new)
+        return len(new)
 
 
 def find_verdicts(bind: Bind, sha256s: Collection[str], model_version: str) -> dict[str, VerdictRow]:
@@ -404,6 +572,7 @@ def record_failures(bind: Bind, rows: Sequence[FailureRow]) -> None:
                "detail": row.detail[:MAX_FAILURE_DETAIL_CHARS], "attempts": attempts}
               for key, (row, attempts) in sorted(merged.items())]
     with transaction(bind) as conn:
+        written = _written_ids(conn).failures  # for the transaction's submissions (record_submissions)
         for chunk in _chunks(values, _rows_per_statement(len(values[0]))):
             statement = pg_insert(detection_failures).values(list(chunk))
             statement = statement.on_conflict_do_update(
@@ -412,7 +581,9 @@ def record_failures(bind: Bind, rows: Sequence[FailureRow]) -> None:
                       "last_seen": func.now(),
                       "detail": statement.excluded.detail,
                       "external_id": func.coalesce(statement.excluded.external_id, detection_failures.c.external_id)})
-            conn.execute(statement)
+            returning = statement.returning(detection_failures.c.id, detection_failures.c.source_sha256,
+                                            detection_failures.c.reason)
+            written.update(((row.source_sha256, row.reason), row.id) for row in conn.execute(returning))
 
 
 # --------------------------------------------------------------------------------------- submissions
@@ -451,24 +622,105 @@ _INSERT_SUBMISSIONS: Final = text(
     "ON CONFLICT (task_id) WHERE task_id IS NOT NULL DO NOTHING")
 
 
-def _submission_record(ord_: int, row: SubmissionRow) -> tuple[Any, ...]:
-    failure = row.failure
-    return (ord_, None if row.task_id is None else storable_text(row.task_id),
+def _submission_values(row: SubmissionRow) -> tuple[Any, ...]:
+    """task_id, external_id, source, metadata, received_at, outcome as both paths send them: text made
+    storable, JSON as text."""
+    return (None if row.task_id is None else storable_text(row.task_id),
             None if row.external_id is None else storable_text(row.external_id), storable_text(row.source),
-            _json(row.metadata), row.received_at, "verdict" if failure is None else "failure",
-            row.verdict[0] if row.verdict else None, row.verdict[1] if row.verdict else None,
-            # The key record_failures wrote the failure under (its source, escaped as stored).
-            None if failure is None else source_sha256(storable_text(failure.source)),
-            None if failure is None else str(failure.reason))
+            _json(row.metadata), row.received_at, "verdict" if row.failure is None else "failure")
+
+
+def _answer_key(row: SubmissionRow) -> tuple[str, str]:
+    """The key the answer was written under: the verdict's (sha256, model version), or the failure's (source
+    hash, reason) as ``record_failures`` wrote it (its source escaped as stored)."""
+    if row.failure is not None:
+        return source_sha256(storable_text(row.failure.source)), str(row.failure.reason)
+    assert row.verdict is not None
+    sha256, model_version = row.verdict
+    return sha256, model_version
+
+
+def _submission_record(ord_: int, row: SubmissionRow) -> tuple[Any, ...]:
+    """The staging row of a submission: ``ord``, ``_submission_values``, then the verdict's key and the
+    failure's key (the other's None)."""
+    key = _answer_key(row)
+    return (ord_, *_submission_values(row), *((None, None, *key) if row.failure is not None else (*key, None, None)))
+
+
+_DIRECT_SUBMISSION_COLUMNS: Final = ("task_id", "external_id", "source", "metadata", "received_at", "outcome",
+                                     "verdict_id", "failure_id")
+_DIRECT_COPY_SUBMISSIONS: Final = (f"COPY submissions ({', '.join(_DIRECT_SUBMISSION_COLUMNS)}) "
+                                   "FROM STDIN (FORMAT BINARY)")
+_DIRECT_SUBMISSION_TYPES: Final = tuple(_column_type(submissions, name).lower()
+                                        for name in _DIRECT_SUBMISSION_COLUMNS)
+# The ids of answers the transaction did not write itself (jobs answered by stored verdicts), in the savepoint's
+# round trip: one unique-index probe each, as in _INSERT_SUBMISSIONS. The keys are inlined as quoted literals
+# (the savepoint and the query go in one simple-protocol message, which takes no parameters).
+_LOOKUP_ANSWERS: Final = (
+    "SAVEPOINT " + _SAVEPOINT + "; "
+    "SELECT CASE WHEN k.verdict "
+    "THEN (SELECT v.id FROM verdicts v WHERE v.sha256 = k.a AND v.model_version = k.b) "
+    "ELSE (SELECT f.id FROM detection_failures f WHERE f.source_sha256 = k.a AND f.reason = k.b) END "
+    "FROM unnest({verdict}::boolean[], {a}::text[], {b}::text[]) WITH ORDINALITY AS k(verdict, a, b, ord) "
+    "ORDER BY k.ord")
+
+
+def _copy_submissions_direct(conn: Connection, rows: Sequence[SubmissionRow], written: _WrittenIds) -> int | None:
+    """The submissions by direct COPY (within the call, the first row of a task id wins), their answers' ids
+    from ``written`` or looked up by key: how many rows were written, or None when the savepoint was rolled back
+    (``_copy_direct``: a task id already stored, an answer id no longer there, or an answer not in the database,
+    which the staging path refuses as before)."""
+    from psycopg import sql
+    from psycopg.errors import ForeignKeyViolation, UniqueViolation
+
+    stored: list[tuple[tuple[Any, ...], bool, tuple[str, str]]] = []
+    task_ids: set[str] = set()
+    for row in rows:
+        values = _submission_values(row)
+        if values[0] is not None:
+            if values[0] in task_ids:
+                continue
+            task_ids.add(values[0])
+        stored.append((values, row.failure is None, _answer_key(row)))
+    missing = sorted({(is_verdict, key) for _, is_verdict, key in stored
+                      if key not in (written.verdicts if is_verdict else written.failures)})
+    prologue = f"SAVEPOINT {_SAVEPOINT}"
+    if missing:
+        raw = conn.connection.driver_connection
+        assert raw is not None
+        prologue = sql.SQL(_LOOKUP_ANSWERS).format(
+            verdict=sql.Literal([is_verdict for is_verdict, _ in missing]),
+            a=sql.Literal([key[0] for _, key in missing]),
+            b=sql.Literal([key[1] for _, key in missing])).as_string(raw)
+
+    def records(fetched: list[Any]) -> Iterator[tuple[Any, ...]]:
+        found = {answer: row[0] for answer, row in zip(missing, fetched, strict=True)}
+        for values, is_verdict, key in stored:
+            answer_id = (written.verdicts if is_verdict else written.failures).get(key)
+            if answer_id is None:
+                answer_id = found[(is_verdict, key)]
+            if answer_id is None:
+                raise ValueError("a submission's answer is not in the database")
+            yield (*values, answer_id, None) if is_verdict else (*values, None, answer_id)
+
+    if _copy_direct(conn, prologue, _DIRECT_COPY_SUBMISSIONS, _DIRECT_SUBMISSION_TYPES, records,
+                    (UniqueViolation, ForeignKeyViolation)):
+        return len(stored)
+    return None
 
 
 def record_submissions(bind: Bind, rows: Sequence[SubmissionRow]) -> int:
     """Insert one submission per answered job, after its verdict or failure row is written (in the same
-    transaction, so a job never has one without the other). A redelivered job (same task id) is not recorded
-    twice. Returns how many rows were new."""
+    transaction, so a job never has one without the other): by direct COPY, or where a task id is already
+    stored by ``INSERT ... ON CONFLICT (task_id) DO NOTHING`` from the staging table, as ``upsert_verdicts``
+    does. A redelivered job (same task id) is not recorded twice; within one call the first row of a task id
+    wins. Returns how many rows were new."""
     if not rows:
         return 0
     with transaction(bind) as conn:
+        written = _copy_submissions_direct(conn, rows, _written_ids(conn))
+        if written is not None:
+            return written
         _ensure_staging(conn)
         _copy_rows(conn, _COPY_SUBMISSIONS, (_submission_record(i, row) for i, row in enumerate(rows)))
         return int(conn.execute(_INSERT_SUBMISSIONS).rowcount)

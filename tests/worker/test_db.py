@@ -386,13 +386,16 @@ def test_a_thousand_rows_go_in_one_statement_and_a_repeat_inserts_nothing(verdic
     rows = [verdict_row(f"img{i}", NEW, score=(i % 100) / 100) for i in range(1000)]
     statements, stop = count_statements(engine)
     try:
+        # New rows travel by COPY straight into verdicts (not a SQLAlchemy statement): no INSERT at all.
         assert db.upsert_verdicts(engine, rows) == 1000
+        assert not [s for s in statements if "INSERT INTO VERDICTS" in s.upper()]
+        # A repeat meets stored rows: its COPY is rolled back to the savepoint, and the rows go by the session's
+        # staging table and one INSERT ... ON CONFLICT DO NOTHING.
+        assert db.upsert_verdicts(engine, rows) == 0
     finally:
         stop()
-    # The rows travel by COPY into the session's staging table (not a SQLAlchemy statement), then one INSERT.
     inserts = [s for s in statements if "INSERT INTO VERDICTS" in s.upper()]
     assert len(inserts) == 1 and "ON CONFLICT" in inserts[0].upper()
-    assert db.upsert_verdicts(engine, rows) == 0
     assert db.count_rows(engine)["verdicts"] == 1000
 
 
@@ -462,6 +465,258 @@ def test_duplicates_inside_one_call_are_written_once(verdict_row: MakeRow, engin
     assert db.upsert_verdicts(engine, [first, other, again, first]) == 2
     assert db.find_verdicts(engine, [sha_of("a")], NEW)[sha_of("a")].source == "https://x.example/first.jpg"
     assert db.upsert_verdicts(engine, []) == 0
+
+
+# --------------------------------------------------------------- direct COPY, and the staging path as fallback
+
+
+def stored_verdicts(engine: Engine, version: str) -> dict[str, dict[str, Any]]:
+    """Every column of the version's verdicts but id, model_version and created_at, by sha256."""
+    with engine.connect() as conn:
+        rows = conn.execute(text("SELECT * FROM verdicts WHERE model_version = :v"), {"v": version}).mappings()
+        return {row["sha256"]: {k: v for k, v in row.items() if k not in ("id", "model_version", "created_at")}
+                for row in rows}
+
+
+def count_commits(engine: Engine) -> tuple[list[int], Callable[[], None]]:
+    commits: list[int] = []
+
+    def record(conn: Any) -> None:
+        commits.append(1)
+
+    event.listen(engine, "commit", record)
+    return commits, lambda: event.remove(engine, "commit", record)
+
+
+def test_the_direct_copy_stores_what_the_staging_path_stores_with_ids_in_key_order(
+        verdict_row: MakeRow, engine: Engine) -> None:
+    register(engine, NEW, OLD)
+    provenance = _provenance(signer="Signer", generator="Gen")
+    rows = [verdict_row(f"d{i}", NEW, score=i / 5, metadata={"post": i, "tags": ["a", "é"]} if i % 2 else None)
+            for i in range(5)]
+    rows.append(dataclasses.replace(verdict_row("prov", NEW), provenance=provenance.to_json(), frames=3,
+                                    provenance_kind=provenance.strongest, declared_generator="Gen",
+                                    c2pa_state=C2paState.VALID, c2pa_signer="Signer"))
+    statements, stop = count_statements(engine)
+    try:
+        assert db.upsert_verdicts(engine, rows) == 6  # straight into verdicts: no INSERT statement at all
+    finally:
+        stop()
+    assert not [s for s in statements if "INSERT" in s.upper()]
+    # The same rows under another version by the staging path: one of them stored first makes the COPY fall back.
+    old = [dataclasses.replace(row, model_version=OLD) for row in rows]
+    assert db.upsert_verdicts(engine, old[:1]) == 1
+    assert db.upsert_verdicts(engine, old) == 5
+    assert stored_verdicts(engine, NEW) == stored_verdicts(engine, OLD)
+    with engine.connect() as conn:
+        ids = conn.execute(text("SELECT id FROM verdicts WHERE model_version = :v ORDER BY sha256"), {"v": NEW})
+        assert (found := [row.id for row in ids]) == sorted(found)  # drawn in one go, given in key order
+
+
+def test_a_batch_that_meets_a_stored_verdict_is_written_by_the_staging_path_in_the_same_transaction(
+        verdict_row: MakeRow, engine: Engine) -> None:
+    """The COPY is rolled back to its savepoint, the transaction goes on: the batch's other rows, and the
+    submissions answered by them and by the stored verdict, are written in it and committed once."""
+    register(engine, NEW)
+    stored = verdict_row("stored", NEW, source="https://x.example/first.jpg")
+    assert db.upsert_verdicts(engine, [stored]) == 1
+    again = dataclasses.replace(stored, source="https://x.example/second.jpg")
+    fresh = [verdict_row(f"fresh{i}", NEW) for i in range(3)]
+    now = datetime.now(UTC)
+    jobs = [db.SubmissionRow(f"t{i}", None, row.source, None, now, verdict=(row.sha256, NEW))
+            for i, row in enumerate([again, *fresh])]
+    statements, stop = count_statements(engine)
+    commits, stop_commits = count_commits(engine)
+    try:
+        with engine.begin() as conn:
+            assert db.upsert_verdicts(conn, [fresh[0], again, *fresh[1:]]) == 3
+            assert db.record_submissions(conn, jobs) == 4
+    finally:
+        stop()
+        stop_commits()
+    assert len([s for s in statements if "INSERT INTO VERDICTS" in s.upper()]) == 1  # the fallback
+    assert not [s for s in statements if "INSERT INTO SUBMISSIONS" in s.upper()]  # COPY: nothing conflicts there
+    assert len(commits) == 1
+    assert db.count_rows(engine)["verdicts"] == 4
+    assert db.find_verdicts(engine, [stored.sha256], NEW)[stored.sha256].source == "https://x.example/first.jpg"
+    found = {r["task_id"]: r["sha256"] for r in db.find_submissions(engine, task_ids=[j.task_id for j in jobs
+                                                                                     if j.task_id])}
+    assert found == {job.task_id: job.verdict[0] for job in jobs if job.verdict}
+
+
+def test_submissions_of_a_redelivered_job_fall_back_and_the_first_row_of_a_task_id_wins(
+        verdict_row: MakeRow, engine: Engine) -> None:
+    register(engine, NEW)
+    row = verdict_row("r", NEW)
+    now = datetime.now(UTC)
+
+    def job(task_id: str | None, source: str) -> db.SubmissionRow:
+        return db.SubmissionRow(task_id, None, source, None, now, verdict=(row.sha256, NEW))
+
+    with engine.begin() as conn:
+        assert db.upsert_verdicts(conn, [row]) == 1
+        # Within one call the first row of a task id wins; rows without one (from before revision 0002) all go.
+        assert db.record_submissions(conn, [job("a", "first"), job("b", "b"), job("a", "second"), job(None, "x"),
+                                            job(None, "y")]) == 4
+    with engine.begin() as conn:  # redelivered: b again, with a new job c; the COPY meets b and falls back
+        assert db.upsert_verdicts(conn, [row]) == 0
+        assert db.record_submissions(conn, [job("c", "c"), job("b", "b again")]) == 1
+    with engine.connect() as conn:
+        stored = conn.execute(text("SELECT task_id, source FROM submissions ORDER BY id")).all()
+    assert [tuple(s) for s in stored] == [("a", "first"), ("b", "b"), (None, "x"), (None, "y"), ("c", "c")]
+
+
+def test_answers_the_transaction_did_not_write_are_looked_up_by_key(verdict_row: MakeRow, engine: Engine) -> None:
+    """A job answered by a verdict stored earlier (or a failure recorded earlier) names it by its key: looked
+    up in the savepoint's round trip, whatever the key holds (quotes, braces, backslashes)."""
+    odd = "v'1\"{x},\\y"
+    register(engine, NEW, odd)
+    earlier = verdict_row("earlier", odd)
+    failure = FailureRow("https://x.example/it's {broken}", None, "corrupt", "truncated")
+    db.upsert_verdicts(engine, [earlier])
+    db.record_failures(engine, [failure])
+    new = verdict_row("new", NEW)
+    new_failure = FailureRow("https://x.example/other", None, "not_an_image", "HTML")
+    now = datetime.now(UTC)
+    jobs = [db.SubmissionRow("a", None, earlier.source, None, now, verdict=(earlier.sha256, odd)),
+            db.SubmissionRow("b", None, new.source, None, now, verdict=(new.sha256, NEW)),
+            db.SubmissionRow("c", None, failure.source, None, now, failure=failure),
+            db.SubmissionRow("d", None, new_failure.source, None, now, failure=new_failure)]
+    statements, stop = count_statements(engine)
+    try:
+        with engine.begin() as conn:
+            db.upsert_verdicts(conn, [new])
+            db.record_failures(conn, [new_failure])
+            assert db.record_submissions(conn, jobs) == 4
+    finally:
+        stop()
+    assert not [s for s in statements if "INSERT INTO SUBMISSIONS" in s.upper()]
+    by_task = {r["task_id"]: r for r in db.find_submissions(engine, task_ids=["a", "b", "c", "d"])}
+    assert (by_task["a"]["sha256"], by_task["a"]["model_version"]) == (earlier.sha256, odd)
+    assert by_task["b"]["sha256"] == new.sha256
+    assert (by_task["c"]["reason"], by_task["d"]["reason"]) == ("corrupt", "not_an_image")
+
+
+def test_the_direct_copy_is_held_to_the_model_version_check_and_the_foreign_keys(
+        verdict_row: MakeRow, engine: Engine) -> None:
+    """COPY fires revision 0003's statement trigger and the submissions' foreign keys as INSERT does."""
+    register(engine, NEW)
+    with pytest.raises(IntegrityError, match="fk_verdicts_model_version"):
+        db.upsert_verdicts(engine, [verdict_row("a", NEW), verdict_row("b", "never-registered")])
+    assert db.count_rows(engine)["verdicts"] == 0
+    # An answer this transaction wrote and then rolled back (the caller's nested transaction): its id, which the
+    # submissions' COPY would use, is gone, so the foreign key fails that COPY; the staging path then looks the
+    # answer up by its key, finds nothing and refuses the job, as it always has.
+    now = datetime.now(UTC)
+    row = verdict_row("gone", NEW)
+    failure = FailureRow("https://x.example/gone", None, "corrupt", "x")
+    for answer in ({"verdict": (row.sha256, NEW)}, {"failure": failure}):
+        with engine.begin() as conn:
+            nested = conn.begin_nested()
+            db.upsert_verdicts(conn, [row])
+            db.record_failures(conn, [failure])
+            nested.rollback()
+            with pytest.raises(IntegrityError, match="ck_submissions_one_answer"):
+                db.record_submissions(conn, [db.SubmissionRow("t", None, "s", None, now, **answer)])
+    assert db.count_rows(engine) == {"verdicts": 0, "failures": 0, "model_versions": 1, "rescan_runs": 0,
+                                     "submissions": 0}
+    # The COPY itself, given ids that name no row: each foreign key fails it, its savepoint is rolled back, and
+    # the transaction goes on.
+    db.upsert_verdicts(engine, [row])
+    db.record_failures(engine, [failure])
+    with engine.begin() as conn:
+        written = db._written_ids(conn)
+        written.verdicts[(row.sha256, NEW)] = written.failures[(db.source_sha256(failure.source), "corrupt")] = -1
+        for answer in ({"verdict": (row.sha256, NEW)}, {"failure": failure}):
+            job = db.SubmissionRow("t", None, "s", None, now, **answer)
+            assert db._copy_submissions_direct(conn, [job], written) is None
+        assert conn.execute(text("SELECT count(*) FROM submissions")).scalar() == 0
+
+
+def test_values_binary_copy_would_not_carry_take_the_staging_path(verdict_row: MakeRow, engine: Engine) -> None:
+    """psycopg's binary COPY would wrap an integer too large for its column, and has no timestamptz for a naive
+    datetime: such a batch goes by the staging path's text COPY, where the server judges it as it always has."""
+    from sqlalchemy.exc import DBAPIError
+
+    register(engine, NEW)
+    with pytest.raises(DBAPIError, match="out of range"):
+        db.upsert_verdicts(engine, [verdict_row("fine", NEW), verdict_row("huge", NEW, frames=2**31)])
+    assert db.count_rows(engine)["verdicts"] == 0
+    row = verdict_row("naive", NEW)
+    with engine.begin() as conn:
+        conn.execute(text("SET LOCAL TIME ZONE 'UTC'"))
+        db.upsert_verdicts(conn, [row])
+        naive = datetime(2025, 1, 2, 3, 4, 5)
+        assert db.record_submissions(conn, [db.SubmissionRow("n", None, "s", None, naive,
+                                                             verdict=(row.sha256, NEW))]) == 1
+    [found] = db.find_submissions(engine, task_ids=["n"])
+    assert found["received_at"] == naive.replace(tzinfo=UTC)
+
+
+def test_a_role_that_cannot_draw_verdict_ids_still_writes(verdict_row: MakeRow, engine: Engine,
+                                                          database_url: str) -> None:
+    """docs/OPERATIONS.md gives the workers' role USAGE on the sequences; one without it cannot draw the ids the
+    direct COPY needs, and writes by the staging path (identity defaults need no USAGE) instead of failing."""
+    from sqlalchemy.engine import make_url
+
+    register(engine, NEW)
+    role = f"ppl_test_role_{random.getrandbits(32):08x}"
+    database = make_url(database_url).database
+    with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+        conn.execute(text(f'CREATE ROLE "{role}" LOGIN'))
+        conn.execute(text(f'GRANT SELECT, INSERT, UPDATE ON ALL TABLES IN SCHEMA public TO "{role}"'))
+        conn.execute(text(f'GRANT TEMPORARY ON DATABASE "{database}" TO "{role}"'))
+    limited = db.make_engine(make_url(database_url).set(username=role).render_as_string(hide_password=False))
+    try:
+        row = verdict_row("limited", NEW)
+        with limited.begin() as conn:
+            assert db.upsert_verdicts(conn, [row]) == 1
+            assert db.record_submissions(conn, [db.SubmissionRow("t", None, row.source, None, datetime.now(UTC),
+                                                                 verdict=(row.sha256, NEW))]) == 1
+    finally:
+        limited.dispose()
+        with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+            conn.execute(text(f'DROP OWNED BY "{role}"'))
+            conn.execute(text(f'DROP ROLE "{role}"'))
+    assert db.count_rows(engine)["verdicts"] == db.count_rows(engine)["submissions"] == 1
+
+
+def test_hostile_submission_text_is_stored_escaped(verdict_row: MakeRow, engine: Engine) -> None:
+    register(engine, NEW)
+    row = verdict_row("r", NEW)
+    now = datetime.now(UTC)
+    with engine.begin() as conn:
+        db.upsert_verdicts(conn, [row])
+        assert db.record_submissions(conn, [db.SubmissionRow("t\x00", "e\ud800", "s\x00\udfff", None, now,
+                                                             verdict=(row.sha256, NEW))]) == 1
+    [found] = db.find_submissions(engine, task_ids=["t\\x00"])
+    assert (found["external_id"], found["source"]) == ("e\\ud800", "s\\x00\\udfff")
+
+
+def test_concurrent_overlapping_batch_writes_store_each_verdict_and_job_once(
+        verdict_row: MakeRow, engine: Engine) -> None:
+    """Workers writing overlapping batches (the same jobs, redelivered, in another order): verdicts then
+    submissions in one transaction each. Each verdict and each job is stored once, and no batch fails."""
+    register(engine, NEW)
+    rows = [verdict_row(f"race{i}", NEW) for i in range(120)]
+    now = datetime.now(UTC)
+    jobs = {row.sha256: db.SubmissionRow(f"task-{i}", None, row.source, None, now, verdict=(row.sha256, NEW))
+            for i, row in enumerate(rows)}
+    inserted: list[int] = []
+    recorded: list[int] = []
+
+    def write(seed: int) -> None:
+        shuffled = rows[:]
+        random.Random(seed).shuffle(shuffled)
+        for start in range(0, len(shuffled), 40):
+            batch = shuffled[start:start + 60]
+            with engine.begin() as conn:
+                inserted.append(db.upsert_verdicts(conn, batch))
+                recorded.append(db.record_submissions(conn, [jobs[row.sha256] for row in batch]))
+
+    errors = run_concurrently(write, range(4), timeout=120)
+    assert errors == [] and sum(inserted) == 120 and sum(recorded) == 120
+    assert db.count_rows(engine)["verdicts"] == db.count_rows(engine)["submissions"] == 120
 
 
 def test_writes_join_the_callers_transaction(verdict_row: MakeRow, engine: Engine) -> None:
