@@ -61,21 +61,22 @@ def normalise(crops: np.ndarray, mean: tuple[float, ...], std: tuple[float, ...]
     """(N, H, W, 3) uint8 crops → normalised float (N, 3, H, W) on ``device``, in one vectorised pass. The
     uint8 pixels move first, so a GPU receives a quarter of the bytes and does the arithmetic itself.
 
-    ``(x / 255 - mean) / std`` as one fused multiply-add, ``x · 1/(255·std) + (-mean/std)``: one pass over the
-    pixels instead of three (half the time on the CPU), equal to the three-step form within float32 rounding."""
+    ``(x / 255 - mean) / std`` as ``(x - 255·mean) · 1/(255·std)``, two in-place passes over the pixels instead
+    of three new tensors (about half the time on the CPU), equal within float32 rounding; a pixel of the mean's
+    own colour (the padding of ``crop_pixels``, where 255·mean is whole) still normalises to exactly 0."""
     # torch refuses to share a read-only array (a PIL image's) without a warning: copy that one (a crop's bytes)
     pixels = np.require(crops, dtype=np.uint8, requirements=["C_CONTIGUOUS", "WRITEABLE"])
     tensor = torch.from_numpy(pixels).to(device).permute(0, 3, 1, 2).to(torch.float32)
-    scale, shift = _affine(tuple(mean), tuple(std), str(torch.device(device)))
-    return torch.addcmul(shift, tensor, scale)
+    offset, scale = _affine(tuple(mean), tuple(std), str(torch.device(device)))
+    return tensor.sub_(offset).mul_(scale)
 
 
 @functools.lru_cache(maxsize=16)
 def _affine(mean: tuple[float, ...], std: tuple[float, ...], device: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """The per-channel scale and shift of ``normalise``, made once per normalisation and device."""
+    """The per-channel offset and scale of ``normalise``, made once per normalisation and device."""
+    offset = torch.tensor([255.0 * m for m in mean], dtype=torch.float32, device=device)
     scale = torch.tensor([1.0 / (255.0 * s) for s in std], dtype=torch.float32, device=device)
-    shift = torch.tensor([-m / s for m, s in zip(mean, std, strict=True)], dtype=torch.float32, device=device)
-    return scale[None, :, None, None], shift[None, :, None, None]
+    return offset[None, :, None, None], scale[None, :, None, None]
 
 
 class Prepared(NamedTuple):
