@@ -161,7 +161,17 @@ def _pcl_only_training(cfg: LossConfig, steps: int = 300) -> list[float]:
     """A tiny ViT trained on PCL alone for ``steps`` steps, on noise images whose patch labels say nothing about
     their content (embeddings cannot encode the label: the start of training). Half of each batch is "real"
     (all patches 0), half RPR-like composites (half the patches 1), so most pairs share a label. Returns the
-    mean patch-token cosine per step."""
+    mean patch-token cosine per step. On one thread: with several, a loaded machine changed the trajectory (a
+    CI run beside a demo saw a spike to 0.93 where a quiet run stays below the bound)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _pcl_only_steps(cfg, steps)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _pcl_only_steps(cfg: LossConfig, steps: int) -> list[float]:
     torch.manual_seed(0)
     detector = build_detector(ModelConfig(arch="clip", size="tiny", input_size=16, patch_size=4, finetune="full"))
     if cfg.pcl_projection and cfg.pcl_form != "paper":
