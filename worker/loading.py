@@ -19,9 +19,10 @@ Two implementations behind one protocol, chosen by ``PPL_DECODE_PROCESSES``:
   it: one process decodes on about one core's worth of Python.
 * ``ProcessLoader`` (N > 0): N decode processes, each a single-process executor that keeps the bytes it
   fetched, so a handle's ``decode`` runs where its bytes already are (a 12 MP photo is megabytes; its crop
-  is 150 kB) and nothing but sources, digests and crops crosses a pipe. They import neither torch nor
-  Celery. A decode process that dies (a decoder crash, the OOM killer) fails only the jobs it held, with
-  a transient reason so that they are retried, and is replaced.
+  is 150 kB) and nothing but sources, digests and crop shapes crosses a pipe: the crops themselves come back
+  through shared memory (``worker.crop_arena``). They import neither torch nor Celery. A decode process that
+  dies (a decoder crash, the OOM killer) fails only the jobs it held, with a transient reason so that they
+  are retried, and is replaced.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool, ProcessPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Protocol
 
 import numpy as np
@@ -45,6 +46,7 @@ import numpy as np
 from ppl_model.inference.crops import crop_pixels
 from ppl_model.provenance import Provenance, read_provenance
 from ppl_model.reasons import Reason
+from worker.crop_arena import ArenaWriter, CropArena
 from worker.decoding import decode_jpeg_region, decode_pixels
 from worker.settings import Settings, provenance_policy
 from worker.sources import SourceError, fetch_source
@@ -80,7 +82,7 @@ class Fetched:
 @dataclass(frozen=True)
 class Decoded:
     """An image's crops, ``(T, S, S, 3)`` uint8, and what its verdict row records; or why it could not be.
-    Picklable: decode processes send it back whole."""
+    Picklable: decode processes send it back (its crops through shared memory where there is room)."""
 
     width: int = 0
     height: int = 0
@@ -201,9 +203,14 @@ class ThreadLoader:
 
 # ---------------------------------------------------------------------------------------- processes
 
-# What each decode process holds: its settings (set once, by the initializer) and the bytes it fetched.
+# What each decode process holds: its settings (set once, by the initializer), the bytes it fetched and its
+# side of the crop arena it shares with the worker.
 _child_settings: Settings | None = None
 _child_data: dict[int, bytes] = {}
+_child_arena: ArenaWriter | None = None
+
+# Where a decode call puts its crops: (arena id, one slot per handle); None: in the reply, through the pipe.
+Placement = tuple[int, list[int]] | None
 
 
 def _child_init(settings: Settings, parent: int) -> None:
@@ -232,11 +239,35 @@ def _child_fetch(items: list[tuple[int, str]]) -> list[tuple[int, str, float, So
     return out
 
 
-def _child_decode(handles: list[int], spec: CropSpec) -> list[Decoded]:
+def _child_attach(arena_id: int, path: str, slot_bytes: int) -> None:
+    """Map the worker's new crop arena (it unlinks the file once this returns)."""
+    global _child_arena
+    if _child_arena is not None:
+        _child_arena.close()
+    _child_arena = ArenaWriter(arena_id, path, slot_bytes)
+
+
+def _child_decode(handles: list[int], spec: CropSpec, placement: Placement = None
+                  ) -> list[tuple[Decoded, tuple[int, ...] | None]]:
+    """Each handle's ``Decoded``, with the shape of its crops where they went to its arena slot instead (its
+    ``crops`` is then None)."""
     assert _child_settings is not None
-    return [decode_crops(_child_data[h], _child_settings, spec) if h in _child_data else
-            Decoded(error=SourceError(Reason.DECODER_DIED, "the decode process no longer holds these bytes"))
-            for h in handles]
+    arena = _child_arena if placement is not None and _child_arena is not None \
+        and _child_arena.arena_id == placement[0] else None
+    out: list[tuple[Decoded, tuple[int, ...] | None]] = []
+    for index, handle in enumerate(handles):
+        if handle not in _child_data:
+            out.append((Decoded(error=SourceError(Reason.DECODER_DIED, "the decode process no longer holds these "
+                                                                       "bytes")), None))
+            continue
+        decoded = decode_crops(_child_data[handle], _child_settings, spec)
+        shape = None
+        if arena is not None and placement is not None and decoded.crops is not None:
+            shape = arena.write(placement[1][index], decoded.crops)
+            if shape is not None:
+                decoded = replace(decoded, crops=None)
+        out.append((decoded, shape))
+    return out
 
 
 def _child_release(handles: list[int]) -> None:
@@ -257,6 +288,12 @@ class ProcessLoader:
         self._handles = itertools.count()
         self._next = itertools.count()
         self._lock = threading.Lock()
+        # Each process's crop arena, made on its first decode, with the executor it was made for. Slots for
+        # every batch in flight at once: a process gets at most a batch's share plus one image of each.
+        self._arenas: dict[int, tuple[ProcessPoolExecutor, CropArena]] = {}
+        self._arena_lock = threading.Lock()
+        self._arenas_off = False
+        self._slots = settings.batches_in_flight * (-(-settings.batch_size // processes) + 1)
 
     def _start(self) -> ProcessPoolExecutor:
         return ProcessPoolExecutor(max_workers=1, mp_context=self._context, initializer=_child_init,
@@ -280,7 +317,8 @@ class ProcessLoader:
             self._owner.update(zip(handles, owners, strict=True))
         chunks = _chunks(list(zip(handles, sources, strict=True)), owners, self._chunk(len(sources)))
         results: dict[int, Fetched] = {}
-        for owner, executor, items, future in self._submit(chunks, _child_fetch):
+        for owner, executor, items, future in self._submit([(owner, items, ()) for owner, items in chunks],
+                                                           _child_fetch):
             try:
                 for handle, digest, ms, error in future.result():
                     results[handle] = Fetched(handle, digest, ms, error)
@@ -293,17 +331,61 @@ class ProcessLoader:
     def decode(self, handles: Sequence[int], spec: CropSpec) -> list[Decoded]:
         with self._lock:
             owners = [self._owner[h] for h in handles]
+        slot_bytes = spec.tiles * spec.size * spec.size * 3
+        calls = []
+        for owner, items in _chunks(list(handles), owners, self._chunk(len(handles))):
+            arena = self._arena(owner, slot_bytes)
+            slots = arena.take(len(items)) if arena is not None else None
+            placement = (arena.id, slots) if arena is not None and slots is not None else None
+            calls.append((owner, items, (spec, placement), arena if placement else None, slots or []))
         results: dict[int, Decoded] = {}
-        chunks = _chunks(list(handles), owners, self._chunk(len(handles)))
-        for owner, executor, items, future in self._submit(chunks, _child_decode, spec):
+        submitted = self._submit([(owner, items, args) for owner, items, args, _, _ in calls], _child_decode)
+        for (owner, executor, items, future), (_, _, _, arena, slots) in zip(submitted, calls, strict=True):
             try:
-                for handle, decoded in zip(items, future.result(), strict=True):
+                for index, (handle, (decoded, shape)) in enumerate(zip(items, future.result(), strict=True)):
+                    if shape is not None and arena is not None:
+                        decoded = replace(decoded, crops=arena.read(slots[index], shape))
                     results[handle] = decoded
             except BrokenProcessPool as exc:
                 self._replace(owner, executor, exc)
                 for handle in items:
                     results[handle] = Decoded(error=_died(exc))
+            finally:
+                if arena is not None:
+                    arena.give_back(slots)
         return [results[h] for h in handles]
+
+    def _arena(self, owner: int, slot_bytes: int) -> CropArena | None:
+        """The crop arena of process ``owner`` for crops of ``slot_bytes``, made and mapped there on first use;
+        None where crops go through the pipe (no shared memory, or crops of another size still on their way)."""
+        with self._arena_lock:
+            executor = self._executors[owner]
+            current = self._arenas.get(owner)
+            if current is not None and current[0] is executor:
+                if current[1].slot_bytes == slot_bytes:
+                    return current[1]
+                if current[1].in_use:
+                    return None
+            if self._arenas_off:
+                return None
+            try:
+                arena = CropArena(slot_bytes, self._slots)
+            except OSError as exc:
+                log.warning("no shared memory for decoded crops (%s): they come back through the decode "
+                            "processes' pipes, at more CPU per image", exc)
+                self._arenas_off = True
+                return None
+            try:
+                executor.submit(_child_attach, arena.id, str(arena.path), slot_bytes).result()
+            except (BrokenProcessPool, RuntimeError, OSError) as exc:  # a dead process: the next decode replaces it
+                log.warning("decode process %d could not map its crop arena: %s", owner, exc)
+                arena.close()
+                return None
+            finally:
+                arena.unlink()
+            # A replaced arena may still have slots on their way back: it is closed when the last reference goes.
+            self._arenas[owner] = (executor, arena)
+            return arena
 
     def release(self, handles: Iterable[int]) -> None:
         by_owner: dict[int, list[int]] = {}
@@ -321,11 +403,17 @@ class ProcessLoader:
     def close(self) -> None:
         for executor in self._executors:
             executor.shutdown(wait=True, cancel_futures=True)
+        with self._arena_lock:
+            for _, arena in self._arenas.values():
+                arena.close()
+            self._arenas.clear()
 
-    def _submit(self, chunks: list[tuple[int, list]], function: Callable, *args: object
+    def _submit(self, calls: list[tuple[int, list, tuple]], function: Callable
                 ) -> list[tuple[int, ProcessPoolExecutor, list, Future]]:
+        """``function(items, *args)`` in process ``owner`` for each call; a future that failed to submit holds
+        ``BrokenProcessPool``."""
         submitted = []
-        for owner, items in chunks:
+        for owner, items, args in calls:
             executor = self._executors[owner]
             future: Future
             try:

@@ -18,6 +18,7 @@ from PIL import Image
 from ppl_model.imageio import decode_rgb
 from ppl_model.inference.preprocess import Preprocessing, normalise, prepare_image
 from ppl_model.reasons import Reason
+from worker import crop_arena
 from worker.loading import CropSpec, ProcessLoader, ThreadLoader
 from worker.settings import Settings
 
@@ -97,8 +98,96 @@ def test_a_decode_process_that_dies_fails_its_jobs_transiently_and_is_replaced(p
         result = loader.decode([again[0].handle], CropSpec(32, 1, (0.5, 0.5, 0.5)))
         loader.release([again[0].handle])
         assert again[0].error is None and result[0].error is None and result[0].crops is not None
+        executor, arena = loader._arenas[0]
+        assert executor is loader._executors[0] and arena.in_use == 0  # the new process has an arena of its own
     finally:
         loader.close()
+
+
+def _arena_files() -> set[str]:
+    return {p.name for p in crop_arena.SHM_DIR.glob(f"{crop_arena.FILE_PREFIX}{os.getpid()}-*")}
+
+
+def _decode_all(loader, paths, spec):
+    fetched = loader.fetch([p.as_uri() for p in paths])
+    try:
+        return loader.decode([f.handle for f in fetched], spec)
+    finally:
+        loader.release(f.handle for f in fetched)
+
+
+def test_crops_come_back_through_shared_memory_that_leaves_no_file(photos, monkeypatch):
+    reads = []
+    real_read = crop_arena.CropArena.read
+    monkeypatch.setattr(crop_arena.CropArena, "read", lambda self, slot, shape: reads.append(shape)
+                        or real_read(self, slot, shape))
+    paths = sorted(p for p in photos.iterdir() if p.name != "text.jpg")
+    spec = CropSpec(32, 4, (0.48, 0.46, 0.41))
+    settings = Settings.from_env({}, file_roots=(photos,), decode_threads=2)
+    expected = _decode_all(ThreadLoader(settings), paths, spec)
+    loader = ProcessLoader(settings, 2)
+    try:
+        decoded = _decode_all(loader, paths, spec)
+        assert len(reads) == len(paths)  # every crop came back by its slot, none through the pipe
+        assert all(arena.in_use == 0 for _, arena in loader._arenas.values())  # every slot given back
+        assert _arena_files() == set()  # unlinked once the decode processes had them mapped
+    finally:
+        loader.close()
+    for got, want in zip(decoded, expected, strict=True):
+        assert got.error is None and got.crops is not None and want.crops is not None
+        assert got.crops.dtype == np.uint8 and np.array_equal(got.crops, want.crops)
+
+
+def test_crops_go_through_the_pipe_when_no_slot_or_no_shared_memory_is_left(photos, monkeypatch, tmp_path, caplog):
+    paths = sorted(p for p in photos.iterdir() if p.name != "text.jpg")
+    spec = CropSpec(32, 1, (0.5, 0.5, 0.5))
+    settings = Settings.from_env({}, file_roots=(photos,), batch_size=1, batches_in_flight=1)
+    expected = _decode_all(ThreadLoader(settings), paths, spec)
+    reads = []
+    real_read = crop_arena.CropArena.read
+    monkeypatch.setattr(crop_arena.CropArena, "read", lambda self, slot, shape: reads.append(shape)
+                        or real_read(self, slot, shape))
+    loader = ProcessLoader(settings, 1)  # two slots: a call with three images cannot have them
+    try:
+        assert loader._slots == 2
+        decoded = _decode_all(loader, paths, spec)
+        assert reads == []
+    finally:
+        loader.close()
+    assert [d.crops.tobytes() for d in decoded] == [d.crops.tobytes() for d in expected]
+
+    monkeypatch.setattr(crop_arena, "SHM_DIR", tmp_path / "no-such-dir")
+    loader = ProcessLoader(settings, 1)
+    try:
+        decoded = _decode_all(loader, paths[:1], spec)
+        assert loader._arenas == {} and "no shared memory for decoded crops" in caplog.text
+    finally:
+        loader.close()
+    assert np.array_equal(decoded[0].crops, expected[0].crops)
+
+
+def test_crop_arena_hands_out_each_slot_once_and_checks_reads(tmp_path):
+    arena = crop_arena.CropArena(slot_bytes=12, slots=3, directory=tmp_path)
+    try:
+        first = arena.take(2)
+        assert first is not None and arena.take(2) is None and arena.in_use == 2
+        second = arena.take(1)
+        assert second is not None and not set(first) & set(second)
+        writer = crop_arena.ArenaWriter(arena.id, str(arena.path), 12)
+        arena.unlink()
+        assert list(tmp_path.iterdir()) == []  # the mappings keep the memory, not the file
+        crops = np.arange(12, dtype=np.uint8).reshape(1, 2, 2, 3)
+        assert writer.write(second[0], crops) == (1, 2, 2, 3)
+        assert writer.write(first[0], np.zeros((1, 3, 3, 3), np.uint8)) is None  # does not fit a slot
+        assert np.array_equal(arena.read(second[0], (1, 2, 2, 3)), crops)
+        with pytest.raises(ValueError):
+            arena.read(3, (1, 2, 2, 3))
+        writer.close()
+        arena.give_back(first + second)
+        assert arena.in_use == 0
+    finally:
+        arena.close()
+    assert arena.take(1) is None
 
 
 def test_a_jpeg_is_decoded_from_its_crop_region_and_other_formats_in_full(photos, monkeypatch):
