@@ -278,6 +278,7 @@ def test_compose_workers_run_ppl_worker_on_their_queues(compose):
     for name in WORKER_SERVICES:
         env = service_env(compose, name)
         assert env["PPL_MODEL_DIR"] == MODEL_MOUNT
+        assert int(services[name]["shm_size"].rstrip("m")) >= 256, f"{name}: room in /dev/shm for the crops"
         assert (MODEL_MOUNT, "ro") in {volume_parts(v)[1:] for v in services[name]["volumes"]}, (
             f"{name}: the model directory must be mounted read-only at {MODEL_MOUNT}")
     assert service_env(compose, "worker-cpu")["PPL_BACKEND"] in ("torch", "onnxruntime")
@@ -527,6 +528,10 @@ def test_k8s_gpu_worker(k8s):
     assert not parse_ppl_worker(preflight["args"], "k8s preflight").skip_model
     for key in ("image", "envFrom", "env", "volumeMounts", "resources"):
         assert preflight[key] == worker[key], f"the preflight's {key} differs from the worker's"
+    # decode processes hand crops back through /dev/shm: a memory volume, not the runtime's 64 MB default
+    (shm,) = [m["name"] for m in worker["volumeMounts"] if m["mountPath"] == "/dev/shm"]
+    (volume,) = [v for v in spec["volumes"] if v["name"] == shm]
+    assert volume["emptyDir"]["medium"] == "Memory"
     # the model, read-only, from a volume the kustomization defines
     (mount,) = [m for m in worker["volumeMounts"] if m["mountPath"] == MODEL_MOUNT]
     assert mount["readOnly"] is True
