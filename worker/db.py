@@ -28,7 +28,7 @@ import weakref
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, fields
 from datetime import UTC, datetime
-from typing import Any, Final, TypedDict, cast
+from typing import Any, Final, NamedTuple, TypedDict, cast
 
 import numpy as np
 from sqlalchemy import (
@@ -97,18 +97,36 @@ MAX_BIND_PARAMS: Final = 65535
 # ------------------------------------------------------------------------------------------ verdicts
 
 
-def quantise_patch_grid(grid: np.ndarray) -> tuple[bytes, int, int]:
+class PackedGrid(NamedTuple):
+    """A patch grid as ``verdicts`` stores it: ``quantise_patch_grid``'s bytes and the grid's shape."""
+
+    data: bytes
+    rows: int
+    cols: int
+
+
+def quantise_patch_grid(grid: np.ndarray) -> PackedGrid:
     """Patch probabilities as row-major uint8 ``round(p * 255)`` bytes (256 bytes for a 16×16 grid instead of
     1 kB of float32): the error is at most 1/510, far below anything a moderator or analyst reads into it."""
     array = np.asarray(grid, dtype=np.float64)
     if array.ndim != 2 or array.size == 0:
         raise ValueError(f"a patch grid must be a non-empty 2-D array, got shape {array.shape}")
+    return quantise_patch_grids(array[None])[0]
+
+
+def quantise_patch_grids(grids: np.ndarray) -> list[PackedGrid]:
+    """``quantise_patch_grid`` for a batch, ``(N, rows, cols)``, checked and rounded in one pass."""
+    array = np.asarray(grids, dtype=np.float64)
+    if array.ndim != 3 or array.shape[1] == 0 or array.shape[2] == 0:
+        raise ValueError(f"patch grids must be a non-empty (N, rows, cols) array, got shape {array.shape}")
     if not np.isfinite(array).all():
         raise ValueError("the patch grid holds NaN or infinite values")
-    if array.min() < 0.0 or array.max() > 1.0:
+    if array.size and (array.min() < 0.0 or array.max() > 1.0):
         raise ValueError(f"patch probabilities must lie in [0, 1], got [{array.min()}, {array.max()}]")
-    rows, cols = array.shape
-    return np.rint(array * 255.0).astype(np.uint8).tobytes(order="C"), int(rows), int(cols)
+    rows, cols = int(array.shape[1]), int(array.shape[2])
+    packed = np.rint(array * 255.0).astype(np.uint8).tobytes(order="C")
+    size = rows * cols
+    return [PackedGrid(packed[i * size:(i + 1) * size], rows, cols) for i in range(len(array))]
 
 
 def dequantise_patch_grid(data: bytes, rows: int, cols: int) -> np.ndarray:
@@ -155,7 +173,7 @@ class VerdictRow:
     frames: int | None = None  # frames the file holds; the first is judged
 
     @classmethod
-    def of(cls, verdict: Verdict, grid: np.ndarray, *, sha256: str, model_version: str, source: str,
+    def of(cls, verdict: Verdict, grid: np.ndarray | PackedGrid, *, sha256: str, model_version: str, source: str,
            external_id: str | None, metadata: dict[str, Any] | None, width: int, height: int, format: str,
            timings_ms: dict[str, float], ruling: Ruling | None = None, provenance: Provenance | None = None,
            frames: int | None = None) -> VerdictRow:
@@ -163,8 +181,9 @@ class VerdictRow:
         a verdict becomes a row, for the worker, its benchmarks and the tests alike. ``ruling`` (``decide``)
         gives the label and what decided it (default: the model's label); the score is the model's either way.
         The provenance's strings come from the file, so they are made storable here (NUL characters and
-        unpaired surrogates escaped, as ``storable_text`` does): a hostile file must not cost its verdict."""
-        packed, grid_rows, grid_cols = quantise_patch_grid(grid)
+        unpaired surrogates escaped, as ``storable_text`` does): a hostile file must not cost its verdict.
+        ``grid`` may come quantised already (``quantise_patch_grids``, a batch at once)."""
+        packed, grid_rows, grid_cols = grid if isinstance(grid, PackedGrid) else quantise_patch_grid(grid)
         manifest = provenance.c2pa if provenance is not None else None
         return cls(sha256=sha256, model_version=model_version, score=verdict.score,
                    label=ruling.label if ruling is not None else verdict.label,
@@ -174,13 +193,20 @@ class VerdictRow:
                    patch_frac_above=verdict.patch_frac_above, top_patch_row=verdict.top_patch_row,
                    top_patch_col=verdict.top_patch_col, patch_grid=packed, grid_rows=grid_rows, grid_cols=grid_cols,
                    timings_ms=timings_ms,
-                   provenance=_storable_json(provenance.to_json()) if provenance is not None else None,
+                   provenance=provenance_document(provenance) if provenance is not None else None,
                    decision=ruling.decision if ruling is not None else Decision.MODEL,
                    provenance_kind=provenance.strongest if provenance is not None else None,
                    declared_generator=_storable_or_none(provenance.declared_generator if provenance else ""),
                    c2pa_state=manifest.state if manifest is not None else None,
                    c2pa_signer=_storable_or_none(manifest.signer if manifest is not None else ""),
                    frames=frames)
+
+
+@functools.lru_cache(maxsize=1024)
+def provenance_document(provenance: Provenance) -> dict[str, Any]:
+    """The ``provenance`` column's document: ``to_json`` with every string storable. Cached, as most images carry
+    the same few (nothing found, one common generator's marks); rows share it, so it is never modified."""
+    return cast(dict[str, Any], _storable_json(provenance.to_json()))
 
 
 def _storable_or_none(value: str) -> str | None:
@@ -508,6 +534,18 @@ def upsert_verdicts(bind: Bind, rows: Sequence[VerdictRow]) -> int:
         new = conn.execute(_INSERT_VERDICTS).all()
         written.verdicts.update(((row.sha256, row.model_version), row.id) for row in new)
         return len(new)
+
+
+_JUDGED_CONTENT = text("SELECT sha256 FROM verdicts WHERE model_version = :version AND sha256 = ANY(:sha256s)")
+
+
+def judged_contents(bind: Bind, sha256s: Collection[str], model_version: str) -> set[str]:
+    """Which of these image contents this model version has a stored verdict for (``find_verdicts`` without the
+    rows: the worker only needs to know what not to decode)."""
+    if not sha256s:
+        return set()
+    with transaction(bind) as conn:
+        return set(conn.execute(_JUDGED_CONTENT, {"version": model_version, "sha256s": sorted(set(sha256s))}).scalars())
 
 
 def find_verdicts(bind: Bind, sha256s: Collection[str], model_version: str) -> dict[str, VerdictRow]:

@@ -329,10 +329,11 @@ class BatchProcessor:
                 item.decoded = origin.decoded
         report.cached = sum(1 for item in items if item.fetched.error is None and item.decoded is None)
         metrics.IMAGES.labels("cached").inc(report.cached)
+        fetch_seconds, decode_seconds = metrics.STAGE_SECONDS.labels("fetch"), metrics.STAGE_SECONDS.labels("decode")
         for item in items:
-            metrics.STAGE_SECONDS.labels("fetch").observe(item.fetched.fetch_ms / 1000)
+            fetch_seconds.observe(item.fetched.fetch_ms / 1000)
             if item.decoded is not None:
-                metrics.STAGE_SECONDS.labels("decode").observe(item.decoded.decode_ms / 1000)
+                decode_seconds.observe(item.decoded.decode_ms / 1000)
         return items
 
     def _judge(self, items: list[_Loaded], model: ServedModel, report: BatchReport) -> list[db.VerdictRow]:
@@ -359,7 +360,7 @@ class BatchProcessor:
         grids = np.concatenate([prediction.patch_prob for prediction in predictions])
         verdicts = make_verdicts(np.concatenate([prediction.image_prob for prediction in predictions]), grids,
                                  model.threshold)
-        for item, verdict, grid in zip(items, verdicts, grids, strict=True):
+        for item, verdict, grid in zip(items, verdicts, db.quantise_patch_grids(grids), strict=True):
             decoded = item.decoded
             assert decoded is not None
             # The label follows the provenance where it decides (a validating C2PA manifest declaring
@@ -389,7 +390,7 @@ class BatchProcessor:
 
     def _known(self, version: str, digests: set[str]) -> set[str]:
         with self.engine.connect() as conn:
-            return set(db.find_verdicts(conn, digests, version))
+            return db.judged_contents(conn, digests, version)
 
     def _write(self, rows: list[db.VerdictRow], failures: list[db.FailureRow],
                answered: list[db.SubmissionRow]) -> int:

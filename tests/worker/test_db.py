@@ -738,6 +738,10 @@ def test_find_verdicts_returns_the_stored_rows_of_one_version(verdict_row: MakeR
     assert found == {sha_of("a"): rows[0], sha_of("b"): rows[1]}
     assert db.find_verdicts(engine, [sha_of("a")], OLD) == {sha_of("a"): rows[2]}
     assert db.find_verdicts(engine, [], NEW) == {}
+    # the worker's key-only lookup agrees with the rows
+    assert db.judged_contents(engine, {sha_of("a"), sha_of("b"), sha_of("unknown")}, NEW) == {sha_of("a"), sha_of("b")}
+    assert db.judged_contents(engine, [sha_of("b"), sha_of("b")], OLD) == set()
+    assert db.judged_contents(engine, [], NEW) == set()
     with engine.connect() as conn:  # None is SQL NULL, not the JSON value null
         assert conn.execute(text("SELECT metadata IS NULL FROM verdicts WHERE sha256 = :s"),
                             {"s": sha_of("b")}).scalar_one()
@@ -765,6 +769,18 @@ def test_patch_grid_round_trip_is_within_half_a_quantisation_step(verdict_row: M
 def test_quantise_rejects_what_is_not_a_probability_grid(grid: np.ndarray) -> None:
     with pytest.raises(ValueError):
         db.quantise_patch_grid(grid)
+
+
+def test_a_batch_of_grids_quantises_as_each_grid_does() -> None:
+    grids = np.random.default_rng(1).random((5, 3, 4)).astype(np.float32)
+    grids[0, 0, 0], grids[1, 2, 3] = 0.0, 1.0
+    assert db.quantise_patch_grids(grids) == [db.quantise_patch_grid(grid) for grid in grids]
+    bad = grids.copy()
+    bad[3, 1, 1] = np.nan  # one bad grid fails the batch, as it would fail its own row
+    with pytest.raises(ValueError):
+        db.quantise_patch_grids(bad)
+    with pytest.raises(ValueError):
+        db.quantise_patch_grids(grids[0])
 
 
 def test_dequantise_rejects_a_wrong_size() -> None:
