@@ -954,17 +954,6 @@ def _no_jit(conn: Connection) -> None:
     conn.execute(text("SET LOCAL jit = off"))
 
 
-@dataclass(frozen=True)
-class MessageBody:
-    """How a ``detect_image`` message carries its keyword arguments: the body is base64 of ``prefix`` + their
-    JSON + ``suffix``, and the display-only ``kwargsrepr`` header their JSON cut to ``repr_maxsize`` characters
-    (``worker.rescan.DetectMessages`` takes these from Celery's own message)."""
-
-    prefix: str
-    suffix: str
-    repr_maxsize: int
-
-
 # A candidate's detect_image keyword arguments as JSON text, keys in ``worker.app.detect_kwargs``'s order and
 # the unset ones left out; ``metadata`` is the stored JSON's own text, so nothing is parsed and re-encoded.
 _DETECT_KWARGS_JSON: Final = (
@@ -976,25 +965,27 @@ _DETECT_KWARGS_JSON: Final = (
 
 class RescanPages:
     """The pages of one rescan: the images to re-judge, each as its latest verdict's ``(id, kwargsrepr as a JSON
-    string literal, base64 body)``, the parts of its ``detect_image`` message that depend on the row, in id
-    order, each page after the previous page's last id.
+    string literal, keyword arguments as JSON)``, the parts of its ``detect_image`` message that depend on the
+    row, in id order, each page after the previous page's last id.
 
     Each image (sha256) appears once over all pages: only its latest verdict row qualifies. ``up_to_id``
     bounds the run to the verdicts that existed when it started (``RescanRun.max_verdict_id``); without it,
     a ``stale_only=False`` rescan would meet the verdicts it is itself producing.
 
-    The server builds the keyword arguments' JSON and its base64 body from the row's columns, and the rescan
-    adds the ids and the fixed text (``worker.rescan.DetectMessages``): rendering the keyword arguments in
-    Python (reading the row, JSON in and out, base64) cost more than the page query and the push together,
-    and the server does it while the rescan pushes the previous page. The statement is built once per run,
+    The server builds the keyword arguments' JSON (and its ``kwargsrepr``, cut at ``repr_maxsize`` characters)
+    from the row's columns, and the rescan adds the base64 body, the ids and the fixed text
+    (``worker.rescan.DetectMessages``): rendering the keyword arguments in Python (reading the row, JSON in and
+    out) cost more than the page query and the push together, and the server does it while the rescan pushes
+    the previous page; base64, by contrast, costs the server four times what it costs Python's
+    ``binascii``, so it stays on the client. The statement is built once per run,
     with the page's start and size as parameters, so a page costs no query compilation in SQLAlchemy and,
     once the driver has prepared it, no planning on the server.
     """
 
-    def __init__(self, filters: RescanFilters, target_model_version: str, body: MessageBody,
+    def __init__(self, filters: RescanFilters, target_model_version: str, repr_maxsize: int,
                  up_to_id: int | None = None):
-        if body.repr_maxsize < 3:
-            raise ValueError(f"repr_maxsize must be at least 3, got {body.repr_maxsize}")
+        if repr_maxsize < 3:
+            raise ValueError(f"repr_maxsize must be at least 3, got {repr_maxsize}")
         v = verdicts.alias("v")
         page = (select(v.c.id, literal_column(_DETECT_KWARGS_JSON, Text).label("kwargs_json"))
                 .where(v.c.id > bindparam("after_id", type_=BigInteger),
@@ -1003,13 +994,9 @@ class RescanPages:
                 .limit(bindparam("page_size", type_=Integer))
                 .subquery("page"))
         kwargs_json = page.c.kwargs_json
-        shown = case((func.length(kwargs_json) <= body.repr_maxsize, kwargs_json),
-                     else_=func.left(kwargs_json, body.repr_maxsize - 3).concat("..."))
-        # PostgreSQL's base64 breaks lines every 76 characters; a message body is one line.
-        encoded = func.translate(func.encode(func.convert_to(
-            literal(body.prefix, Text).concat(kwargs_json).concat(literal(body.suffix, Text)), "UTF8"),
-            "base64"), "\n", "")
-        self._statement = select(page.c.id, func.to_json(shown).cast(Text), encoded).order_by(page.c.id)
+        shown = case((func.length(kwargs_json) <= repr_maxsize, kwargs_json),
+                     else_=func.left(kwargs_json, repr_maxsize - 3).concat("..."))
+        self._statement = select(page.c.id, func.to_json(shown).cast(Text), kwargs_json).order_by(page.c.id)
 
     def page(self, bind: Bind, after_id: int, limit: int) -> list[tuple[int, str, str]]:
         """The next ``limit`` candidates after verdict id ``after_id``, in id order."""

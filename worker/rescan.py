@@ -14,6 +14,7 @@ import logging
 import operator
 import os
 import time
+from binascii import b2a_base64
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -140,7 +141,8 @@ class DetectMessages:
     protocol 2, JSON) wrapped in kombu's Redis envelope (base64 body, ``delivery_info`` for the default
     exchange and the ``detect`` queue, priority 0, persistent), with placeholders where each message differs:
     its task id (``id``, ``root_id``, ``correlation_id``), delivery tag, ``kwargsrepr`` and body. The database
-    renders a row's ``kwargsrepr`` and body (``body`` says how); a message is then the template's fixed text
+    renders a row's ``kwargsrepr`` and keyword arguments, the body is their base64 between the template's fixed
+    prefix and suffix; a message is then the template's fixed text
     joined with those and two new ids: no Celery or kombu call per message. ``tests/worker/test_rescan.py``
     checks the result against what kombu publishes, and that the real worker judges the jobs.
 
@@ -159,7 +161,9 @@ class DetectMessages:
         body_parts = str(body).split(json_dumps(_KWARGS))
         if len(body_parts) != 2:
             raise RuntimeError("unexpected Celery message body layout: the rescan's message template needs updating")
-        self.body = db.MessageBody(prefix=body_parts[0], suffix=body_parts[1], repr_maxsize=amqp.kwargsrepr_maxsize)
+        # The body is base64 of prefix + the keyword arguments' JSON + suffix; kwargsrepr is cut at this length.
+        self._body_prefix, self._body_suffix = body_parts
+        self.repr_maxsize: int = amqp.kwargsrepr_maxsize
         properties = {**reference.properties, "delivery_mode": 2,
                       "delivery_info": {"exchange": "", "routing_key": DETECT_QUEUE}, "priority": 0,
                       "body_encoding": "base64", "delivery_tag": _TAG}
@@ -191,8 +195,10 @@ class DetectMessages:
         """One list item per ``db.RescanPages`` row, in order, each with a new random (version 4) task id and
         delivery tag."""
         ids = _uuid4s(2 * len(rows))
-        fmt, values = self._format, self._values
-        return [fmt % values((ids[2 * i], ids[2 * i + 1], shown, body)) for i, (_, shown, body) in enumerate(rows)]
+        fmt, values, prefix, suffix = self._format, self._values, self._body_prefix, self._body_suffix
+        return [fmt % values((ids[2 * i], ids[2 * i + 1], shown,
+                              b2a_base64(f"{prefix}{kwargs}{suffix}".encode(), newline=False).decode("ascii")))
+                for i, (_, shown, kwargs) in enumerate(rows)]
 
 
 def _uuid4s(count: int) -> list[str]:
@@ -240,7 +246,7 @@ def run_rescan(settings: Settings, request: RescanRequest, *, app: Celery, progr
 
     try:
         messages = DetectMessages(app)
-        pages = db.RescanPages(filters, target, messages.body, up_to_id)
+        pages = db.RescanPages(filters, target, messages.repr_maxsize, up_to_id)
 
         def next_page(after_id: int, already: int) -> list[tuple[int, str, str]]:
             size = settings.rescan_chunk if request.limit is None else min(settings.rescan_chunk,
