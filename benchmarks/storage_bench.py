@@ -307,7 +307,7 @@ def measure_lpush(engine: Engine, redis_client: Any, app: Any, chunk: int, targe
     from worker.rescan import DetectMessages
 
     messages = DetectMessages(app)
-    pages = db.RescanPages(db.RescanFilters(), target, messages.repr_maxsize)
+    pages = db.RescanPages(db.RescanFilters(), target)
     seconds, pushed, cursor = 0.0, 0, 0
     while True:
         with engine.connect() as conn:

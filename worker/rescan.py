@@ -19,6 +19,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
+from json.encoder import encode_basestring
 from typing import Any, Final
 
 import numpy as np
@@ -141,8 +142,8 @@ class DetectMessages:
     protocol 2, JSON) wrapped in kombu's Redis envelope (base64 body, ``delivery_info`` for the default
     exchange and the ``detect`` queue, priority 0, persistent), with placeholders where each message differs:
     its task id (``id``, ``root_id``, ``correlation_id``), delivery tag, ``kwargsrepr`` and body. The database
-    renders a row's ``kwargsrepr`` and keyword arguments, the body is their base64 between the template's fixed
-    prefix and suffix; a message is then the template's fixed text
+    renders a row's keyword arguments as JSON; ``kwargsrepr`` is that text cut to Celery's length, the body its
+    base64 between the template's fixed prefix and suffix; a message is then the template's fixed text
     joined with those and two new ids: no Celery or kombu call per message. ``tests/worker/test_rescan.py``
     checks the result against what kombu publishes, and that the real worker judges the jobs.
 
@@ -164,6 +165,8 @@ class DetectMessages:
         # The body is base64 of prefix + the keyword arguments' JSON + suffix; kwargsrepr is cut at this length.
         self._body_prefix, self._body_suffix = body_parts
         self.repr_maxsize: int = amqp.kwargsrepr_maxsize
+        if self.repr_maxsize < 3:
+            raise ValueError(f"kwargsrepr_maxsize must be at least 3, got {self.repr_maxsize}")
         properties = {**reference.properties, "delivery_mode": 2,
                       "delivery_info": {"exchange": "", "routing_key": DETECT_QUEUE}, "priority": 0,
                       "body_encoding": "base64", "delivery_tag": _TAG}
@@ -191,14 +194,16 @@ class DetectMessages:
         self._format = "".join(fixed.replace("%", "%%") + ("%s" if slot is not None else "") for fixed, slot in pieces)
         self._values = operator.itemgetter(*slots)  # (id, tag, repr, body) -> the values in template order
 
-    def render(self, rows: Sequence[tuple[int, str, str]]) -> list[str]:
+    def render(self, rows: Sequence[tuple[int, str]]) -> list[str]:
         """One list item per ``db.RescanPages`` row, in order, each with a new random (version 4) task id and
         delivery tag."""
         ids = _uuid4s(2 * len(rows))
         fmt, values, prefix, suffix = self._format, self._values, self._body_prefix, self._body_suffix
-        return [fmt % values((ids[2 * i], ids[2 * i + 1], shown,
+        cut = self.repr_maxsize - 3
+        return [fmt % values((ids[2 * i], ids[2 * i + 1],
+                              encode_basestring(kwargs if len(kwargs) <= cut + 3 else kwargs[:cut] + "..."),
                               b2a_base64(f"{prefix}{kwargs}{suffix}".encode(), newline=False).decode("ascii")))
-                for i, (_, shown, kwargs) in enumerate(rows)]
+                for i, (_, kwargs) in enumerate(rows)]
 
 
 def _uuid4s(count: int) -> list[str]:
@@ -246,9 +251,9 @@ def run_rescan(settings: Settings, request: RescanRequest, *, app: Celery, progr
 
     try:
         messages = DetectMessages(app)
-        pages = db.RescanPages(filters, target, messages.repr_maxsize, up_to_id)
+        pages = db.RescanPages(filters, target, up_to_id)
 
-        def next_page(after_id: int, already: int) -> list[tuple[int, str, str]]:
+        def next_page(after_id: int, already: int) -> list[tuple[int, str]]:
             size = settings.rescan_chunk if request.limit is None else min(settings.rescan_chunk,
                                                                            request.limit - already)
             if size <= 0:

@@ -120,7 +120,7 @@ def test_rescan_messages_are_those_send_task_publishes(monkeypatch, engine, verd
                                               external_id=case.get("external_id"), metadata=case.get("metadata"))
                                   for i, case in enumerate(KWARGS_CASES)])
     messages = DetectMessages(app)
-    rows = messages.render(db.RescanPages(db.RescanFilters(), "new", messages.repr_maxsize).page(engine, 0, 100))
+    rows = messages.render(db.RescanPages(db.RescanFilters(), "new").page(engine, 0, 100))
     assert [queue for queue, _ in published] == [DETECT_QUEUE] * len(jobs) == [DETECT_QUEUE] * len(rows)
     maxsize = app.amqp.kwargsrepr_maxsize
     # upsert_verdicts stores rows in key order: match the rendered messages to the jobs by source.
