@@ -975,10 +975,9 @@ class RescanPages:
     (``worker.rescan.DetectMessages``: kwargsrepr, base64 body, ids, fixed text): rendering the keyword
     arguments in Python (reading the row, JSON in and out) cost more than the page query and the push together,
     and the server does it while the rescan pushes the previous page. The rest is string work that C functions
-    do faster in Python (base64 cost the server 3.6 µs a row, ``binascii`` a fraction of that). The
-    statement is built once per run,
-    with the page's start and size as parameters, so a page costs no query compilation in SQLAlchemy and,
-    once the driver has prepared it, no planning on the server.
+    do faster in Python (base64 cost the server 3.6 µs a row, ``binascii`` a fraction of that). The statement
+    is built once per run, with the page's start and size as parameters, so a page costs no query compilation
+    in SQLAlchemy and, once the driver has prepared it, no planning on the server.
     """
 
     def __init__(self, filters: RescanFilters, target_model_version: str, up_to_id: int | None = None):

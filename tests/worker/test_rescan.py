@@ -12,7 +12,7 @@ import redis
 
 from worker import db
 from worker.app import DETECT_QUEUE, make_app
-from worker.rescan import RescanError, RescanRequest, run_rescan
+from worker.rescan import DetectMessages, RescanError, RescanRequest, run_rescan
 from worker.settings import Settings
 
 
@@ -104,7 +104,6 @@ def test_rescan_messages_are_those_send_task_publishes(monkeypatch, engine, verd
     from kombu.transport import redis as kombu_redis
 
     from worker.app import DETECT_TASK, detect_kwargs
-    from worker.rescan import DetectMessages
 
     published: list[tuple[str, dict]] = []
     monkeypatch.setattr(kombu_redis.Channel, "_put",
@@ -135,6 +134,13 @@ def test_rescan_messages_are_those_send_task_publishes(monkeypatch, engine, verd
     tags = [json.loads(item)["properties"]["delivery_tag"] for item in rows]
     assert len(set(ids + tags)) == 2 * len(ids)
     assert all(str(uuid.UUID(i, version=4)) == i for i in ids + tags)
+
+
+def test_a_kwargsrepr_too_short_to_cut_is_refused():
+    app = make_app(Settings.from_env({}))
+    app.amqp.kwargsrepr_maxsize = 2  # no room for the "..." that marks a cut
+    with pytest.raises(ValueError, match="kwargsrepr_maxsize"):
+        DetectMessages(app)
 
 
 def test_the_broker_fetch_script_delivers_rescan_messages_as_detect_image_jobs(stored, database_url, redis_url):
