@@ -109,7 +109,7 @@ def _wait_for(uris: list[str], settings: Settings, timeout: float) -> int:
     while True:
         with engine.connect() as conn:
             pending -= db.answered_sources(conn, pending, version)
-            judged = db.find_verdicts(conn, {hashes[u] for u in pending if u in hashes}, version)
+            judged = db.judged_contents(conn, {hashes[u] for u in pending if u in hashes}, version)
         pending = {u for u in pending if hashes.get(u) not in judged}
         if not pending:
             print(f"all {len(set(uris))} source(s) answered")

@@ -982,13 +982,11 @@ class RescanPages:
 
     def __init__(self, filters: RescanFilters, target_model_version: str, up_to_id: int | None = None):
         v = verdicts.alias("v")
-        page = (select(v.c.id, literal_column(_DETECT_KWARGS_JSON, Text).label("kwargs_json"))
-                .where(v.c.id > bindparam("after_id", type_=BigInteger),
-                       *_rescan_conditions(filters, target_model_version, up_to_id, v))
-                .order_by(v.c.id)
-                .limit(bindparam("page_size", type_=Integer))
-                .subquery("page"))
-        self._statement = select(page.c.id, page.c.kwargs_json).order_by(page.c.id)
+        self._statement = (select(v.c.id, literal_column(_DETECT_KWARGS_JSON, Text).label("kwargs_json"))
+                           .where(v.c.id > bindparam("after_id", type_=BigInteger),
+                                  *_rescan_conditions(filters, target_model_version, up_to_id, v))
+                           .order_by(v.c.id)
+                           .limit(bindparam("page_size", type_=Integer)))
 
     def page(self, bind: Bind, after_id: int, limit: int) -> list[tuple[int, str]]:
         """The next ``limit`` candidates after verdict id ``after_id``, in id order."""

@@ -199,9 +199,9 @@ class DetectMessages:
         delivery tag."""
         ids = _uuid4s(2 * len(rows))
         fmt, values, prefix, suffix = self._format, self._values, self._body_prefix, self._body_suffix
-        cut = self.repr_maxsize - 3
+        maxsize = self.repr_maxsize
         return [fmt % values((ids[2 * i], ids[2 * i + 1],
-                              encode_basestring(kwargs if len(kwargs) <= cut + 3 else kwargs[:cut] + "..."),
+                              encode_basestring(kwargs if len(kwargs) <= maxsize else kwargs[:maxsize - 3] + "..."),
                               b2a_base64(f"{prefix}{kwargs}{suffix}".encode(), newline=False).decode("ascii")))
                 for i, (_, kwargs) in enumerate(rows)]
 

@@ -116,11 +116,17 @@ def _decode_all(loader, paths, spec):
         loader.release(f.handle for f in fetched)
 
 
-def test_crops_come_back_through_shared_memory_that_leaves_no_file(photos, monkeypatch):
+@pytest.fixture
+def arena_reads(monkeypatch):
+    """The shape of every crop the worker reads out of a crop arena (rather than from a decode process's pipe)."""
     reads = []
     real_read = crop_arena.CropArena.read
     monkeypatch.setattr(crop_arena.CropArena, "read", lambda self, slot, shape: reads.append(shape)
                         or real_read(self, slot, shape))
+    return reads
+
+
+def test_crops_come_back_through_shared_memory_that_leaves_no_file(photos, arena_reads):
     paths = sorted(p for p in photos.iterdir() if p.name != "text.jpg")
     spec = CropSpec(32, 4, (0.48, 0.46, 0.41))
     settings = Settings.from_env({}, file_roots=(photos,), decode_threads=2)
@@ -128,7 +134,7 @@ def test_crops_come_back_through_shared_memory_that_leaves_no_file(photos, monke
     loader = ProcessLoader(settings, 2)
     try:
         decoded = _decode_all(loader, paths, spec)
-        assert len(reads) == len(paths)  # every crop came back by its slot, none through the pipe
+        assert len(arena_reads) == len(paths)  # every crop came back by its slot, none through the pipe
         assert all(arena.in_use == 0 for _, arena in loader._arenas.values())  # every slot given back
         assert _arena_files() == set()  # unlinked once the decode processes had them mapped
     finally:
@@ -138,20 +144,17 @@ def test_crops_come_back_through_shared_memory_that_leaves_no_file(photos, monke
         assert got.crops.dtype == np.uint8 and np.array_equal(got.crops, want.crops)
 
 
-def test_crops_go_through_the_pipe_when_no_slot_or_no_shared_memory_is_left(photos, monkeypatch, tmp_path, caplog):
+def test_crops_go_through_the_pipe_when_no_slot_or_no_shared_memory_is_left(photos, arena_reads, monkeypatch,
+                                                                            tmp_path, caplog):
     paths = sorted(p for p in photos.iterdir() if p.name != "text.jpg")
     spec = CropSpec(32, 1, (0.5, 0.5, 0.5))
     settings = Settings.from_env({}, file_roots=(photos,), batch_size=1, batches_in_flight=1)
     expected = _decode_all(ThreadLoader(settings), paths, spec)
-    reads = []
-    real_read = crop_arena.CropArena.read
-    monkeypatch.setattr(crop_arena.CropArena, "read", lambda self, slot, shape: reads.append(shape)
-                        or real_read(self, slot, shape))
     loader = ProcessLoader(settings, 1)  # two slots: a call with three images cannot have them
     try:
         assert loader._slots == 2
         decoded = _decode_all(loader, paths, spec)
-        assert reads == []
+        assert arena_reads == []
     finally:
         loader.close()
     assert [d.crops.tobytes() for d in decoded] == [d.crops.tobytes() for d in expected]
