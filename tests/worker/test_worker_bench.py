@@ -178,3 +178,30 @@ def test_the_storage_benchmark_runs_alone_and_prints_its_ratios(tmp_path, pg_ser
         "rescan memory flat (peak − start RSS)"]
     assert printed.count("ratio") == 3 and printed.count("PASS") + printed.count("MISS") == 4
     assert set(bench_databases(pg_server_url)) == before and redis.Redis.from_url(redis_url).dbsize() == 0
+
+
+def test_the_batch_path_benchmark_measures_each_size_on_new_content(tmp_path, pg_server_url, capsys):
+    from benchmarks import batch_path_cpu
+
+    before = set(bench_databases(pg_server_url))
+    assert batch_path_cpu.main(["--out", str(tmp_path / "path"), "--database-url", pg_server_url, "--batches",
+                                "2,4", "--images", "8", "--rounds", "2", "--decode-processes", "1"]) == 0
+    printed = capsys.readouterr().out
+    result = json.loads((tmp_path / "path" / "batch-path.json").read_text())
+    assert [(row["batch"], row["images"]) for row in result["by_size"]] == [(2, 16), (4, 16)]
+    assert all(row["cpu_ms_per_batch"] > 0 and row["database_ms_per_batch"] > 0 for row in result["by_size"])
+    assert "| 4 |" in printed and "ms of CPU per batch +" in printed
+    assert set(bench_databases(pg_server_url)) == before
+
+
+def test_the_batch_path_fit_splits_a_fixed_cost_from_a_cost_per_image():
+    from benchmarks.batch_path_cpu import fit_fixed_and_per_image
+
+    fixed, per_image = fit_fixed_and_per_image([(32, 10.0), (128, 34.0), (64, 18.0)])
+    assert fixed == pytest.approx(2.0) and per_image == pytest.approx(0.25)
+    with pytest.raises(ValueError, match="two batch sizes"):
+        fit_fixed_and_per_image([(32, 10.0), (32, 11.0)])
+    with pytest.raises(SystemExit):
+        from benchmarks.batch_path_cpu import main
+
+        main(["--out", "unused", "--batches", "32"])
