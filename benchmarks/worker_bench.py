@@ -52,7 +52,7 @@ from sqlalchemy import text
 from sqlalchemy.engine import Engine, make_url
 
 from benchmarks import storage_bench
-from benchmarks.emulated_worker import INPUT_SIZE_ENV, LATENCY_ENV, RATE_ENV
+from benchmarks.emulated_worker import GC_LOG_ENV, INPUT_SIZE_ENV, LATENCY_ENV, RATE_ENV
 from benchmarks.harness import (
     DEFAULT_BROKER_URL,
     DEFAULT_SERVER_URL,
@@ -269,6 +269,10 @@ def measure_worker(config: WorkerBenchConfig, kind: str, model_dir: Path, images
         engine = db.make_engine(url).execution_options(isolation_level="AUTOCOMMIT")
         roots = sorted({p.parent for p in [*images, *warmup]})
         env = worker_env(config, url, model_dir, roots, decode_processes)
+        gc_log = config.out / "logs" / f"gc-{kind}{tag}.txt"
+        if kind == "emulated":  # the worker process's full collections, each a pause of all its threads
+            gc_log.unlink(missing_ok=True)
+            env[GC_LOG_ENV] = str(gc_log)
         try:
             with WorkerProcess(env, config.out / "logs" / f"worker-{kind}{tag}.log", f"bench-{kind}-",
                                kind) as worker:
@@ -278,7 +282,7 @@ def measure_worker(config: WorkerBenchConfig, kind: str, model_dir: Path, images
                 warmup_s = time.perf_counter() - started
                 load = load_average()
                 cpu = cpu_seconds(worker.pid)
-                started = time.perf_counter()
+                started, window_start = time.perf_counter(), time.time()
                 send_jobs(config.broker_url, images)
                 sent_s = time.perf_counter() - started
                 # One verdict row per distinct content: the realistic set's duplicates add none
@@ -287,16 +291,33 @@ def measure_worker(config: WorkerBenchConfig, kind: str, model_dir: Path, images
                 seconds = done - started
                 cpu = cpu_seconds(worker.pid) - cpu
                 worker_rss = rss_bytes(worker.pid)
+                window = (window_start, time.time())
         finally:
             engine.dispose()
     rate = len(images) / seconds
+    pauses = full_collections(gc_log, *window) if kind == "emulated" else None
     log(f"{kind} worker{tag}: {len(images)} images in {seconds:.2f} s = {rate:.1f} images/s, worker CPU {cpu:.2f} s "
         f"(warm-up {warmup_s:.1f} s, sending took {sent_s:.2f} s, load average {load})")
     # The worker process's own CPU (its threads, not its decode processes') per image: the serial budget
     return {"images": len(images), "seconds": round(seconds, 4), "images_per_s": round(rate, 2),
             "cpu_ms_per_image": round(1000 * cpu / len(images), 3),
             "cpu_s": round(cpu, 2), "warmup_s": round(warmup_s, 2), "send_s": round(sent_s, 3),
-            "worker_rss_mib": round(worker_rss / MIB, 1), "load_average": load}
+            "worker_rss_mib": round(worker_rss / MIB, 1), "load_average": load,
+            **({"full_gc_count": len(pauses), "full_gc_ms_total": round(sum(pauses), 1),
+                "full_gc_ms_max": round(max(pauses, default=0.0), 1)} if pauses is not None else {})}
+
+
+def full_collections(log_path: Path, start: float, end: float) -> list[float]:
+    """Milliseconds of each full collection that the emulated worker logged (``GC_LOG_ENV``) between the epoch
+    times ``start`` and ``end``."""
+    if not log_path.exists():
+        return []
+    pauses = []
+    for line in log_path.read_text().splitlines():
+        ended, milliseconds = (float(field) for field in line.split())
+        if start <= ended <= end:
+            pauses.append(milliseconds)
+    return pauses
 
 
 def measure_scan(config: WorkerBenchConfig, model_dir: Path, images: Sequence[Path], warmup: Sequence[Path],
@@ -410,7 +431,9 @@ def run_worker_bench(config: WorkerBenchConfig, log: Log = print) -> dict[str, A
     rate = {name: result[name]["images_per_s"] for name in samples}
     sweep = [{"decode_processes": p, "images_per_s": result[f"emulated-{p}"]["images_per_s"],
               "share_of_rate": round(result[f"emulated-{p}"]["images_per_s"] / config.accelerator_rate, 3),
-              "cpu_ms_per_image": statistics.median(r["cpu_ms_per_image"] for r in result.pop(f"emulated-{p}")["runs"])}
+              "cpu_ms_per_image": statistics.median(r["cpu_ms_per_image"] for r in result[f"emulated-{p}"]["runs"]),
+              "full_gc_ms_max": max(r["full_gc_ms_max"] for r in result[f"emulated-{p}"]["runs"]),
+              "full_gc_ms_total": statistics.median(r["full_gc_ms_total"] for r in result.pop(f"emulated-{p}")["runs"])}
              for p in config.decode_process_sweep if f"emulated-{p}" in result]
     rate = {name: value for name, value in rate.items() if not name.startswith("emulated-")}
     if sweep:
@@ -552,7 +575,8 @@ def markdown_table(result: dict[str, Any]) -> str:
     for point in emulated["sweep"]:
         lines.append(f"| emulated accelerator at {emulated['rate']:,.0f} images/s, {point['decode_processes']} decode "
                      f"processes | {_fmt(point['images_per_s'], 'images/s')} ({100 * point['share_of_rate']:.0f} % of "
-                     f"the rate); worker process CPU {point['cpu_ms_per_image']:.2f} ms/image |")
+                     f"the rate); worker process CPU {point['cpu_ms_per_image']:.2f} ms/image; full collections "
+                     f"{point['full_gc_ms_total']:.0f} ms in all, longest {point['full_gc_ms_max']:.0f} ms |")
     lines += storage_bench.table_rows(result)
     lines += ["", "| target | measured | wanted | result |", "|---|---|---|---|"]
     for t in result["targets"]:

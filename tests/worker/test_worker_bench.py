@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 
 import pytest
 import redis
@@ -76,8 +77,10 @@ def test_every_part_runs_and_every_job_is_accounted_for(config, pg_server_url, r
     for point in emulated["sweep"]:  # 40 images at 3,000/s would take 13 ms of "compute": far below the rate
         assert point["images_per_s"] > 0 and point["share_of_rate"] == pytest.approx(point["images_per_s"] / 3000,
                                                                                   abs=1e-3)
-        assert point["cpu_ms_per_image"] > 0
+        assert point["cpu_ms_per_image"] > 0 and point["full_gc_ms_total"] >= 0 and point["full_gc_ms_max"] >= 0
     assert any("emulated worker-p2" in m for m in messages)
+    # importing torch alone makes full collections: each emulated worker has logged some (the window may hold none)
+    assert len(list((config.out / "logs").glob("gc-emulated*.txt"))) == 2
 
     assert [t["met"] is not None for t in result["targets"]] == [True] * 7
     assert json.loads((config.out / "worker-bench.json").read_text()) == json.loads(json.dumps(result))
@@ -205,3 +208,28 @@ def test_the_batch_path_fit_splits_a_fixed_cost_from_a_cost_per_image():
         from benchmarks.batch_path_cpu import main
 
         main(["--out", "unused", "--batches", "32"])
+
+
+def test_the_emulated_worker_logs_each_full_collection_and_the_bench_reads_its_window(tmp_path):
+    import gc
+
+    from benchmarks.emulated_worker import log_full_collections
+    from benchmarks.worker_bench import full_collections
+
+    log_path = tmp_path / "gc.txt"
+    callbacks = list(gc.callbacks)
+    try:
+        log_full_collections(str(log_path))
+        start = time.time()
+        gc.collect(1)  # not a full collection: not logged
+        assert not log_path.exists()
+        gc.collect()
+        gc.collect()
+        end = time.time()
+    finally:
+        gc.callbacks[:] = callbacks
+    lines = log_path.read_text().splitlines()
+    assert len(lines) == 2
+    end += 0.01  # the log's times are rounded to the microsecond
+    assert len(full_collections(log_path, start, end)) == 2 and min(full_collections(log_path, start, end)) >= 0
+    assert full_collections(log_path, end + 1, end + 2) == [] and full_collections(tmp_path / "none", 0, end) == []
