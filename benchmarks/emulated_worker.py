@@ -47,7 +47,7 @@ def main() -> int:
     from ppl_model.inference.preprocess import Preprocessing, normalise
     from ppl_model.model_dir import read_model_info
     from worker import cli, db, tasks
-    from worker.model import ServedModel
+    from worker.model import ServedModel, freeze_long_lived_objects
     from worker.pipeline import BatchProcessor
     from worker.settings import Settings
 
@@ -62,6 +62,7 @@ def main() -> int:
     # here, not by the first batch.
     normalise(np.zeros((1, 2, 2, 3), dtype=np.uint8), served.preprocessing.mean, served.preprocessing.std,
               accelerator.device)
+    freeze_long_lived_objects()  # as the worker does once its model is loaded
     tasks.install_processor(BatchProcessor(settings, db.make_engine(settings.database_url), resend=tasks.resend,
                                            model_loader=lambda _: served))
     return cli.main(["run", "--queues", "detect"])  # the real worker's own start, with this processor

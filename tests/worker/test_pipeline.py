@@ -235,3 +235,22 @@ def test_batches_in_flight_overlap_but_infer_one_at_a_time(make_processor, image
     with db.make_engine(database_url).connect() as conn:
         assert conn.execute(text("select count(*) from submissions")).scalar() == 12
         assert conn.execute(text("select count(*) from verdicts")).scalar() == 4
+
+
+def test_a_loaded_model_takes_the_objects_alive_then_out_of_full_collections(tiny_model_dir):
+    import gc
+
+    from worker.model import clear_cache
+
+    clear_cache()
+    gc.unfreeze()
+    try:
+        assert gc.get_freeze_count() == 0
+        served = load_model(Settings.from_env({}, model_dir=tiny_model_dir, backend="torch", metrics_port=0))
+        frozen = gc.get_freeze_count()
+        assert frozen > 1000  # the imports and the model, at least
+        assert load_model(Settings.from_env({}, model_dir=tiny_model_dir, backend="torch", metrics_port=0)) is served
+        assert gc.get_freeze_count() == frozen  # a cached model freezes nothing more
+    finally:
+        gc.unfreeze()
+        clear_cache()
