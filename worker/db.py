@@ -535,29 +535,31 @@ def upsert_verdicts(bind: Bind, rows: Sequence[VerdictRow]) -> int:
         return len(new)
 
 
-_JUDGED_CONTENT = text("SELECT sha256 FROM verdicts WHERE model_version = :version AND sha256 = ANY(:sha256s)")
+# The verdicts of some image contents (sha256s) by one model version: one probe each of the unique index.
+_OF_CONTENTS: Final = (verdicts.c.model_version == bindparam("version"),
+                       verdicts.c.sha256 == any_(bindparam("sha256s", type_=ARRAY(Text))))
+_JUDGED_CONTENTS: Final = select(verdicts.c.sha256).where(*_OF_CONTENTS)
+_STORED_VERDICTS: Final = select(*(verdicts.c[name] for name in _VERDICT_ROW_FIELDS)).where(*_OF_CONTENTS)
 
 
 def judged_contents(bind: Bind, sha256s: Collection[str], model_version: str) -> set[str]:
-    """Which of these image contents this model version has a stored verdict for (``find_verdicts`` without the
-    rows: the worker only needs to know what not to decode)."""
+    """Which of these image contents this model version has a stored verdict for: content judged before (under
+    another URL, or by a redelivered job) is answered from it, never decoded again. Keys only: the worker
+    needs no more."""
     if not sha256s:
         return set()
     with transaction(bind) as conn:
-        return set(conn.execute(_JUDGED_CONTENT, {"version": model_version, "sha256s": sorted(set(sha256s))}).scalars())
+        return set(conn.execute(_JUDGED_CONTENTS, {"version": model_version,
+                                                   "sha256s": sorted(set(sha256s))}).scalars())
 
 
 def find_verdicts(bind: Bind, sha256s: Collection[str], model_version: str) -> dict[str, VerdictRow]:
-    """The stored verdicts of these image contents by this model version, keyed by sha256: content judged
-    before (under another URL, or by a redelivered job) is answered without inference."""
+    """The stored verdicts of these image contents by this model version, whole, keyed by sha256."""
     if not sha256s:
         return {}
-    columns = [verdicts.c[name] for name in _VERDICT_ROW_FIELDS]
-    statement = select(*columns).where(
-        verdicts.c.model_version == model_version,
-        verdicts.c.sha256 == any_(bindparam("sha256s", sorted(set(sha256s)), type_=ARRAY(Text))))
     with transaction(bind) as conn:
-        return {row.sha256: VerdictRow(**row._asdict()) for row in conn.execute(statement)}
+        return {row.sha256: VerdictRow(**row._asdict())
+                for row in conn.execute(_STORED_VERDICTS, {"version": model_version, "sha256s": sorted(set(sha256s))})}
 
 
 # ------------------------------------------------------------------------------------------ failures
