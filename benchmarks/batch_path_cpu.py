@@ -113,14 +113,16 @@ def run_batch_path(config: BatchPathConfig, log: Log = print) -> dict[str, Any]:
                         "database_ms_per_batch": round(1000 * f["database_s"] / f["batches"], 3),
                         "wall_ms_per_image": round(1000 * f["wall_s"] / f["images"], 4)})
     fixed, per_image = fit_fixed_and_per_image([(row["batch"], row["cpu_ms_per_batch"]) for row in by_size])
-    return _written(config, {
+    result = {
         "config": {"batch_sizes": list(config.batch_sizes), "images_per_size_and_round": per_size,
                    "rounds": config.rounds, "decode_processes": config.decode_processes,
                    "image_size": config.image_size,
                    "server_url": make_url(config.server_url).render_as_string(hide_password=True)},
         "cpus": os.cpu_count(), "load_average": load_average(), "by_size": by_size,
         "fixed_ms_per_batch": round(fixed, 3), "cpu_ms_per_image_in_batch": round(per_image, 4),
-        "wall_s": round(time.perf_counter() - wall, 1)})
+        "wall_s": round(time.perf_counter() - wall, 1)}
+    (config.out / "batch-path.json").write_text(json.dumps(result, indent=2) + "\n")
+    return result
 
 
 def _no_resend(*_: Any) -> None:
@@ -141,11 +143,6 @@ def _measure(processor: BatchProcessor, batches: Sequence[list[JobRequest]]) -> 
         database += report.seconds.get("database", 0.0)
     return {"cpu_s": _cpu_seconds() - cpu, "wall_s": time.perf_counter() - wall, "database_s": database,
             "images": sum(len(batch) for batch in batches), "batches": len(batches)}
-
-
-def _written(config: BatchPathConfig, result: dict[str, Any]) -> dict[str, Any]:
-    (config.out / "batch-path.json").write_text(json.dumps(result, indent=2) + "\n")
-    return result
 
 
 def markdown_table(result: dict[str, Any]) -> str:

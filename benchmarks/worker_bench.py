@@ -429,12 +429,17 @@ def run_worker_bench(config: WorkerBenchConfig, log: Log = print) -> dict[str, A
     for name, runs in samples.items():
         result[name] = {"images_per_s": statistics.median(r["images_per_s"] for r in runs), "runs": runs}
     rate = {name: result[name]["images_per_s"] for name in samples}
-    sweep = [{"decode_processes": p, "images_per_s": result[f"emulated-{p}"]["images_per_s"],
-              "share_of_rate": round(result[f"emulated-{p}"]["images_per_s"] / config.accelerator_rate, 3),
-              "cpu_ms_per_image": statistics.median(r["cpu_ms_per_image"] for r in result[f"emulated-{p}"]["runs"]),
-              "full_gc_ms_max": max(r["full_gc_ms_max"] for r in result[f"emulated-{p}"]["runs"]),
-              "full_gc_ms_total": statistics.median(r["full_gc_ms_total"] for r in result.pop(f"emulated-{p}")["runs"])}
-             for p in config.decode_process_sweep if f"emulated-{p}" in result]
+    sweep = []
+    for p in config.decode_process_sweep:
+        if f"emulated-{p}" not in result:
+            continue
+        measured = result.pop(f"emulated-{p}")  # reported as the sweep's point instead
+        runs = measured["runs"]
+        sweep.append({"decode_processes": p, "images_per_s": measured["images_per_s"],
+                      "share_of_rate": round(measured["images_per_s"] / config.accelerator_rate, 3),
+                      "cpu_ms_per_image": statistics.median(r["cpu_ms_per_image"] for r in runs),
+                      "full_gc_ms_max": max(r["full_gc_ms_max"] for r in runs),
+                      "full_gc_ms_total": statistics.median(r["full_gc_ms_total"] for r in runs)})
     rate = {name: value for name, value in rate.items() if not name.startswith("emulated-")}
     if sweep:
         result["emulated"] = {"rate": config.accelerator_rate, "latency_ms": config.accelerator_latency_ms,
