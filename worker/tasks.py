@@ -17,16 +17,13 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Callable, Collection
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
 from celery import Task, signals
 from celery.worker import state as worker_state
-from celery.worker.request import Request
-from celery_batches import Batches, SimpleRequest
-from celery_batches.trace import apply_batches_task
 from kombu.message import Message
 
 from ppl_model.reasons import Reason
@@ -38,7 +35,7 @@ from worker.settings import Settings
 
 log = logging.getLogger(__name__)
 BATCH_DONE = "batch-done"  # what a batch returns once its rows are committed
-ETA_SLACK_S = 1.0  # a job due within this long runs now (celery-batches holds it in memory until due)
+ETA_SLACK_S = 1.0  # a job due within this long runs now
 RELEASE_EVERY_S = 1.0  # how often each worker returns due delayed jobs to their queues
 
 QUEUE_DEPTH_EVERY_S = 5.0  # how often a worker samples the detect queue's length for its metrics
@@ -105,9 +102,11 @@ class MalformedMessage(ValueError):
 class TaskFields:
     task_id: str
     name: str
+    args: tuple[Any, ...]
     kwargs: dict[str, Any]
     eta: datetime | None
     expires: datetime | None
+    retries: int  # how many times the job was resent after a transient failure (Celery's ``retries`` header)
 
 
 def parse_time(name: str, value: Any) -> datetime | None:
@@ -154,8 +153,16 @@ def read_task(message: Message) -> TaskFields:
         raise MalformedMessage("the message has no task id (headers.id)")
     if not isinstance(name, str) or not name:
         raise MalformedMessage("the message names no task")
-    return TaskFields(task_id, name, kwargs, parse_time("eta", fields.get("eta")),
-                      parse_time("expires", fields.get("expires")))
+    return TaskFields(task_id, name, tuple(args), kwargs, parse_time("eta", fields.get("eta")),
+                      parse_time("expires", fields.get("expires")), _retries(fields.get("retries")))
+
+
+def _retries(value: Any) -> int:
+    """A producer's garbage in the ``retries`` header counts as 0 instead of refusing the job."""
+    try:
+        return max(0, int(value or 0))
+    except (TypeError, ValueError, OverflowError):
+        return 0
 
 
 def _guess_kwargs(message: Message) -> dict[str, Any]:
@@ -199,72 +206,88 @@ def dead_letter_for(message: Message, detail: str) -> DeadLetter:
 # ------------------------------------------------------------------------------------ detect_image
 
 
-class BatchRequest(SimpleRequest):
-    """A job as the batch function receives it, with what the task layer decided about it: ``refused`` jobs are
-    recorded with their reason and not run; a ``dead_letter`` is stored before the batch commits."""
+@dataclass(slots=True)
+class Delivery:
+    """A ``detect_image`` message waiting in the batch buffer, with Celery's promises that acknowledge it or hand it
+    back to the queue (each schedules the broker call onto the consumer's event loop, from whichever thread)."""
 
-    refused: Refusal | None = None
-    dead_letter: DeadLetter | None = None
-
-    @classmethod
-    def from_request(cls, request: Request) -> BatchRequest:
-        item = super().from_request(request)
-        item.refused = _refusal(request)
-        return item
+    fields: TaskFields
+    ack: Callable[..., Any]
+    reject: Callable[..., Any]
 
 
-def _refusal(request: Request) -> Refusal | None:
+def _refusal(fields: TaskFields) -> Refusal | None:
     """Revoked (``celery control revoke``, which every running worker hears) or past ``expires``: recorded, not run."""
-    if request.id in worker_state.revoked:
+    if fields.task_id in worker_state.revoked:
         return Refusal(Reason.REVOKED, "revoked before it ran")
-    try:
-        expires = parse_time("expires", (request.request_dict or {}).get("expires"))
-    except MalformedMessage:
-        return None  # read_task refused such messages before they became requests
-    if expires is not None and expires <= datetime.now(UTC):
-        return Refusal(Reason.EXPIRED, f"expired at {expires.isoformat()} before it ran")
+    if fields.expires is not None and fields.expires <= datetime.now(UTC):
+        return Refusal(Reason.EXPIRED, f"expired at {fields.expires.isoformat()} before it ran")
     return None
 
 
-class DetectBatches(Batches):
-    """celery-batches, acknowledging a batch's messages only when the batch says its rows are committed, and
-    guarding the way in (module docstring).
+class DetectBatches(Task):
+    """Micro-batching of ``detect_image`` in the consumer: messages are buffered as they arrive and handed to the
+    pool as one batch when ``flush_every`` have arrived or ``flush_interval`` seconds after the first of them. A
+    batch's messages are acknowledged only when the batch says its rows are committed (``BATCH_DONE``); anything
+    else hands every one of them back to the queue, for this or another worker. The way in is guarded (module
+    docstring).
 
-    Stock ``Batches`` acknowledges late-ack messages whenever the batch function returns, even after an
-    exception (it logs and returns None): a database outage would then lose the batch. Here anything but
-    ``BATCH_DONE`` hands every message back to the queue unacknowledged, for this or another worker.
-
-    Uses celery-batches' ``_pool`` (the worker's pool, set by ``Batches.Strategy``): the version range in
-    pyproject.toml is the one the batch tests pass on.
+    This is what celery-batches did, without its per-message cost: it built a Celery ``Request`` for every
+    message, then a second, picklable copy of it for the pool; here a message becomes one small ``Delivery``
+    (docs/PERFORMANCE.md, "Serial CPU per image"). Everything but the pool runs in the consumer's event-loop
+    thread, so the buffer needs no lock.
     """
 
     abstract = True
+    typing = False  # the batch function takes the batch, not a message's keyword arguments
+    flush_every = 32
+    flush_interval = 0.2
+    _pool: Any = None
     _release_timer: Any = None
 
-    def Strategy(self, task: Batches, app_: Any, consumer: Any) -> Callable[..., None]:
-        handler = super().Strategy(task, app_, consumer)
+    def Strategy(self, task: Task, app_: Any, consumer: Any) -> Callable[..., None]:
+        self._pool = consumer.pool
+        connection_errors = consumer.connection_errors
         delayed = broker.DelayedJobs.from_url(_settings().broker_url)
         if self._release_timer is not None:  # the consumer restarts its strategies after a reconnection
             self._release_timer.cancel()
         self._release_timer = consumer.timer.call_repeatedly(RELEASE_EVERY_S, _release_due, (delayed,))
+        buffer: list[Delivery] = []
+        flush_timer: Any = None
 
-        def guarded(message: Message, body: Any, ack: Any, reject: Any, callbacks: Any, **kw: Any) -> None:
+        def flush() -> None:
+            nonlocal buffer, flush_timer
+            if flush_timer is not None:
+                flush_timer.cancel()
+                flush_timer = None
+            batch, buffer = buffer, []
+            if batch:
+                self.flush(batch, connection_errors)
+
+        def add(delivery: Delivery) -> None:
+            nonlocal flush_timer
+            buffer.append(delivery)
+            if len(buffer) >= self.flush_every:
+                flush()
+            elif flush_timer is None:
+                flush_timer = consumer.timer.call_after(self.flush_interval, flush)
+
+        def on_message(message: Message, body: Any, ack: Any, reject: Any, callbacks: Any, **kw: Any) -> None:
             try:
                 fields = read_task(message)
             except MalformedMessage as exc:
                 return self.quarantine(message, str(exc))
+            if fields.eta is None or (delay := fields.eta.timestamp() - time.time()) <= ETA_SLACK_S:
+                return add(Delivery(fields, ack, reject))
             qos = getattr(message.channel, "qos", None)
-            if fields.eta is not None and fields.eta.timestamp() > time.time() + ETA_SLACK_S \
-                    and isinstance(qos, broker.QoS) and isinstance(message, broker.Message):  # ours, with .raw
+            if isinstance(qos, broker.QoS) and isinstance(message, broker.Message):  # ours, with .raw
                 qos.defer(message, fields.eta.timestamp())
                 metrics.DELAYED.inc()
-                return None
-            try:
-                return handler(message, body, ack, reject, callbacks, **kw)
-            except Exception as exc:  # what read_task let through and Celery still cannot take
-                return self.quarantine(message, f"{type(exc).__name__}: {exc}"[:500])
+            else:  # another transport: held in this worker until due
+                consumer.timer.call_after(delay, add, (Delivery(fields, ack, reject),))
+            return None
 
-        return guarded
+        return on_message
 
     def quarantine(self, message: Message, detail: str) -> None:
         """Store the message as a dead letter and record its failure and submission rows (on the pool, which may
@@ -286,29 +309,21 @@ class DetectBatches(Batches):
 
         self._pool.apply_async(_record_refused, (letter, request), callback=on_return)
 
-    def flush(self, requests: Collection[Request]) -> Any:
-        requests = list(requests)
-        items = []
-        for request in requests:
-            try:
-                items.append(BatchRequest.from_request(request))
-            except Exception as exc:  # read_task checked the shape; this is the belt to its braces
-                item = BatchRequest(request.id, request.name, (), {}, request.delivery_info, request.hostname,
-                                    False, None, None, {})
-                item.refused = Refusal(Reason.MALFORMED_MESSAGE, f"{type(exc).__name__}: {exc}"[:500])
-                item.dead_letter = dead_letter_for(request.message, item.refused.detail)
-                items.append(item)
+    def flush(self, batch: list[Delivery], connection_errors: Any) -> None:
+        """Run ``batch`` on the pool; acknowledge its messages once it is committed, else hand them back."""
+        jobs = [JobRequest(task_id=d.fields.task_id, args=d.fields.args, kwargs=d.fields.kwargs,
+                           retries=d.fields.retries, refused=_refusal(d.fields)) for d in batch]
 
         def on_return(result: Any) -> None:
             if result == BATCH_DONE:
-                for request in requests:
-                    request.acknowledge()
+                for delivery in batch:
+                    delivery.ack(log, connection_errors)
             else:
                 metrics.BATCHES_REQUEUED.inc()
-                for request in requests:
-                    request.reject(requeue=True)
+                for delivery in batch:
+                    delivery.reject(log, connection_errors, True)
 
-        return self._pool.apply_async(apply_batches_task, (self, (items,), 0, None), callback=on_return)
+        self._pool.apply_async(self.run, (jobs,), callback=on_return)
 
 
 def _release_due(delayed: broker.DelayedJobs) -> None:
@@ -331,14 +346,10 @@ def _record_refused(letter: DeadLetter, request: JobRequest) -> str | None:
 
 @app.task(base=DetectBatches, name=DETECT_TASK, acks_late=True, flush_every=_settings().batch_size,
           flush_interval=_settings().batch_timeout_ms / 1000)
-def detect_image(requests: list[SimpleRequest]) -> str | None:
-    """Judge a micro-batch of images; keyword arguments per job: source, external_id, metadata."""
-    jobs = [JobRequest(task_id=r.id, args=tuple(r.args or ()), kwargs=r.kwargs, retries=_retries(r),
-                       refused=getattr(r, "refused", None)) for r in requests]
+def detect_image(jobs: list[JobRequest]) -> str | None:
+    """Judge a micro-batch of images (``DetectBatches`` collects it); keyword arguments per job: source,
+    external_id, metadata."""
     try:
-        letters = [r.dead_letter for r in requests if getattr(r, "dead_letter", None) is not None]
-        for letter in letters:
-            dead_letter_store().add(letter)
         processor().process(jobs)
         _sample_queue_depth()
     except DatabaseUnavailable as exc:
@@ -351,15 +362,6 @@ def detect_image(requests: list[SimpleRequest]) -> str | None:
         time.sleep(_settings().retry_backoff_s)
         return None
     return BATCH_DONE
-
-
-def _retries(request: SimpleRequest) -> int:
-    """The ``retries`` header a resent job carries; a producer's garbage there counts as 0 instead of failing
-    the whole batch before its jobs are even parsed."""
-    try:
-        return max(0, int((request.request_dict or {}).get("retries") or 0))
-    except (TypeError, ValueError):
-        return 0
 
 
 def _sample_queue_depth() -> None:
