@@ -293,9 +293,10 @@ def rss_bytes(pid: int | str = "self") -> int:
         return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time a process has used so far, all its threads (``/proc/PID/stat``)."""
-    with open(f"/proc/{pid}/stat") as fh:
+def cpu_seconds(pid: int, thread: int | None = None) -> float:
+    """User + system CPU time a process has used so far, all its threads (``/proc/PID/stat``), or one of its
+    threads (``/proc/PID/task/TID/stat``; the main thread's id is the process id)."""
+    with open(f"/proc/{pid}/stat" if thread is None else f"/proc/{pid}/task/{thread}/stat") as fh:
         fields = fh.read().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 

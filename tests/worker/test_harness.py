@@ -4,6 +4,7 @@ worker and say why, its timeouts fail tests as asserts do, and its synthetic row
 from __future__ import annotations
 
 import os
+import threading
 import time
 
 import numpy as np
@@ -13,6 +14,7 @@ from benchmarks.harness import (
     HarnessError,
     WaitTimeout,
     WorkerProcess,
+    cpu_seconds,
     sha_of,
     synthetic_rows,
     verdict_row,
@@ -54,3 +56,29 @@ def test_synthetic_rows_are_verdict_rows_of_distinct_images_shaped_by_their_grid
     uniform = verdict_row("a", "v1", score=0.75)
     assert uniform.label == "fake" and uniform.patch_frac_above == 1.0 and uniform.metadata == {"name": "a"}
     assert verdict_row("a", "v1", grid=np.zeros((2, 3)), width=10).grid_cols == 3
+
+
+def test_cpu_seconds_splits_a_process_by_thread():
+    """A busy thread's CPU shows in its own count and in the process's, not in the idle main thread's."""
+    pid = os.getpid()
+    main_before, process_before = cpu_seconds(pid, pid), cpu_seconds(pid)
+    native_id: list[int] = []
+    spun, done = threading.Event(), threading.Event()
+
+    def spin() -> None:
+        native_id.append(threading.get_native_id())
+        deadline = time.thread_time() + 0.3
+        while time.thread_time() < deadline:
+            pass
+        spun.set()
+        done.wait()  # alive until read: a finished thread's count leaves /proc
+
+    thread = threading.Thread(target=spin)
+    thread.start()
+    assert spun.wait(timeout=30)
+    busy = cpu_seconds(pid, native_id[0])
+    main = cpu_seconds(pid, pid) - main_before
+    process = cpu_seconds(pid) - process_before
+    done.set()
+    thread.join()
+    assert busy >= 0.25 and process >= busy and main < 0.1

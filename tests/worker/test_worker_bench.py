@@ -78,6 +78,7 @@ def test_every_part_runs_and_every_job_is_accounted_for(config, pg_server_url, r
         assert point["images_per_s"] > 0 and point["share_of_rate"] == pytest.approx(point["images_per_s"] / 3000,
                                                                                   abs=1e-3)
         assert point["cpu_ms_per_image"] > 0 and point["full_gc_ms_total"] >= 0 and point["full_gc_ms_max"] >= 0
+        assert 0 <= point["consumer_cpu_ms_per_image"] <= point["cpu_ms_per_image"]
     assert any("emulated worker-p2" in m for m in messages)
     # importing torch alone makes full collections: each emulated worker has logged some (the window may hold none)
     assert len(list((config.out / "logs").glob("gc-emulated*.txt"))) == 2
