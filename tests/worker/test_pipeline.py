@@ -249,8 +249,11 @@ def test_a_loaded_model_takes_the_objects_alive_then_out_of_full_collections(tin
         served = load_model(Settings.from_env({}, model_dir=tiny_model_dir, backend="torch", metrics_port=0))
         frozen = gc.get_freeze_count()
         assert frozen > 1000  # the imports and the model, at least
+        made_since = [[i] for i in range(5000)]  # alive and tracked (lists always are): a second freeze takes them
         assert load_model(Settings.from_env({}, model_dir=tiny_model_dir, backend="torch", metrics_port=0)) is served
-        assert gc.get_freeze_count() == frozen  # a cached model freezes nothing more
+        # A cached model freezes nothing more. (The count can fall: frozen objects are still freed when their last
+        # reference goes.)
+        assert gc.get_freeze_count() <= frozen and len(made_since) == 5000
     finally:
         gc.unfreeze()
         clear_cache()
