@@ -234,8 +234,8 @@ class DetectBatches(Task):
 
     This is what celery-batches did, without its per-message cost: it built a Celery ``Request`` for every
     message, then a second, picklable copy of it for the pool; here a message becomes one small ``Delivery``
-    (docs/PERFORMANCE.md, "Serial CPU per image"). Everything but the pool runs in the consumer's event-loop
-    thread, so the buffer needs no lock.
+    (docs/PERFORMANCE.md, "Micro-batching without celery-batches"). Everything but the pool runs in the
+    consumer's event-loop thread, so the buffer needs no lock.
     """
 
     abstract = True
