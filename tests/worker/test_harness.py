@@ -81,4 +81,5 @@ def test_cpu_seconds_splits_a_process_by_thread():
     process = cpu_seconds(pid) - process_before
     done.set()
     thread.join()
-    assert busy >= 0.25 and process >= busy and main < 0.1
+    # The counts are in clock ticks, each rounded on its own: the process's may lag its thread's by a tick
+    assert busy >= 0.25 and process >= busy - 0.02 and main < 0.1
