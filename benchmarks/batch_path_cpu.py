@@ -26,10 +26,17 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from sqlalchemy.engine import make_url
 
 from benchmarks.emulated_accelerator import EmulatedAccelerator
-from benchmarks.harness import DEFAULT_SERVER_URL, HarnessError, bench_database, load_average, profiled
+from benchmarks.harness import (
+    DEFAULT_SERVER_URL,
+    HarnessError,
+    bench_database,
+    load_average,
+    profiled,
+    redacted,
+    server_url_from,
+)
 from benchmarks.worker_bench import build_tiny_model, make_images
 from ppl_model.inference.preprocess import Preprocessing
 from ppl_model.model_dir import read_model_info
@@ -117,7 +124,7 @@ def run_batch_path(config: BatchPathConfig, log: Log = print) -> dict[str, Any]:
         "config": {"batch_sizes": list(config.batch_sizes), "images_per_size_and_round": per_size,
                    "rounds": config.rounds, "decode_processes": config.decode_processes,
                    "image_size": config.image_size,
-                   "server_url": make_url(config.server_url).render_as_string(hide_password=True)},
+                   "server_url": redacted(config.server_url)},
         "cpus": os.cpu_count(), "load_average": load_average(), "by_size": by_size,
         "fixed_ms_per_batch": round(fixed, 3), "cpu_ms_per_image_in_batch": round(per_image, 4),
         "wall_s": round(time.perf_counter() - wall, 1)}
@@ -176,7 +183,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("give at least two distinct positive batch sizes, --images of at least the largest, "
                      "and --rounds of at least 1")
     config = BatchPathConfig(out=args.out.absolute(),
-                             server_url=args.database_url or os.environ.get("PPL_DATABASE_URL") or DEFAULT_SERVER_URL,
+                             server_url=server_url_from(args.database_url),
                              batch_sizes=sizes, images_per_size=args.images, rounds=args.rounds,
                              decode_processes=args.decode_processes, profile=args.profile)
 

@@ -27,7 +27,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 from sqlalchemy import text
-from sqlalchemy.engine import Connection
+from sqlalchemy.engine import Connection, make_url
 
 from ppl_model.inference.verdict import make_verdict
 from worker.db import VerdictRow
@@ -272,6 +272,26 @@ DEFAULT_SERVER_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
 DEFAULT_BROKER_URL = "redis://127.0.0.1:6379/14"
 BENCH_DATABASE_PREFIX = "ppl_bench_"  # each measurement's database: <prefix><hex>, dropped afterwards
 MIB = 1024 * 1024
+
+
+def server_url_from(given: str | None) -> str:
+    """The PostgreSQL server a benchmark creates its databases on: the one given (``--database-url``), else
+    ``PPL_DATABASE_URL``, else the local default."""
+    return given or os.environ.get("PPL_DATABASE_URL") or DEFAULT_SERVER_URL
+
+
+def redacted(database_url: str) -> str:
+    """A database URL as a result file may show it: the password hidden."""
+    return make_url(database_url).render_as_string(hide_password=True)
+
+
+def redis_db_number(broker_url: str) -> int:
+    """The database number of a ``redis://host:port/N`` URL (0 when none is given)."""
+    path = broker_url.split("://", 1)[-1].partition("/")[2].split("?")[0]
+    try:
+        return int(path) if path else 0
+    except ValueError:
+        raise HarnessError(f"cannot read a Redis database number from {broker_url!r}") from None
 
 
 def bench_database(server_url: str) -> AbstractContextManager[str]:

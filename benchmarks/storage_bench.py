@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import text
-from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.engine import Engine
 
 from benchmarks.harness import (
     DEFAULT_BROKER_URL,
@@ -45,7 +45,10 @@ from benchmarks.harness import (
     insert_synthetic_verdicts,
     load_average,
     profiled,
+    redacted,
+    redis_db_number,
     rss_bytes,
+    server_url_from,
     synthetic_rows,
 )
 from worker import db
@@ -405,7 +408,7 @@ def run_storage_bench(config: StorageBenchConfig, parts: Sequence[str] = ("write
     result: dict[str, Any] = {"config": {k: str(v) if isinstance(v, Path) else v
                                          for k, v in dataclasses.asdict(config).items()},
                               "cpus": os.cpu_count(), "load_average_start": load_average()}
-    result["config"]["server_url"] = make_url(config.server_url).render_as_string(hide_password=True)
+    result["config"]["server_url"] = redacted(config.server_url)
     if "writes" in parts:
         result["upserts"] = measure_writes(config, log)
     if "rescan" in parts:
@@ -434,10 +437,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--keep-rescan-queue", action="store_true", help="do not drain the detect queue")
     parser.add_argument("--profile", action="store_true", help="cProfile each part into OUT/profiles/")
     args = parser.parse_args(argv)
-    if make_url_db(args.broker_url) == 0:
-        parser.error("the benchmark flushes its Redis database: give it one of its own, not /0")
-    server_url = args.database_url or os.environ.get("PPL_DATABASE_URL") or DEFAULT_SERVER_URL
-    config = StorageBenchConfig(out=args.out.absolute(), server_url=server_url, broker_url=args.broker_url,
+    try:
+        if redis_db_number(args.broker_url) == 0:
+            parser.error("the benchmark flushes its Redis database: give it one of its own, not /0")
+    except HarnessError as exc:
+        parser.error(str(exc))
+    config = StorageBenchConfig(out=args.out.absolute(), server_url=server_url_from(args.database_url),
+                                broker_url=args.broker_url,
                                 write_rows=args.write_rows,
                                 write_batches=tuple(int(b) for b in args.batches.split(",") if b.strip()),
                                 rescan_rows=args.rescan_rows, rescan_chunk=args.rescan_chunk,
@@ -457,12 +463,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         signal.signal(signal.SIGTERM, previous)
     return 0
-
-
-def make_url_db(broker_url: str) -> int:
-    """The database number of a ``redis://host:port/N`` URL (0 when none is given)."""
-    path = broker_url.split("://", 1)[-1].partition("/")[2].split("?")[0]
-    return int(path) if path.isdigit() else 0
 
 
 if __name__ == "__main__":

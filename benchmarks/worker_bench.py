@@ -49,7 +49,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 from sqlalchemy import text
-from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.engine import Engine
 
 from benchmarks import storage_bench
 from benchmarks.emulated_worker import GC_LOG_ENV, INPUT_SIZE_ENV, LATENCY_ENV, RATE_ENV
@@ -64,8 +64,11 @@ from benchmarks.harness import (
     cpu_seconds,
     load_average,
     profiled,
+    redacted,
+    redis_db_number,
     rss_bytes,
     send_jobs,
+    server_url_from,
     wait_until,
 )
 from benchmarks.image_sets import IMAGE_SETS, make_realistic, mix_table
@@ -137,7 +140,7 @@ class WorkerBenchConfig:
         unknown = sorted(set(self.parts) - set(PARTS))
         if unknown:
             raise BenchError(f"unknown part(s) {', '.join(unknown)}; choose from {', '.join(PARTS)}")
-        broker = make_url_db(self.broker_url)
+        broker = redis_db_number(self.broker_url)
         if broker == 0:
             raise BenchError(f"the benchmark flushes its Redis database; give it one of its own, not /0 "
                              f"({self.broker_url}), e.g. {DEFAULT_BROKER_URL}")
@@ -145,21 +148,8 @@ class WorkerBenchConfig:
     def as_dict(self) -> dict[str, Any]:
         values = dataclasses.asdict(self)
         values["out"], values["model_dir"] = str(self.out), str(self.model_dir) if self.model_dir else None
-        values["server_url"] = _redact(self.server_url)
+        values["server_url"] = redacted(self.server_url)
         return values
-
-
-def make_url_db(broker_url: str) -> int:
-    """The database number of a ``redis://host:port/N`` URL (0 when none is given)."""
-    path = broker_url.split("://", 1)[-1].partition("/")[2].split("?")[0]
-    try:
-        return int(path) if path else 0
-    except ValueError:
-        raise BenchError(f"cannot read a Redis database number from {broker_url!r}") from None
-
-
-def _redact(url: str) -> str:
-    return make_url(url).render_as_string(hide_password=True)
 
 
 # --------------------------------------------------------------------------------------- inputs
@@ -677,7 +667,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     if caller_cwd:
         os.chdir(caller_cwd)
     args = build_parser().parse_args(argv)
-    server_url = args.database_url or os.environ.get("PPL_DATABASE_URL") or None
     values = {"out": args.out.absolute(), "model_dir": args.model and args.model.absolute(),
               "broker_url": args.broker_url, "images": args.images, "image_size": args.image_size,
               "image_set": args.image_set, "decode_processes": args.decode_processes, "device": args.device,
@@ -687,8 +676,7 @@ def main(argv: Sequence[str] | None = None) -> int:
               "batch_size": args.batch_size, "decode_threads": args.decode_threads, "repeats": args.repeats,
               "upsert_rows": args.upsert_rows, "rescan_rows": args.rescan_rows, "timeout_s": args.timeout,
               "profile": args.profile, "log_level": args.log_level, "rescan_drain": not args.keep_rescan_queue}
-    if server_url:
-        values["server_url"] = server_url
+    values["server_url"] = server_url_from(args.database_url)
     if args.parts:
         values["parts"] = tuple(p.strip() for p in args.parts.split(",") if p.strip())
     if args.soak:
