@@ -26,6 +26,7 @@ import hashlib
 import json
 import weakref
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, fields
 from datetime import UTC, datetime
 from typing import Any, Final, NamedTuple, TypedDict, cast
@@ -52,7 +53,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects.postgresql import ARRAY, JSONB
 from sqlalchemy.dialects.postgresql import insert as pg_insert
-from sqlalchemy.engine import Connection, Transaction
+from sqlalchemy.engine import Connection, Engine, Transaction
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.sql.selectable import NamedFromClause
 
@@ -964,6 +965,11 @@ _DETECT_KWARGS_JSON: Final = (
     " ELSE ', \"metadata\": ' || v.metadata::text END || '}'")
 
 
+def _check_page_size(limit: int) -> None:
+    if limit <= 0:
+        raise ValueError(f"limit must be positive, got {limit}")
+
+
 class RescanPages:
     """The pages of one rescan: the images to re-judge, each as its latest verdict's ``(id, keyword arguments as
     JSON)``, the part of its ``detect_image`` message that depends on the row, in id order, each page after the
@@ -992,12 +998,29 @@ class RescanPages:
 
     def page(self, bind: Bind, after_id: int, limit: int) -> list[tuple[int, str]]:
         """The next ``limit`` candidates after verdict id ``after_id``, in id order."""
-        if limit <= 0:
-            raise ValueError(f"limit must be positive, got {limit}")
+        _check_page_size(limit)
         with transaction(bind) as conn:
             _no_jit(conn)
-            result = conn.execute(self._statement, {"after_id": after_id, "page_size": limit})
-            return [tuple(row) for row in result.cursor.fetchall()]
+            return self._fetch(conn, after_id, limit)
+
+    @contextmanager
+    def reader(self, engine: Engine) -> Iterator[Callable[[int, int], list[tuple[int, str]]]]:
+        """``page`` over one connection held for the whole rescan, each page a statement of its own in autocommit
+        with JIT off for the session: one round trip a page, where ``page`` on an engine also pays the pool's
+        check, BEGIN, ``SET LOCAL jit`` and the rollback. No snapshot is held between pages."""
+        with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+            conn.exec_driver_sql("SET jit = off")
+            try:
+                yield functools.partial(self._fetch, conn)
+            except BaseException:
+                conn.invalidate()  # closed, not pooled with the session's setting (nor reset over a broken link)
+                raise
+            conn.exec_driver_sql("RESET jit")  # the connection goes back to the pool as it came
+
+    def _fetch(self, conn: Connection, after_id: int, limit: int) -> list[tuple[int, str]]:
+        _check_page_size(limit)
+        result = conn.execute(self._statement, {"after_id": after_id, "page_size": limit})
+        return [tuple(row) for row in result.cursor.fetchall()]
 
 
 def count_rescan_candidates(bind: Bind, filters: RescanFilters, target_model_version: str, after_id: int = 0,

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import operator
 import os
+import threading
 import time
 from binascii import b2a_base64
 from collections.abc import Callable, Sequence
@@ -87,7 +88,7 @@ class RescanResult:
     run_id: int
     target_model_version: str
     enqueued: int
-    total: int
+    total: int | None  # None until the background count (ProgressTotal) finishes
     status: str
     resumed_from: int = 0  # cursor the run started from (0 = a new run)
     seconds: float = 0.0
@@ -219,6 +220,38 @@ def _uuid4s(count: int) -> list[str]:
     return text.view("S36").ravel().astype(str).tolist()
 
 
+class QueueRoom:
+    """Back-pressure for a rescan: whether the ``detect`` queue has room for another chunk, that is, holds at
+    most ``limit`` jobs (``PPL_RESCAN_MAX_QUEUE``).
+
+    Asking the broker costs two round trips (7 % of a rescan's time when asked before every chunk), so the last
+    answer is reused, plus the jobs this rescan has pushed since, until that sum passes ``limit`` or
+    ``recheck_s`` has gone by (other producers fill the queue too). As before, the queue can pass ``limit`` by
+    at most one chunk of the rescan's own jobs."""
+
+    def __init__(self, length: Callable[[], int], limit: int, sleep: Callable[[float], None] = time.sleep,
+                 clock: Callable[[], float] = time.monotonic, recheck_s: float = 1.0):
+        self.limit, self.recheck_s = limit, recheck_s
+        self._length, self._sleep, self._clock = length, sleep, clock
+        self._known: int | None = None  # the last length asked, plus the jobs pushed since
+        self._asked_at = 0.0
+
+    def has_room(self) -> bool:
+        if self._known is None or self._known > self.limit or self._clock() - self._asked_at >= self.recheck_s:
+            self._known, self._asked_at = self._length(), self._clock()
+        return self._known <= self.limit
+
+    def wait(self) -> None:
+        """Sleep a second; the next ``has_room`` asks again."""
+        self._sleep(1.0)
+        self._known = None
+
+    def used(self, jobs: int) -> None:
+        """This rescan pushed ``jobs`` more."""
+        if self._known is not None:
+            self._known += jobs
+
+
 def push_messages(app: Celery, producer: Producer, messages: Sequence[str]) -> None:
     """Enqueue rendered ``detect_image`` messages (``DetectMessages``) with one ``LPUSH`` of the whole
     chunk. One LPUSH of many items leaves them in the list as that many LPUSHes in the same order would, so
@@ -228,6 +261,57 @@ def push_messages(app: Celery, producer: Producer, messages: Sequence[str]) -> N
     if messages:
         with producer.channel.conn_or_acquire() as client:  # the synchronous client kombu's own _put uses
             client.lpush(DETECT_QUEUE, *messages)
+
+
+class ProgressTotal:
+    """A rescan's progress total, counted on a connection of its own in a daemon thread while the run enqueues:
+    the count is a pass over every candidate, as long as a fifth of the whole rescan when it ran first. It
+    counts from the run's start cursor, so a candidate that a worker judges before the count reaches it is
+    left out: a total for progress, not for deciding anything. ``stop`` cancels its query on the server."""
+
+    def __init__(self, engine: Any, count: Callable[[Any], int]):
+        self._engine, self._count = engine, count
+        self._lock = threading.Lock()
+        self._driver: Any = None  # the count's driver connection while its query may run
+        self._stopped = False
+        self._done = threading.Event()
+        self._value: int | None = None
+        self._error: BaseException | None = None
+        threading.Thread(target=self._run, name="rescan-count", daemon=True).start()
+
+    def _run(self) -> None:
+        try:
+            with self._engine.begin() as conn:
+                with self._lock:
+                    if self._stopped:
+                        return
+                    self._driver = conn.connection.driver_connection
+                self._value = self._count(conn)
+        except BaseException as exc:  # handed to whoever asks for the result
+            self._error = exc
+        finally:
+            with self._lock:
+                self._driver = None
+            self._done.set()
+
+    def ready(self) -> bool:
+        return self._done.is_set()
+
+    def result(self) -> int:
+        """The total, waiting for it; the count's own error if it failed."""
+        self._done.wait()
+        if self._error is not None:
+            raise self._error
+        if self._value is None:
+            raise RescanError("the rescan's count was stopped")
+        return self._value
+
+    def stop(self) -> None:
+        """Cancel the count's query if it still runs: the run ended first."""
+        with self._lock:
+            self._stopped = True
+            if self._driver is not None:
+                self._driver.cancel_safe()
 
 
 def run_rescan(settings: Settings, request: RescanRequest, *, app: Celery, progress: bool = False,
@@ -243,11 +327,21 @@ def run_rescan(settings: Settings, request: RescanRequest, *, app: Celery, progr
             run = db.create_rescan_run(conn, filters, target)
         # Only verdicts that existed when the run began: a full rescan must not chase its own new rows.
         run_id, cursor, enqueued, up_to_id = run.id, run.cursor, run.enqueued, run.max_verdict_id
-        total = enqueued + db.count_rescan_candidates(conn, filters, target, after_id=cursor, up_to_id=up_to_id)
-        db.update_rescan_run(conn, run_id, cursor=cursor, enqueued=enqueued, status="running", total=total)
-    result = RescanResult(run_id, target, enqueued, total, "running", resumed_from=cursor)
-    log.info("rescan %d for model %s: %d image(s) to enqueue", run_id, target, total - enqueued)
-    bar = tqdm(total=total, initial=enqueued, unit="job", disable=not progress, dynamic_ncols=True)
+        db.update_rescan_run(conn, run_id, cursor=cursor, enqueued=enqueued, status="running")
+    result = RescanResult(run_id, target, enqueued, None, "running", resumed_from=cursor)
+    log.info("rescan %d for model %s: starting after verdict %d", run_id, target, cursor)
+    bar = tqdm(total=None, initial=enqueued, unit="job", disable=not progress, dynamic_ncols=True)
+
+    def count_total(conn: Any) -> int:
+        return enqueued + db.count_rescan_candidates(conn, filters, target, after_id=result.resumed_from,
+                                                     up_to_id=up_to_id)
+
+    counting = ProgressTotal(engine, count_total)
+
+    def take_total() -> None:  # once the count is in, or waiting for it
+        result.total = bar.total = counting.result()
+        bar.refresh()
+        log.info("rescan %d: %d image(s) to enqueue", run_id, result.total - enqueued)
 
     try:
         messages = DetectMessages(app)
@@ -256,42 +350,50 @@ def run_rescan(settings: Settings, request: RescanRequest, *, app: Celery, progr
         def next_page(after_id: int, already: int) -> list[tuple[int, str]]:
             size = settings.rescan_chunk if request.limit is None else min(settings.rescan_chunk,
                                                                            request.limit - already)
-            if size <= 0:
-                return []
-            with engine.connect() as conn:
-                return pages.page(conn, after_id, size)
+            return read_page(after_id, size) if size > 0 else []
 
         # The next page is read while this one is pushed and recorded: the page query runs on the database
-        # server, so the two overlap (the driver releases the GIL while it waits).
-        with (app.producer_or_acquire() as producer,
+        # server, so the two overlap (the driver releases the GIL while it waits). The reader's connection
+        # outlives the thread that uses it (the pool shuts down first).
+        with (pages.reader(engine) as read_page,
+              app.producer_or_acquire() as producer,
               ThreadPoolExecutor(max_workers=1, thread_name_prefix="rescan-page") as reader):
             # The queue's length through the producer's own channel: a new broker connection per chunk (what
             # queue_length does) was 5 % of a rescan's time.
-            depth = queue_length_fn or (lambda: _declared_length(producer.channel, DETECT_QUEUE))
+            room = QueueRoom(queue_length_fn or (lambda: _declared_length(producer.channel, DETECT_QUEUE)),
+                             settings.rescan_max_queue, sleep)
             rows = next_page(cursor, result.enqueued)
             while rows:
                 ahead = reader.submit(next_page, rows[-1][0], result.enqueued + len(rows))
-                while depth() > settings.rescan_max_queue:  # back-pressure
+                if result.total is None and counting.ready():
+                    take_total()
+                while not room.has_room():  # back-pressure
                     result.waits += 1
                     bar.set_postfix_str("waiting for the detect queue")
-                    sleep(1.0)
+                    room.wait()
                 push_messages(app, producer, messages.render(rows))
+                room.used(len(rows))
                 cursor = rows[-1][0]
                 result.enqueued += len(rows)
                 with engine.begin() as conn:
-                    db.update_rescan_run(conn, run_id, cursor=cursor, enqueued=result.enqueued, status="running")
+                    db.update_rescan_run(conn, run_id, cursor=cursor, enqueued=result.enqueued, status="running",
+                                         total=result.total)
                 bar.update(len(rows))
                 rows = ahead.result()
+        if result.total is None:
+            take_total()
         result.status = "done" if request.limit is None or result.enqueued < request.limit else "paused"
     except BaseException:
         result.status = "paused"  # interrupted (Ctrl-C, broker or database gone): the next run resumes here
+        counting.stop()
         raise
     finally:
         bar.close()
         result.seconds = time.monotonic() - started
         try:
             with engine.begin() as conn:
-                db.update_rescan_run(conn, run_id, cursor=cursor, enqueued=result.enqueued, status=result.status)
+                db.update_rescan_run(conn, run_id, cursor=cursor, enqueued=result.enqueued, status=result.status,
+                                     total=result.total)
         except Exception:  # the cursor of the last finished chunk is already committed
             log.warning("rescan %d: could not record its final state", run_id, exc_info=True)
     log.info("rescan %d %s: %d job(s) enqueued in %.1f s", run_id, result.status, result.enqueued, result.seconds)

@@ -962,6 +962,32 @@ def test_rescan_candidates_are_exactly_the_stale_images(verdict_row: MakeRow, en
     assert db.count_rescan_candidates(engine, RescanFilters(), NEW) == 3
 
 
+def _jit(engine: Engine) -> str:
+    with engine.connect() as conn:
+        return str(conn.exec_driver_sql("SHOW jit").scalar_one())
+
+
+def test_a_rescan_page_reader_reads_the_same_pages_and_hands_its_connection_back_as_it_came(
+        verdict_row: MakeRow, engine: Engine) -> None:
+    load(engine, verdict_row, random_dataset(120, seed=3))
+    pages = db.RescanPages(RescanFilters(), NEW)
+    default_jit = _jit(engine)
+    with pages.reader(engine) as read:
+        by_reader, after = [], 0
+        while page := read(after, 7):
+            by_reader += page
+            after = page[-1][0]
+        with pytest.raises(ValueError):
+            read(after, 0)
+    assert by_reader and by_reader == pages.page(engine, 0, 10_000)
+    assert engine.pool.checkedout() == 0 and _jit(engine) == default_jit  # the session's JIT setting undone
+
+    with pytest.raises(RuntimeError), pages.reader(engine) as read:  # a run that fails mid-way
+        read(0, 5)
+        raise RuntimeError("broker gone")
+    assert engine.pool.checkedout() == 0 and _jit(engine) == default_jit  # that connection was closed instead
+
+
 def random_dataset(images: int, seed: int) -> dict[tuple[str, str], tuple[float, datetime]]:
     rng = random.Random(seed)
     dataset = {}

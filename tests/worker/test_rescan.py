@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import json
+import time
 import uuid
 
 import pytest
@@ -12,7 +13,7 @@ import redis
 
 from worker import db
 from worker.app import DETECT_QUEUE, make_app
-from worker.rescan import DetectMessages, RescanError, RescanRequest, run_rescan
+from worker.rescan import DetectMessages, ProgressTotal, QueueRoom, RescanError, RescanRequest, run_rescan
 from worker.settings import Settings
 
 
@@ -64,6 +65,55 @@ def test_rescan_waits_while_the_detect_queue_is_long(stored, database_url, redis
     result = run_rescan(settings, RescanRequest(target_model_version="new"), app=make_app(settings),
                         engine=stored, queue_length_fn=lambda: next(lengths), sleep=waited.append)
     assert result.enqueued == 25 and result.waits == 2 and len(waited) == 2
+
+
+def test_queue_room_asks_the_broker_only_when_the_rescan_could_have_filled_the_queue():
+    lengths, slept, now = iter([40, 70, 90, 300, 10]), [], [0.0]
+    asked = []
+
+    def length() -> int:
+        asked.append(now[0])
+        return next(lengths)
+
+    room = QueueRoom(length, limit=100, sleep=slept.append, clock=lambda: now[0], recheck_s=1.0)
+    assert room.has_room() and asked == [0.0]  # 40 waiting
+    room.used(50)
+    assert room.has_room() and asked == [0.0]  # at most 90: no need to ask
+    room.used(50)
+    assert room.has_room() and asked == [0.0, 0.0]  # could be 140: asked again, 70
+    now[0] = 1.0
+    assert room.has_room() and asked == [0.0, 0.0, 1.0]  # a second on: other producers count too (90)
+    room.used(20)
+    assert not room.has_room() and asked[-1] == 1.0  # could be 110: asked, 300
+    room.wait()
+    assert slept == [1.0] and room.has_room()  # asked again after the wait: 10
+
+
+def test_the_progress_total_is_counted_in_the_background_and_its_errors_surface(engine):
+    total = ProgressTotal(engine, lambda conn: int(conn.exec_driver_sql("SELECT 41 + 1").scalar_one()))
+    assert total.result() == 42 and total.ready()
+
+    def failing(conn):
+        raise LookupError("no such run")
+
+    with pytest.raises(LookupError, match="no such run"):
+        ProgressTotal(engine, failing).result()
+
+
+def test_stopping_the_progress_total_cancels_its_query_on_the_server(engine):
+    import sqlalchemy.exc
+
+    total = ProgressTotal(engine, lambda conn: int(conn.exec_driver_sql("SELECT 1 FROM pg_sleep(60)").scalar_one()))
+    deadline = time.monotonic() + 10
+    with engine.connect() as conn:  # wait until the count's query runs on the server
+        while not conn.exec_driver_sql("SELECT count(*) FROM pg_stat_activity WHERE query LIKE '%%pg_sleep(60)' "
+                                       "AND state = 'active' AND pid <> pg_backend_pid()").scalar_one():
+            assert time.monotonic() < deadline, "the count never started"
+            time.sleep(0.05)
+            conn.rollback()
+    total.stop()
+    with pytest.raises(sqlalchemy.exc.OperationalError, match="cancel"):
+        total.result()  # well before the 60 s sleep would end: the test run's timeout would say otherwise
 
 
 def test_bad_rescan_arguments_are_refused():
