@@ -49,6 +49,40 @@ def test_stale_images_are_enqueued_in_chunks_and_an_interrupted_run_resumes(stor
     assert sorted(sources) == sorted(f"https://images.example.com/stale{i}.jpg" for i in range(25))
 
 
+def test_a_rescan_the_broker_fails_under_keeps_the_cursor_of_its_last_pushed_chunk_and_resumes_from_it(
+        stored, database_url, redis_url, monkeypatch):
+    import worker.rescan
+
+    settings = Settings.from_env({}, database_url=database_url, broker_url=redis_url, rescan_chunk=4)
+    app = make_app(settings)
+    pushes, stopped = [], []
+    real_push, real_stop = worker.rescan.push_messages, ProgressTotal.stop
+
+    def failing_push(app_, producer, messages):
+        if len(pushes) == 2:
+            raise ConnectionError("broker gone")
+        pushes.append(len(messages))
+        real_push(app_, producer, messages)
+
+    def recorded_stop(self):
+        stopped.append(True)
+        real_stop(self)
+
+    monkeypatch.setattr(worker.rescan, "push_messages", failing_push)
+    monkeypatch.setattr(ProgressTotal, "stop", recorded_stop)
+    with pytest.raises(ConnectionError):
+        run_rescan(settings, RescanRequest(target_model_version="new"), app=app, engine=stored)
+    assert stopped == [True]  # the background count is not left running
+    run = db.latest_unfinished_rescan_run(stored, "new", RescanRequest().filters())
+    assert run is not None and (run.status, run.enqueued) == ("paused", 8)
+    assert len(queued_sources(redis_url)) == 8
+
+    monkeypatch.setattr(worker.rescan, "push_messages", real_push)
+    resumed = run_rescan(settings, RescanRequest(target_model_version="new"), app=app, engine=stored)
+    assert (resumed.run_id, resumed.resumed_from, resumed.enqueued, resumed.status) == (run.id, run.cursor, 25, "done")
+    assert sorted(queued_sources(redis_url)) == sorted(f"https://images.example.com/stale{i}.jpg" for i in range(25))
+
+
 def test_filters_narrow_the_rescan(stored, database_url, redis_url):
     settings = Settings.from_env({}, database_url=database_url, broker_url=redis_url)
     result = run_rescan(settings, RescanRequest(target_model_version="new", label="fake", min_score=0.5),
