@@ -198,6 +198,23 @@ def test_the_batch_path_benchmark_measures_each_size_on_new_content(tmp_path, pg
     assert set(bench_databases(pg_server_url)) == before
 
 
+def test_the_consumer_floor_takes_every_message_and_acknowledges_each_one_once(redis_url, capsys, tmp_path):
+    from benchmarks import consumer_floor
+    from benchmarks.harness import send_jobs
+
+    assert consumer_floor.main(["--broker-url", redis_url, "--messages", "150", "--batch", "32",
+                                "--rounds", "2"]) == 0  # 150: the last batch is a partial one
+    result = json.loads(capsys.readouterr().out)
+    assert (result["messages"], result["batch"]) == (150, 32)
+    assert len(result["cpu_ms_per_message"]) == 2 and all(cpu > 0 for cpu in result["cpu_ms_per_message"])
+    assert redis.Redis.from_url(redis_url).dbsize() == 0  # its database flushed after it
+
+    client = redis.Redis.from_url(redis_url)
+    send_jobs(redis_url, [tmp_path / "a.jpg"])
+    with pytest.raises(consumer_floor.ConsumerFloorError, match="ran dry after 1 of 2"):
+        consumer_floor.consume(client, consumer_floor.DETECT_QUEUE, 2, 32)
+
+
 def test_the_batch_path_fit_splits_a_fixed_cost_from_a_cost_per_image():
     from benchmarks.batch_path_cpu import fit_fixed_and_per_image
 
