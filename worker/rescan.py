@@ -224,10 +224,10 @@ class QueueRoom:
     """Back-pressure for a rescan: whether the ``detect`` queue has room for another chunk, that is, holds at
     most ``limit`` jobs (``PPL_RESCAN_MAX_QUEUE``).
 
-    Asking the broker costs two round trips (7 % of a rescan's time when asked before every chunk), so the last
-    answer is reused, plus the jobs this rescan has pushed since, until that sum passes ``limit`` or
-    ``recheck_s`` has gone by (other producers fill the queue too). As before, the queue can pass ``limit`` by
-    at most one chunk of the rescan's own jobs."""
+    Asking the broker costs two round trips, a noticeable share of a rescan asked before every chunk
+    (docs/PERFORMANCE.md, "Storage and rescans"), so the last answer is reused, plus the jobs this rescan has
+    pushed since, until that sum passes ``limit`` or ``recheck_s`` has gone by (other producers fill the queue
+    too). As before, the queue can pass ``limit`` by at most one chunk of the rescan's own jobs."""
 
     def __init__(self, length: Callable[[], int], limit: int, sleep: Callable[[float], None] = time.sleep,
                  clock: Callable[[], float] = time.monotonic, recheck_s: float = 1.0):
@@ -265,9 +265,10 @@ def push_messages(app: Celery, producer: Producer, messages: Sequence[str]) -> N
 
 class ProgressTotal:
     """A rescan's progress total, counted on a connection of its own in a daemon thread while the run enqueues:
-    the count is a pass over every candidate, as long as a fifth of the whole rescan when it ran first. It
-    counts from the run's start cursor, so a candidate that a worker judges before the count reaches it is
-    left out: a total for progress, not for deciding anything. ``stop`` cancels its query on the server."""
+    the count is a pass over every candidate, a large share of the run's time when it came first
+    (docs/PERFORMANCE.md, "Storage and rescans"). It counts from the run's start cursor, so a candidate that a
+    worker judges before the count reaches it is left out: a total for progress, not for deciding anything.
+    ``stop`` cancels its query on the server."""
 
     def __init__(self, engine: Any, count: Callable[[Any], int]):
         self._engine, self._count = engine, count
@@ -353,8 +354,8 @@ def run_rescan(settings: Settings, request: RescanRequest, *, app: Celery, progr
             return read_page(after_id, size) if size > 0 else []
 
         # The next page is read while this one is pushed and recorded: the page query runs on the database
-        # server, so the two overlap (the driver releases the GIL while it waits). The reader's connection
-        # outlives the thread that uses it (the pool shuts down first).
+        # server, so the two overlap (the driver releases the GIL while it waits). The page connection is
+        # entered first so that it outlives the thread that reads over it (the executor shuts down first).
         with (pages.reader(engine) as read_page,
               app.producer_or_acquire() as producer,
               ThreadPoolExecutor(max_workers=1, thread_name_prefix="rescan-page") as reader):
