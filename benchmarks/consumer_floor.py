@@ -27,7 +27,7 @@ import base64
 import json
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -75,7 +75,7 @@ def consume(client: Any, queue: str, total: int, batch: int) -> tuple[float, int
 
 
 def run_consumer_floor(broker_url: str, messages: int, batch: int, rounds: int,
-                       log: Any = lambda message: None) -> dict[str, Any]:
+                       log: Callable[[str], None] = print) -> dict[str, Any]:
     """Fill the queue with ``messages`` jobs and consume them, ``rounds`` times; CPU per message each round."""
     per_round = []
     with bench_redis(broker_url) as client:
