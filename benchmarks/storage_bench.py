@@ -438,10 +438,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--profile", action="store_true", help="cProfile each part into OUT/profiles/")
     args = parser.parse_args(argv)
     try:
-        if redis_db_number(args.broker_url) == 0:
-            parser.error("the benchmark flushes its Redis database: give it one of its own, not /0")
+        broker_db = redis_db_number(args.broker_url)
     except HarnessError as exc:
         parser.error(str(exc))
+    if broker_db == 0:
+        parser.error("the benchmark flushes its Redis database: give it one of its own, not /0")
     config = StorageBenchConfig(out=args.out.absolute(), server_url=server_url_from(args.database_url),
                                 broker_url=args.broker_url,
                                 write_rows=args.write_rows,
