@@ -10,7 +10,8 @@ Two steps, so that content already judged is answered from its hash before a pix
    ``ppl_model.jpeg_region`` applies (bit-identical to a full decode), the rest in full. The image's
    provenance (``ppl_model.provenance``: C2PA, XMP source type, generator metadata) is read from the same
    bytes beside the decode, in the same thread or decode process, as is its frame count;
-3. ``release`` drops the bytes of every handle, decoded or not.
+3. ``decode`` drops the bytes of the handles it decodes once their crops are made; ``release`` drops the bytes
+   of any handle left (content found already judged, a batch given up part-way), and is harmless for the rest.
 
 Two implementations behind one protocol, chosen by ``PPL_DECODE_PROCESSES``:
 
@@ -53,10 +54,6 @@ from worker.sources import SourceError, fetch_source
 
 log = logging.getLogger(__name__)
 
-# Each decode process gets a batch's jobs in about this many messages: few, because every message costs the
-# worker process a pipe write and a wake-up, but more than one, so that a process that finishes early is not
-# left idle behind one holding all the large images.
-MESSAGES_PER_PROCESS = 2
 ORPHAN_CHECK_S = 1.0  # how often a decode process checks that its worker is still alive
 
 
@@ -101,11 +98,12 @@ class Loader(Protocol):
         ...
 
     def decode(self, handles: Sequence[int], spec: CropSpec) -> list[Decoded]:
-        """The crops of each fetched handle (in order)."""
+        """The crops of each fetched handle (in order); the bytes of each are dropped once it is decoded (a handle
+        is decoded at most once)."""
         ...
 
     def release(self, handles: Iterable[int]) -> None:
-        """Forget the bytes of these handles (decoded or not)."""
+        """Forget the bytes of these handles, if still held (not decoded)."""
         ...
 
     def close(self) -> None: ...
@@ -188,7 +186,7 @@ class ThreadLoader:
 
     def decode(self, handles: Sequence[int], spec: CropSpec) -> list[Decoded]:
         with self._lock:
-            blobs = [self._data[h] for h in handles]
+            blobs = [self._data.pop(h) for h in handles]
         return list(self.pool.map(lambda data: decode_crops(data, self.settings, spec), blobs))
 
     def release(self, handles: Iterable[int]) -> None:
@@ -260,7 +258,7 @@ def _child_decode(handles: list[int], spec: CropSpec, placement: Placement = Non
             out.append((Decoded(error=SourceError(Reason.DECODER_DIED, "the decode process no longer holds these "
                                                                        "bytes")), None))
             continue
-        decoded = decode_crops(_child_data[handle], _child_settings, spec)
+        decoded = decode_crops(_child_data.pop(handle), _child_settings, spec)
         shape = None
         if arena is not None and placement is not None and decoded.crops is not None:
             shape = arena.write(placement[1][index], decoded.crops)
@@ -300,7 +298,9 @@ class ProcessLoader:
                                    initargs=(self.settings, os.getpid()))
 
     def _chunk(self, count: int) -> int:
-        return max(1, -(-count // (len(self._executors) * MESSAGES_PER_PROCESS)))
+        # One message for each process a call: every message costs this process about 0.2 ms of CPU (pickling,
+        # a pipe write, the executor's wake-ups and threads), serial work that caps what one worker can feed.
+        return max(1, -(-count // len(self._executors)))
 
     def _spread(self, count: int) -> list[int]:
         """A process index for each of ``count`` items: consecutive chunks, round-robin over the processes."""
@@ -329,8 +329,8 @@ class ProcessLoader:
         return [results[h] for h in handles]
 
     def decode(self, handles: Sequence[int], spec: CropSpec) -> list[Decoded]:
-        with self._lock:
-            owners = [self._owner[h] for h in handles]
+        with self._lock:  # the decode drops the bytes in their process: nothing left for ``release`` to send
+            owners = [self._owner.pop(h) for h in handles]
         slot_bytes = spec.tiles * spec.size * spec.size * 3
         calls = []
         for owner, items in _chunks(list(handles), owners, self._chunk(len(handles))):

@@ -82,6 +82,36 @@ def test_released_bytes_are_gone(photos):
         loader.close()
 
 
+def _held_by(loader) -> list[int]:
+    """How many fetched images' bytes each decode process (or the thread loader) still holds."""
+    if isinstance(loader, ThreadLoader):
+        return [len(loader._data)]
+    # eval is picklable and runs in the decode process: a probe of its module state, for this test only
+    probe = "len(__import__('worker.loading').loading._child_data)"
+    return [executor.submit(eval, probe).result() for executor in loader._executors]
+
+
+def test_decoding_drops_the_bytes_and_each_process_gets_one_message_a_call(loader, photos, monkeypatch):
+    sent: list[str] = []
+    for executor in getattr(loader, "_executors", []):
+        real_submit = executor.submit
+        monkeypatch.setattr(executor, "submit", lambda fn, *a, _real=real_submit, **k: sent.append(fn.__name__)
+                            or _real(fn, *a, **k))
+    paths = sorted(p for p in photos.iterdir() if p.name != "text.jpg")
+    fetched = loader.fetch([p.as_uri() for p in paths])
+    assert sum(_held_by(loader)) == len(paths)
+    decoded = loader.decode([f.handle for f in fetched[1:]], CropSpec(32, 1, (0.5, 0.5, 0.5)))
+    assert all(d.error is None for d in decoded)
+    assert sum(_held_by(loader)) == 1  # only the image not decoded is still held
+    loader.release(f.handle for f in fetched)
+    assert sum(_held_by(loader)) == 0
+    if isinstance(loader, ProcessLoader):
+        calls = [name for name in sent if name in ("_child_fetch", "_child_decode", "_child_release")]
+        processes = len(loader._executors)
+        # one fetch and one decode message for each process; a release only for the process of the undecoded image
+        assert calls == ["_child_fetch"] * processes + ["_child_decode"] * processes + ["_child_release"]
+
+
 def test_a_decode_process_that_dies_fails_its_jobs_transiently_and_is_replaced(photos):
     settings = Settings.from_env({}, file_roots=(photos,))
     loader = ProcessLoader(settings, 1)
