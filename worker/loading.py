@@ -329,8 +329,8 @@ class ProcessLoader:
         return [results[h] for h in handles]
 
     def decode(self, handles: Sequence[int], spec: CropSpec) -> list[Decoded]:
-        with self._lock:  # the decode drops the bytes in their process: nothing left for ``release`` to send
-            owners = [self._owner.pop(h) for h in handles]
+        with self._lock:
+            owners = [self._owner[h] for h in handles]
         slot_bytes = spec.tiles * spec.size * spec.size * 3
         calls = []
         for owner, items in _chunks(list(handles), owners, self._chunk(len(handles))):
@@ -340,6 +340,9 @@ class ProcessLoader:
             calls.append((owner, items, (spec, placement), arena if placement else None, slots or []))
         results: dict[int, Decoded] = {}
         submitted = self._submit([(owner, items, args) for owner, items, args, _, _ in calls], _child_decode)
+        with self._lock:  # each decode drops its bytes in their process: nothing left for ``release`` to send
+            for handle in handles:
+                self._owner.pop(handle, None)
         for (owner, executor, items, future), (_, _, _, arena, slots) in zip(submitted, calls, strict=True):
             try:
                 for index, (handle, (decoded, shape)) in enumerate(zip(items, future.result(), strict=True)):
