@@ -81,12 +81,18 @@ class CropArena:
 
     def read(self, slot: int, shape: tuple[int, ...]) -> np.ndarray:
         """A copy of the uint8 array of ``shape`` a decode process wrote at ``slot``."""
+        out = np.empty(shape, dtype=np.uint8)
+        self.read_into(slot, out)
+        return out
+
+    def read_into(self, slot: int, out: np.ndarray) -> None:
+        """Copy the uint8 array a decode process wrote at ``slot``, of ``out``'s shape, into ``out``."""
         if self._map is None:
             raise RuntimeError("the crop arena is closed")
-        count = math.prod(shape)  # np.prod of a tuple costs microseconds, per image
+        count = math.prod(out.shape)  # np.prod of a tuple costs microseconds, per image
         if not 0 <= slot < self.slots or count > self.slot_bytes:
-            raise ValueError(f"slot {slot} cannot hold an array of shape {shape}")
-        return np.frombuffer(self._map, np.uint8, count, slot * self.slot_bytes).reshape(shape).copy()
+            raise ValueError(f"slot {slot} cannot hold an array of shape {out.shape}")
+        out[...] = np.frombuffer(self._map, np.uint8, count, slot * self.slot_bytes).reshape(out.shape)
 
     def close(self) -> None:
         self.unlink()

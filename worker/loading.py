@@ -21,7 +21,8 @@ Two implementations behind one protocol, chosen by ``PPL_DECODE_PROCESSES``:
 * ``ProcessLoader`` (N > 0): N decode processes, each a single-process executor that keeps the bytes it
   fetched, so a handle's ``decode`` runs where its bytes already are (a 12 MP photo is megabytes; its crop
   is 150 kB) and nothing but sources, digests and crop shapes crosses a pipe: the crops themselves come back
-  through shared memory (``worker.crop_arena``). They import neither torch nor Celery. A decode process that
+  through shared memory (``worker.crop_arena``), copied once, into one array per call whose rows the batch
+  uses as they lie (``joined_crops``). They import neither torch nor Celery. A decode process that
   dies (a decoder crash, the OOM killer) fails only the jobs it held, with a transient reason so that they
   are retried, and is replaced.
 """
@@ -343,17 +344,22 @@ class ProcessLoader:
         with self._lock:  # each decode drops its bytes in their process: nothing left for ``release`` to send
             for handle in handles:
                 self._owner.pop(handle, None)
-        for (owner, executor, items, future), (_, _, _, arena, slots) in zip(submitted, calls, strict=True):
-            try:
-                for index, (handle, (decoded, shape)) in enumerate(zip(items, future.result(), strict=True)):
-                    if shape is not None and arena is not None:
-                        decoded = replace(decoded, crops=arena.read(slots[index], shape))
-                    results[handle] = decoded
-            except BrokenProcessPool as exc:
-                self._replace(owner, executor, exc)
-                for handle in items:
-                    results[handle] = Decoded(error=_died(exc))
-            finally:
+        in_arena: dict[int, tuple[CropArena, int, tuple[int, ...]]] = {}  # handle → where its crops wait
+        try:
+            for (owner, executor, items, future), (_, _, _, arena, slots) in zip(submitted, calls, strict=True):
+                try:
+                    for index, (handle, (decoded, shape)) in enumerate(zip(items, future.result(), strict=True)):
+                        if shape is not None and arena is not None:
+                            in_arena[handle] = (arena, slots[index], shape)
+                        results[handle] = decoded
+                except BrokenProcessPool as exc:
+                    self._replace(owner, executor, exc)
+                    for handle in items:
+                        in_arena.pop(handle, None)
+                        results[handle] = Decoded(error=_died(exc))
+            _into_one_array(handles, results, in_arena)
+        finally:
+            for _, _, _, arena, slots in calls:
                 if arena is not None:
                     arena.give_back(slots)
         return [results[h] for h in handles]
@@ -435,6 +441,54 @@ class ProcessLoader:
             log.error("decode process %d died (%s); starting another", owner, exc)
             executor.shutdown(wait=False, cancel_futures=True)
             self._executors[owner] = self._start()
+
+
+def _into_one_array(handles: Sequence[int], results: dict[int, Decoded],
+                    in_arena: dict[int, tuple[CropArena, int, tuple[int, ...]]]) -> None:
+    """Copy the crops of ``handles`` (from their arena slots, or as the pipe brought them) into one new array, in
+    order, each ``Decoded`` keeping a view of its rows: ``joined_crops`` then makes the batch without another
+    copy. Left as they are when their crops differ in size."""
+    placed: list[tuple[int, tuple[int, ...], np.ndarray | None]] = []  # handle, shape, crops from the pipe
+    for handle in handles:
+        crops = results[handle].crops
+        where = in_arena.get(handle)
+        if where is not None:
+            placed.append((handle, where[2], None))
+        elif crops is not None:
+            placed.append((handle, crops.shape, crops))
+    if not placed or len({shape[1:] for _, shape, _ in placed}) != 1:
+        for handle, (arena, slot, shape) in in_arena.items():
+            results[handle] = replace(results[handle], crops=arena.read(slot, shape))
+        return
+    rows = np.empty((sum(shape[0] for _, shape, _ in placed), *placed[0][1][1:]), dtype=np.uint8)
+    start = 0
+    for handle, shape, crops in placed:
+        out = rows[start:start + shape[0]]
+        start += shape[0]
+        if crops is not None:
+            out[...] = crops
+        else:
+            arena, slot, _ = in_arena[handle]
+            arena.read_into(slot, out)
+        results[handle] = replace(results[handle], crops=out)
+
+
+def joined_crops(crops: Sequence[np.ndarray]) -> np.ndarray:
+    """The crops of a batch as one ``(N, S, S, 3)`` array: a view where they lie back to back, in order, in one
+    array (as ``ProcessLoader.decode`` hands them out), otherwise their concatenation (a copy)."""
+    first = crops[0]
+    base = first.base
+    if isinstance(base, np.ndarray) and base.flags.c_contiguous:
+        start = end = first.__array_interface__["data"][0]
+        for crop in crops:
+            if crop.base is not base or not crop.flags.c_contiguous or crop.dtype != first.dtype \
+                    or crop.shape[1:] != first.shape[1:] or crop.__array_interface__["data"][0] != end:
+                break
+            end += crop.nbytes
+        else:
+            return np.ndarray((sum(len(crop) for crop in crops), *first.shape[1:]), dtype=first.dtype, buffer=base,
+                              offset=start - base.__array_interface__["data"][0])
+    return np.concatenate(crops)
 
 
 def _chunks(items: list, owners: list[int], size: int) -> list[tuple[int, list]]:

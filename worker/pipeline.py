@@ -32,7 +32,7 @@ from ppl_model.inference.verdict import make_verdicts
 from ppl_model.provenance import decide
 from ppl_model.reasons import Reason
 from worker import db, metrics
-from worker.loading import CropSpec, Decoded, Fetched, Loader, make_loader
+from worker.loading import CropSpec, Decoded, Fetched, Loader, joined_crops, make_loader
 from worker.model import ServedModel, load_model
 from worker.settings import Settings
 from worker.sources import SourceError
@@ -348,7 +348,7 @@ class BatchProcessor:
         prep, backend = model.preprocessing, model.backend
         with self._infer_lock:
             waited = time.perf_counter() - started
-            pixels = normalise(np.concatenate(crops), prep.mean, prep.std, backend.device)
+            pixels = normalise(joined_crops(crops), prep.mean, prep.std, backend.device)
             predictions = aggregate(backend.predict(pixels), [len(c) for c in crops])
         infer_s = time.perf_counter() - started
         report.seconds["infer"] = infer_s

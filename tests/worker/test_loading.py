@@ -19,7 +19,7 @@ from ppl_model.imageio import decode_rgb
 from ppl_model.inference.preprocess import Preprocessing, normalise, prepare_image
 from ppl_model.reasons import Reason
 from worker import crop_arena
-from worker.loading import CropSpec, ProcessLoader, ThreadLoader
+from worker.loading import CropSpec, ProcessLoader, ThreadLoader, joined_crops
 from worker.settings import Settings
 
 
@@ -150,9 +150,9 @@ def _decode_all(loader, paths, spec):
 def arena_reads(monkeypatch):
     """The shape of every crop the worker reads out of a crop arena (rather than from a decode process's pipe)."""
     reads = []
-    real_read = crop_arena.CropArena.read
-    monkeypatch.setattr(crop_arena.CropArena, "read", lambda self, slot, shape: reads.append(shape)
-                        or real_read(self, slot, shape))
+    real_read = crop_arena.CropArena.read_into
+    monkeypatch.setattr(crop_arena.CropArena, "read_into", lambda self, slot, out: reads.append(out.shape)
+                        or real_read(self, slot, out))
     return reads
 
 
@@ -172,6 +172,10 @@ def test_crops_come_back_through_shared_memory_that_leaves_no_file(photos, arena
     for got, want in zip(decoded, expected, strict=True):
         assert got.error is None and got.crops is not None and want.crops is not None
         assert got.crops.dtype == np.uint8 and np.array_equal(got.crops, want.crops)
+    # the crops of one decode call lie back to back in one array: the batch is a view of it, not a copy
+    crops = [d.crops for d in decoded]
+    joined = joined_crops(crops)
+    assert np.shares_memory(joined, crops[0]) and np.array_equal(joined, np.concatenate(crops))
 
 
 def test_crops_go_through_the_pipe_when_no_slot_or_no_shared_memory_is_left(photos, arena_reads, monkeypatch,
@@ -197,6 +201,44 @@ def test_crops_go_through_the_pipe_when_no_slot_or_no_shared_memory_is_left(phot
     finally:
         loader.close()
     assert np.array_equal(decoded[0].crops, expected[0].crops)
+
+
+def test_joined_crops_is_a_view_only_of_crops_back_to_back_in_order():
+    rows = np.arange(6 * 2 * 2 * 3, dtype=np.uint8).reshape(6, 2, 2, 3)
+    in_order = [rows[0:1], rows[1:3], rows[3:4]]
+    joined = joined_crops(in_order)
+    assert np.shares_memory(joined, rows) and np.array_equal(joined, rows[0:4])
+    apart = [rows[3:4], rows[5:6], rows[3:4], rows[::2]]
+    for crops in ([rows[1:2], rows[0:1]], [rows[0:1], rows[2:3]], [rows[1:2], rows[1:2]], [apart[3]],
+                  [rows[0:1], rows[1:2].copy()], [np.ascontiguousarray(rows[:, :1]), rows[1:2, :1]]):
+        joined = joined_crops(crops)  # out of order, a gap, repeated, strided, another array, other shapes
+        assert not np.shares_memory(joined, rows) and np.array_equal(joined, np.concatenate(crops))
+    assert np.array_equal(joined_crops([rows[2:3]]), rows[2:3])
+
+
+def test_crops_of_one_call_are_copied_into_one_array_unless_their_sizes_differ(tmp_path):
+    from worker.loading import Decoded, _into_one_array
+
+    arena = crop_arena.CropArena(slot_bytes=27, slots=2, directory=tmp_path)
+    writer = crop_arena.ArenaWriter(arena.id, str(arena.path), 27)
+    arena.unlink()
+    try:
+        in_slot = np.full((1, 2, 2, 3), 7, np.uint8)
+        writer.write(0, in_slot)
+        piped = np.arange(24, dtype=np.uint8).reshape(2, 2, 2, 3)
+        results = {1: Decoded(), 2: Decoded(crops=piped), 3: Decoded(error=None)}
+        _into_one_array([1, 2, 3], results, {1: (arena, 0, (1, 2, 2, 3))})
+        joined = joined_crops([results[1].crops, results[2].crops])
+        assert np.shares_memory(joined, results[2].crops) and np.array_equal(joined, np.concatenate([in_slot, piped]))
+        assert results[3].crops is None
+
+        other = np.zeros((1, 3, 3, 3), np.uint8)  # another crop size: each keeps crops of its own
+        results = {1: Decoded(), 2: Decoded(crops=other)}
+        _into_one_array([1, 2], results, {1: (arena, 0, (1, 2, 2, 3))})
+        assert np.array_equal(results[1].crops, in_slot) and results[2].crops is other
+    finally:
+        writer.close()
+        arena.close()
 
 
 def test_crop_arena_hands_out_each_slot_once_and_checks_reads(tmp_path):
