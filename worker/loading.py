@@ -355,7 +355,6 @@ class ProcessLoader:
                 except BrokenProcessPool as exc:
                     self._replace(owner, executor, exc)
                     for handle in items:
-                        in_arena.pop(handle, None)
                         results[handle] = Decoded(error=_died(exc))
             _into_one_array(handles, results, in_arena)
         finally:
