@@ -299,8 +299,8 @@ class ProcessLoader:
                                    initargs=(self.settings, os.getpid()))
 
     def _chunk(self, count: int) -> int:
-        # One message for each process a call: every message costs this process about 0.2 ms of CPU (pickling,
-        # a pipe write, the executor's wake-ups and threads), serial work that caps what one worker can feed.
+        # One message for each process a call: every message costs this process CPU (pickling, a pipe write, the
+        # executor's wake-ups and threads), serial work that caps what one worker can feed (docs/PERFORMANCE.md).
         return max(1, -(-count // len(self._executors)))
 
     def _spread(self, count: int) -> list[int]:
