@@ -207,9 +207,9 @@ def test_the_consumer_floor_takes_every_message_and_acknowledges_each_one_once(r
     result = json.loads(capsys.readouterr().out)
     assert (result["messages"], result["batch"]) == (150, 32)
     assert len(result["cpu_ms_per_message"]) == 2 and all(cpu > 0 for cpu in result["cpu_ms_per_message"])
-    assert redis.Redis.from_url(redis_url).dbsize() == 0  # its database flushed after it
-
     client = redis.Redis.from_url(redis_url)
+    assert client.dbsize() == 0  # its database flushed after it
+
     send_jobs(redis_url, [tmp_path / "a.jpg"])
     with pytest.raises(consumer_floor.ConsumerFloorError, match="ran dry after 1 of 2"):
         consumer_floor.consume(client, consumer_floor.DETECT_QUEUE, 2, 32)
