@@ -18,7 +18,7 @@ Two implementations behind one protocol, chosen by ``PPL_DECODE_PROCESSES``:
 * ``ThreadLoader`` (0, the default): a thread pool of the worker process (``PPL_DECODE_THREADS``). Reading
   files and sockets, hashing and libjpeg release the GIL, but Pillow's Python glue and the crop code hold
   it: one process decodes on about one core's worth of Python.
-* ``ProcessLoader`` (N > 0): N decode processes, each a single-process executor that keeps the bytes it
+* ``ProcessLoader`` (N > 0): N decode processes (``worker.decode_process``), each of which keeps the bytes it
   fetched, so a handle's ``decode`` runs where its bytes already are (a 12 MP photo is megabytes; its crop
   is 150 kB) and nothing but sources, digests and crop shapes crosses a pipe: the crops themselves come back
   through shared memory (``worker.crop_arena``), copied once, into one array per call whose rows the batch
@@ -39,7 +39,6 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from concurrent.futures.process import BrokenProcessPool, ProcessPoolExecutor
 from dataclasses import dataclass, replace
 from typing import Protocol
 
@@ -49,6 +48,7 @@ from ppl_model.inference.crops import crop_pixels
 from ppl_model.provenance import Provenance, read_provenance
 from ppl_model.reasons import Reason
 from worker.crop_arena import ArenaWriter, CropArena
+from worker.decode_process import DecodeProcess, DecodeProcessGone
 from worker.decoding import decode_jpeg_region, decode_pixels
 from worker.settings import Settings, provenance_policy
 from worker.sources import SourceError, fetch_source
@@ -282,33 +282,32 @@ class ProcessLoader:
         provenance_policy(settings)  # a bad PPL_C2PA_TRUST_ANCHORS fails here, not in every decode process
         # spawn, not fork: the worker process has threads (Celery's, torch's) whose locks a fork would copy held
         self._context = multiprocessing.get_context("spawn")
-        self._executors = [self._start() for _ in range(processes)]
+        self._processes = [self._start(index) for index in range(processes)]
         self._owner: dict[int, int] = {}  # handle → index of the process that holds its bytes
         self._handles = itertools.count()
         self._next = itertools.count()
         self._lock = threading.Lock()
-        # Each process's crop arena, made on its first decode, with the executor it was made for. Slots for
+        # Each process's crop arena, made on its first decode, with the process it was made for. Slots for
         # every batch in flight at once: a process gets at most a batch's share plus one image of each.
-        self._arenas: dict[int, tuple[ProcessPoolExecutor, CropArena]] = {}
+        self._arenas: dict[int, tuple[DecodeProcess, CropArena]] = {}
         self._arena_lock = threading.Lock()
         self._arenas_off = False
         self._slots = settings.batches_in_flight * (-(-settings.batch_size // processes) + 1)
 
-    def _start(self) -> ProcessPoolExecutor:
-        return ProcessPoolExecutor(max_workers=1, mp_context=self._context, initializer=_child_init,
-                                   initargs=(self.settings, os.getpid()))
+    def _start(self, index: int) -> DecodeProcess:
+        return DecodeProcess(self._context, _child_init, (self.settings, os.getpid()), f"ppl-decode-{index}")
 
     def _chunk(self, count: int) -> int:
-        # One message for each process a call: every message costs this process CPU (pickling, a pipe write, the
-        # executor's wake-ups and threads), serial work that caps what one worker can feed (docs/PERFORMANCE.md).
-        return max(1, -(-count // len(self._executors)))
+        # One message for each process a call: every message costs this process CPU (pickling, a pipe write, a
+        # reader thread's wake-up), serial work that caps what one worker can feed (docs/PERFORMANCE.md).
+        return max(1, -(-count // len(self._processes)))
 
     def _spread(self, count: int) -> list[int]:
         """A process index for each of ``count`` items: consecutive chunks, round-robin over the processes."""
         with self._lock:
             first = next(self._next)
         chunk = self._chunk(count)
-        return [(first + i // chunk) % len(self._executors) for i in range(count)]
+        return [(first + i // chunk) % len(self._processes) for i in range(count)]
 
     def fetch(self, sources: Sequence[str]) -> list[Fetched]:
         with self._lock:
@@ -318,13 +317,13 @@ class ProcessLoader:
             self._owner.update(zip(handles, owners, strict=True))
         chunks = _chunks(list(zip(handles, sources, strict=True)), owners, self._chunk(len(sources)))
         results: dict[int, Fetched] = {}
-        for owner, executor, items, future in self._submit([(owner, items, ()) for owner, items in chunks],
-                                                           _child_fetch):
+        for owner, process, items, future in self._submit([(owner, items, ()) for owner, items in chunks],
+                                                          _child_fetch):
             try:
                 for handle, digest, ms, error in future.result():
                     results[handle] = Fetched(handle, digest, ms, error)
-            except BrokenProcessPool as exc:
-                self._replace(owner, executor, exc)
+            except DecodeProcessGone as exc:
+                self._replace(owner, process, exc)
                 for handle, _ in items:
                     results[handle] = Fetched(handle, error=_died(exc))
         return [results[h] for h in handles]
@@ -346,14 +345,14 @@ class ProcessLoader:
                 self._owner.pop(handle, None)
         in_arena: dict[int, tuple[CropArena, int, tuple[int, ...]]] = {}  # handle → where its crops wait
         try:
-            for (owner, executor, items, future), (_, _, _, arena, slots) in zip(submitted, calls, strict=True):
+            for (owner, process, items, future), (_, _, _, arena, slots) in zip(submitted, calls, strict=True):
                 try:
                     for index, (handle, (decoded, shape)) in enumerate(zip(items, future.result(), strict=True)):
                         if shape is not None and arena is not None:
                             in_arena[handle] = (arena, slots[index], shape)
                         results[handle] = decoded
-                except BrokenProcessPool as exc:
-                    self._replace(owner, executor, exc)
+                except DecodeProcessGone as exc:
+                    self._replace(owner, process, exc)
                     for handle in items:
                         results[handle] = Decoded(error=_died(exc))
             _into_one_array(handles, results, in_arena)
@@ -367,9 +366,9 @@ class ProcessLoader:
         """The crop arena of process ``owner`` for crops of ``slot_bytes``, made and mapped there on first use;
         None where crops go through the pipe (no shared memory, or crops of another size still on their way)."""
         with self._arena_lock:
-            executor = self._executors[owner]
+            process = self._processes[owner]
             current = self._arenas.get(owner)
-            if current is not None and current[0] is executor:
+            if current is not None and current[0] is process:
                 if current[1].slot_bytes == slot_bytes:
                     return current[1]
                 if current[1].in_use:
@@ -384,15 +383,15 @@ class ProcessLoader:
                 self._arenas_off = True
                 return None
             try:
-                executor.submit(_child_attach, arena.id, str(arena.path), slot_bytes).result()
-            except (BrokenProcessPool, RuntimeError, OSError) as exc:  # a dead process: the next decode replaces it
+                process.submit(_child_attach, arena.id, str(arena.path), slot_bytes).result()
+            except (DecodeProcessGone, OSError) as exc:  # a dead process: the next decode replaces it
                 log.warning("decode process %d could not map its crop arena: %s", owner, exc)
                 arena.close()
                 return None
             finally:
                 arena.unlink()
             # A replaced arena may still have slots on their way back: it is closed when the last reference goes.
-            self._arenas[owner] = (executor, arena)
+            self._arenas[owner] = (process, arena)
             return arena
 
     def release(self, handles: Iterable[int]) -> None:
@@ -403,43 +402,43 @@ class ProcessLoader:
                 if owner is not None:
                     by_owner.setdefault(owner, []).append(handle)
         for owner, items in by_owner.items():
-            # Queued after the decodes of the same single-process executor: nothing still needed is dropped. A
+            # Queued after the decodes already sent to the same process: nothing still needed is dropped. A
             # process that is gone took its bytes with it.
-            with contextlib.suppress(BrokenProcessPool, RuntimeError):
-                self._executors[owner].submit(_child_release, items)
+            with contextlib.suppress(DecodeProcessGone):
+                self._processes[owner].post(_child_release, items)
 
     def close(self) -> None:
-        for executor in self._executors:
-            executor.shutdown(wait=True, cancel_futures=True)
+        for process in self._processes:
+            process.shutdown(wait=True)
         with self._arena_lock:
             for _, arena in self._arenas.values():
                 arena.close()
             self._arenas.clear()
 
     def _submit(self, calls: list[tuple[int, list, tuple]], function: Callable
-                ) -> list[tuple[int, ProcessPoolExecutor, list, Future]]:
+                ) -> list[tuple[int, DecodeProcess, list, Future]]:
         """``function(items, *args)`` in process ``owner`` for each call; a future that failed to submit holds
-        ``BrokenProcessPool``."""
+        ``DecodeProcessGone``."""
         submitted = []
         for owner, items, args in calls:
-            executor = self._executors[owner]
+            process = self._processes[owner]
             future: Future
             try:
-                future = executor.submit(function, items, *args)
-            except (BrokenProcessPool, RuntimeError) as exc:  # broken, or shut down by a _replace meanwhile
+                future = process.submit(function, items, *args)
+            except DecodeProcessGone as exc:  # dead, or shut down by a _replace meanwhile
                 future = Future()
-                future.set_exception(BrokenProcessPool(str(exc)))
-            submitted.append((owner, executor, items, future))
+                future.set_exception(exc)
+            submitted.append((owner, process, items, future))
         return submitted
 
-    def _replace(self, owner: int, executor: ProcessPoolExecutor, exc: BaseException) -> None:
+    def _replace(self, owner: int, process: DecodeProcess, exc: BaseException) -> None:
         """Start a new decode process in place of a dead one: once, however many batches saw it die."""
         with self._lock:
-            if self._executors[owner] is not executor:
+            if self._processes[owner] is not process:
                 return  # another caller replaced it already
             log.error("decode process %d died (%s); starting another", owner, exc)
-            executor.shutdown(wait=False, cancel_futures=True)
-            self._executors[owner] = self._start()
+            process.shutdown(wait=False)
+            self._processes[owner] = self._start(owner)
 
 
 def _into_one_array(handles: Sequence[int], results: dict[int, Decoded],

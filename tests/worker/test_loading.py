@@ -88,15 +88,18 @@ def _held_by(loader) -> list[int]:
         return [len(loader._data)]
     # eval is picklable and runs in the decode process: a probe of its module state, for this test only
     probe = "len(__import__('worker.loading').loading._child_data)"
-    return [executor.submit(eval, probe).result() for executor in loader._executors]
+    return [process.submit(eval, probe).result() for process in loader._processes]
 
 
 def test_decoding_drops_the_bytes_and_each_process_gets_one_message_a_call(loader, photos, monkeypatch):
     sent: list[str] = []
-    for executor in getattr(loader, "_executors", []):
-        real_submit = executor.submit
-        monkeypatch.setattr(executor, "submit", lambda fn, *a, _real=real_submit, **k: sent.append(fn.__name__)
-                            or _real(fn, *a, **k))
+
+    def counted(real):
+        return lambda function, *args: sent.append(function.__name__) or real(function, *args)
+
+    for process in getattr(loader, "_processes", []):
+        for method in ("submit", "post"):  # a call with a reply, and one without
+            monkeypatch.setattr(process, method, counted(getattr(process, method)))
     paths = sorted(p for p in photos.iterdir() if p.name != "text.jpg")
     fetched = loader.fetch([p.as_uri() for p in paths])
     assert sum(_held_by(loader)) == len(paths)
@@ -107,7 +110,7 @@ def test_decoding_drops_the_bytes_and_each_process_gets_one_message_a_call(loade
     assert sum(_held_by(loader)) == 0
     if isinstance(loader, ProcessLoader):
         calls = [name for name in sent if name in ("_child_fetch", "_child_decode", "_child_release")]
-        processes = len(loader._executors)
+        processes = len(loader._processes)
         # one fetch and one decode message for each process; a release only for the process of the undecoded image
         assert calls == ["_child_fetch"] * processes + ["_child_decode"] * processes + ["_child_release"]
 
@@ -119,7 +122,7 @@ def test_a_decode_process_that_dies_fails_its_jobs_transiently_and_is_replaced(p
         source = (photos / "p1.png").as_uri()
         fetched = loader.fetch([source])
         assert fetched[0].error is None
-        loader._executors[0].submit(os._exit, 9)  # the process dies, holding the fetched bytes
+        loader._processes[0].submit(os._exit, 9)  # the process dies, holding the fetched bytes
         decoded = loader.decode([fetched[0].handle], CropSpec(32, 1, (0.5, 0.5, 0.5)))
         loader.release([fetched[0].handle])
         assert decoded[0].error is not None and decoded[0].error.reason == Reason.DECODER_DIED
@@ -128,8 +131,8 @@ def test_a_decode_process_that_dies_fails_its_jobs_transiently_and_is_replaced(p
         result = loader.decode([again[0].handle], CropSpec(32, 1, (0.5, 0.5, 0.5)))
         loader.release([again[0].handle])
         assert again[0].error is None and result[0].error is None and result[0].crops is not None
-        executor, arena = loader._arenas[0]
-        assert executor is loader._executors[0] and arena.in_use == 0  # the new process has an arena of its own
+        process, arena = loader._arenas[0]
+        assert process is loader._processes[0] and arena.in_use == 0  # the new process has an arena of its own
     finally:
         loader.close()
 
