@@ -36,7 +36,7 @@ class DecodeProcessGone(RuntimeError):
 class DecodeProcess:
     """A spawned process that runs ``initializer(*initargs)`` once, then each call sent to it, in order."""
 
-    def __init__(self, context: SpawnContext, initializer: Callable[..., None], initargs: tuple, name: str):
+    def __init__(self, context: SpawnContext, initializer: Callable[..., object], initargs: tuple, name: str):
         self._conn, child = context.Pipe()
         self.process = context.Process(target=_serve, args=(child, initializer, initargs), name=name, daemon=True)
         self.process.start()
@@ -112,7 +112,7 @@ class DecodeProcess:
         self._conn.close()
 
 
-def _serve(conn: Connection, initializer: Callable[..., None], initargs: tuple) -> None:
+def _serve(conn: Connection, initializer: Callable[..., object], initargs: tuple) -> None:
     initializer(*initargs)
     while True:
         try:

@@ -215,6 +215,17 @@ def test_the_consumer_floor_takes_every_message_and_acknowledges_each_one_once(r
         consumer_floor.consume(client, consumer_floor.DETECT_QUEUE, 2, 32)
 
 
+def test_the_decode_message_cost_is_measured_both_ways_per_count_of_processes(capsys):
+    from benchmarks import decode_messages
+
+    decode_messages.main(["--processes", "1,2", "--calls", "8", "--rounds", "1"])
+    rows = [line.split("|")[1:-1] for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
+    assert [row[0].strip() for row in rows[1:]] == ["1", "2"]
+    for row in rows[1:]:
+        executor_ms, pipe_ms = (float(cell.split()[0]) for cell in row[1:3])
+        assert executor_ms > 0 and pipe_ms > 0 and float(row[3]) == pytest.approx(pipe_ms / executor_ms, abs=0.01)
+
+
 def test_the_batch_path_fit_splits_a_fixed_cost_from_a_cost_per_image():
     from benchmarks.batch_path_cpu import fit_fixed_and_per_image
 
