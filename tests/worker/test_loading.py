@@ -137,6 +137,18 @@ def test_a_decode_process_that_dies_fails_its_jobs_transiently_and_is_replaced(p
         loader.close()
 
 
+def test_close_ends_every_decode_process_and_the_threads_that_read_their_replies(photos):
+    loader = ProcessLoader(Settings.from_env({}, file_roots=(photos,)), 2)
+    fetched = loader.fetch([(photos / "p0.png").as_uri(), (photos / "p1.png").as_uri()])
+    loader.decode([f.handle for f in fetched], CropSpec(32, 1, (0.5, 0.5, 0.5)))
+    processes = list(loader._processes)
+    readers = [p._reader for p in processes]
+    assert all(t.is_alive() for t in readers) and all(p.process.is_alive() for p in processes)
+    loader.close()
+    assert [p.process.exitcode for p in processes] == [0, 0]  # told to stop, not killed
+    assert not any(t.is_alive() for t in readers)
+
+
 def _arena_files() -> set[str]:
     return {p.name for p in crop_arena.SHM_DIR.glob(f"{crop_arena.FILE_PREFIX}{os.getpid()}-*")}
 
