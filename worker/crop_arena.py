@@ -2,9 +2,9 @@
 
 A crop sent back through a decode process's pipe (150 kB for one 224 crop) costs the worker process's GIL more
 than anything else it does for an image outside Celery: the thread that reads the process's replies reads the
-message in pieces and unpickles it, a copy each. Instead each decode process writes its crops into slots of a memory
-region it shares with the worker, only their shapes cross the pipe, and the worker copies each crop out and
-frees its slot (docs/PERFORMANCE.md, "Serial CPU").
+message in pieces and unpickles it, a copy each. Instead each decode process writes its crops into slots of a
+memory region it shares with the worker, only their shapes cross the pipe, and the worker copies each crop out
+and frees its slot (docs/PERFORMANCE.md, "Serial CPU").
 
 The region is a file in /dev/shm that both processes open and map, and that the worker unlinks as soon as its
 decode process has it mapped: nothing is left behind however either process ends (kill -9 included), and the

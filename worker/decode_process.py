@@ -33,6 +33,10 @@ class DecodeProcessGone(RuntimeError):
     """The decode process died, or was shut down, before it answered."""
 
 
+class UnreadableReply(RuntimeError):
+    """The call ran, but its result (or its exception) could not cross the pipe; the process goes on."""
+
+
 class DecodeProcess:
     """A spawned process that runs ``initializer(*initargs)`` once, then each call sent to it, in order."""
 
@@ -48,8 +52,8 @@ class DecodeProcess:
         self._reader.start()
 
     def submit(self, function: Callable[..., Any], *args: Any) -> Future:
-        """``function(*args)`` in the process (``function`` picklable by reference): its result, or its exception,
-        or ``DecodeProcessGone``, in the future."""
+        """``function(*args)`` in the process (``function`` picklable by reference): its result, or its exception
+        (``UnreadableReply`` where either cannot be pickled), or ``DecodeProcessGone``, in the future."""
         future: Future = Future()
         self._send(function, args, future)
         return future
@@ -77,7 +81,7 @@ class DecodeProcess:
             except (EOFError, OSError):
                 break
             except Exception as exc:  # a reply that does not unpickle: that call fails, the process goes on
-                ok, value = False, DecodeProcessGone(f"unreadable reply: {type(exc).__name__}: {exc}")
+                ok, value = False, UnreadableReply(f"unreadable reply: {type(exc).__name__}: {exc}")
             with self._lock:
                 future = self._pending.popleft()
             if ok:
@@ -133,4 +137,4 @@ def _serve(conn: Connection, initializer: Callable[..., object], initargs: tuple
             try:
                 conn.send(result)
             except Exception as exc:  # the result or the exception does not pickle: say so instead
-                conn.send((False, DecodeProcessGone(f"unpicklable reply: {type(exc).__name__}: {exc}")))
+                conn.send((False, UnreadableReply(f"unpicklable reply: {type(exc).__name__}: {exc}")))

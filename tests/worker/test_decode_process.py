@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from worker.decode_process import DecodeProcess, DecodeProcessGone
+from worker.decode_process import DecodeProcess, DecodeProcessGone, UnreadableReply
 
 
 @pytest.fixture
@@ -55,9 +55,9 @@ def test_a_post_runs_in_order_without_a_reply_and_its_error_ends_nothing(process
 
 
 def test_a_reply_that_does_not_pickle_fails_that_call_only(process):
-    with pytest.raises(DecodeProcessGone, match="unpicklable reply"):
+    with pytest.raises(UnreadableReply, match="unpicklable reply"):
         process.submit(eval, "lambda: 1").result(timeout=30)
-    assert process.submit(len, "ab").result(timeout=30) == 2
+    assert process.submit(len, "ab").result(timeout=30) == 2 and process.alive  # not taken for a dead process
 
 
 def test_a_process_that_dies_fails_every_call_it_owes_and_every_later_one(process):
