@@ -221,7 +221,8 @@ def _child_init(settings: Settings, parent: int) -> None:
 
 def _exit_when_orphaned(parent: int) -> None:
     """End this decode process once the worker that started it is gone. A worker killed outright (kill -9, the
-    OOM killer) cannot shut its decode processes down, and they would otherwise wait for work for ever."""
+    OOM killer) cannot shut its decode processes down: an idle one ends when its pipe closes (``DecodeProcess``),
+    but one in the middle of a slow fetch or decode would run on to its end without this."""
     while os.getppid() == parent:
         time.sleep(ORPHAN_CHECK_S)
     os._exit(0)
