@@ -34,11 +34,12 @@ def _cpu_per_call(submitters: list[Callable[[], Future]], calls: int) -> float:
     for future in [submit() for submit in submitters]:  # warm: the processes are up and have run once
         if future.result() != expected:
             raise RuntimeError("a decode process answered something other than the call's reply")
+    rounds = calls // len(submitters)
     started = time.process_time()
-    for _ in range(calls // len(submitters)):
+    for _ in range(rounds):
         for future in [submit() for submit in submitters]:
             future.result()
-    return 1000 * (time.process_time() - started) / (calls // len(submitters) * len(submitters))
+    return 1000 * (time.process_time() - started) / (rounds * len(submitters))
 
 
 def measure(processes: int, calls: int) -> tuple[float, float]:
